@@ -1,0 +1,155 @@
+"""`MoeConfig`: every knob of the MoE feed-forward layer, validated once.
+
+Conventions (which paper each comes from) are documented on the fields and in the README's
+conventions table. The config is a frozen dataclass so it can be a static argument of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+ROUTERS = ("top_k", "expert_choice", "soft", "sigmoid_bias")
+DROP_PRIORITIES = ("rank", "batch_priority")
+DISPATCHES = ("einsum", "gather", "dropless")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+SECOND_EXPERT_POLICIES = ("all", "random")
+GROUPED_MATMULS = ("auto", "ragged_dot", "blocked")
+ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
+
+# Routers that mix information across the tokens of a group (a token's output depends on later
+# tokens), so they leak the future in a causal model.
+NON_CAUSAL_ROUTERS = ("expert_choice", "soft")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"MoeConfig.{name}={value!r} is not supported; use one of {allowed}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Configuration of one MoE feed-forward layer.
+
+    Shape letters used throughout moe_jax: T tokens in a routing group, E experts, C expert
+    capacity (slots per expert per group), K choices per token (top_k), d model width, f `d_ff`.
+    """
+
+    num_experts: int = 8
+    top_k: int = 1
+    # Capacity per group of T tokens: C = ceil(top_k * T * capacity_factor / num_experts), >= 1
+    # (GShard/Switch, with the k of GShard top-2). `eval_capacity_factor` is used when train=False.
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    expert_capacity: int | None = None  # overrides both factors when set
+    router: str = "top_k"
+    # Divide the k chosen probabilities by their sum (GShard, Mixtral) before drops; otherwise the
+    # gates are the raw softmax probabilities (Switch, ST-MoE).
+    renormalize_gates: bool = False
+    drop_priority: str = "rank"  # "rank" (GShard) or "batch_priority" (V-MoE BPR)
+    # "random": GShard's stochastic second expert (keep choice 2 with probability 2 * g2, g2 the
+    # renormalised second gate; GShard Algorithm 2). "all" keeps every choice.
+    second_expert_policy: str = "all"
+    dispatch: str = "gather"
+    # Grouped matmul used by the dropless dispatch: "ragged_dot" (jax.lax.ragged_dot), "blocked"
+    # (expert-aligned row blocks and batched matmuls; fast on CPU) or "auto" (blocked on CPU,
+    # ragged_dot elsewhere).
+    grouped_matmul: str = "auto"
+    activation: str = "gelu"
+    d_ff: int = 512  # hidden width of each expert
+    num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active; each of width d_ff
+    load_balance_coef: float = 1e-2
+    z_loss_coef: float = 1e-3
+    jitter_eps: float = 0.0  # Switch: multiply router input by U[1 - eps, 1 + eps] in training
+    group_size: int | None = None  # tokens per routing group; None = all tokens of the call
+    router_dtype: str = "float32"  # Switch "selective precision": router math in float32
+    init_scale: float = 1.0  # variance-scaling factor of all MoE weights (Switch Table 3: 0.1)
+    slots_per_expert: int = 1  # Soft MoE slots per expert (Puigcerver et al. 2023)
+    bias_update_rate: float = 1e-3  # DeepSeek-V3 aux-loss-free bias step gamma (sigmoid_bias)
+    # Expert choice and soft routing mix tokens of a group: refuse them in causal models unless
+    # the caller sets this (the model issue's encoder sets it; a causal LM must not).
+    allow_non_causal: bool = False
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoeConfig.{name}={value!r} must be a positive integer.")
+
+        for name in ("num_experts", "top_k", "d_ff", "slots_per_expert"):
+            positive_int(name)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoeConfig.top_k={self.top_k} is larger than num_experts={self.num_experts}; "
+                "set top_k <= num_experts."
+            )
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"MoeConfig.{name}={value!r} must be a finite number > 0 "
+                    "(1.0 = exactly enough slots for perfectly balanced routing)."
+                )
+        if self.expert_capacity is not None:
+            positive_int("expert_capacity")
+        if self.group_size is not None:
+            positive_int("group_size")
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(
+                f"MoeConfig.num_shared_experts={self.num_shared_experts!r} must be an int >= 0."
+            )
+        for name in ("load_balance_coef", "z_loss_coef", "jitter_eps", "bias_update_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"MoeConfig.{name}={value!r} must be a finite number >= 0.")
+        if self.jitter_eps >= 1:
+            raise ValueError(f"MoeConfig.jitter_eps={self.jitter_eps} must be < 1.")
+        if not (isinstance(self.init_scale, int | float) and self.init_scale > 0):
+            raise ValueError(f"MoeConfig.init_scale={self.init_scale!r} must be > 0.")
+        _choice("router", self.router, ROUTERS)
+        _choice("drop_priority", self.drop_priority, DROP_PRIORITIES)
+        _choice("dispatch", self.dispatch, DISPATCHES)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
+        _choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
+        _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+        if self.second_expert_policy == "random" and (self.router != "top_k" or self.top_k != 2):
+            raise ValueError(
+                "MoeConfig.second_expert_policy='random' is GShard's top-2 rule; it needs "
+                f"router='top_k' and top_k=2 (got router={self.router!r}, top_k={self.top_k})."
+            )
+        if self.router == "soft" and self.dispatch != "einsum":
+            raise ValueError(
+                f"MoeConfig.dispatch={self.dispatch!r} does not apply to router='soft': Soft MoE "
+                "mixes all tokens into every slot, which is a dense einsum; set dispatch='einsum'."
+            )
+        if self.router == "expert_choice" and self.dispatch == "dropless":
+            raise ValueError(
+                "MoeConfig.dispatch='dropless' needs token-choice routing; expert_choice has a "
+                "fixed capacity by construction: use dispatch='gather' or 'einsum'."
+            )
+
+    @property
+    def is_causal_safe(self) -> bool:
+        """Whether a token's output depends only on that token (no mixing across the group)."""
+        return self.router not in NON_CAUSAL_ROUTERS
+
+    @property
+    def router_jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.router_dtype)
+
+    def capacity(self, num_tokens: int, *, train: bool) -> int:
+        """Expert capacity C for a routing group of `num_tokens` tokens.
+
+        C = ceil(top_k * T * capacity_factor / num_experts), at least 1 (GShard eq. in Sec. 2.2;
+        Switch eq. 3 with k = 1), unless `expert_capacity` is set.
+        """
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        factor = self.capacity_factor if train else self.eval_capacity_factor
+        return max(1, math.ceil(self.top_k * num_tokens * factor / self.num_experts))
+
+    def replace(self, **changes) -> MoeConfig:
+        return dataclasses.replace(self, **changes)
