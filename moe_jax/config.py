@@ -16,7 +16,6 @@ DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 SECOND_EXPERT_POLICIES = ("all", "random")
-GROUPED_MATMULS = ("auto", "ragged_dot", "blocked")
 ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
 
 # Routers that mix information across the tokens of a group (a token's output depends on later
@@ -53,10 +52,6 @@ class MoeConfig:
     # renormalised second gate; GShard Algorithm 2). "all" keeps every choice.
     second_expert_policy: str = "all"
     dispatch: str = "gather"
-    # Grouped matmul used by the dropless dispatch: "ragged_dot" (jax.lax.ragged_dot), "blocked"
-    # (expert-aligned row blocks and batched matmuls; fast on CPU) or "auto" (blocked on CPU,
-    # ragged_dot elsewhere).
-    grouped_matmul: str = "auto"
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert
     num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active; each of width d_ff
@@ -113,7 +108,6 @@ class MoeConfig:
         _choice("dispatch", self.dispatch, DISPATCHES)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
-        _choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
         _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
         if self.second_expert_policy == "random" and (self.router != "top_k" or self.top_k != 2):
             raise ValueError(

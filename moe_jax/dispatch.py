@@ -1,0 +1,117 @@
+"""Dispatch tokens to expert buffers and combine expert outputs back: same function, different cost.
+
+Shape letters: T tokens in a group, E experts, C capacity, K choices, S soft slots, d model width.
+
+Capacity strategies read the `[E, C]` slot table of `routing.Slots` (token index T = empty):
+- "einsum": one-hot dispatch and combine tensors `[E, C, T]` contracted with the tokens
+  (GShard / Switch / flaxformer). Costs O(T * E * C * d): quadratic in T at fixed capacity factor.
+- "gather": gather the slot tokens' rows (dispatch) and scatter-add the weighted outputs back
+  (combine). Costs O(E * C * d); no `[T, E, C]` tensor. The default.
+The dropless strategy sorts the T*K assignments by expert and runs grouped matmuls over exactly
+the routed rows (MegaBlocks, Gale et al. 2022): no capacity, nothing dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import experts
+from moe_jax.routing import Slots, TokenChoice
+
+Array = jax.Array
+
+
+def _slot_one_hot(slots: Slots, num_tokens: int, dtype: jnp.dtype) -> Array:
+    """[E, C, T] one-hot of each slot's token (all-zero for empty slots)."""
+    return jax.nn.one_hot(slots.token, num_tokens, dtype=dtype)
+
+
+def dispatch_einsum(x: Array, slots: Slots) -> Array:
+    """x: [T, d] -> expert buffers [E, C, d] through the one-hot dispatch tensor."""
+    return jnp.einsum("ect,td->ecd", _slot_one_hot(slots, x.shape[0], x.dtype), x)
+
+
+def combine_einsum(expert_out: Array, slots: Slots, num_tokens: int) -> Array:
+    """expert_out: [E, C, d] -> [T, d] through the combine tensor (one-hot times gate)."""
+    dt = expert_out.dtype
+    combine = _slot_one_hot(slots, num_tokens, dt) * slots.gate.astype(dt)[..., None]
+    return jnp.einsum("ect,ecd->td", combine, expert_out)
+
+
+def dispatch_gather(x: Array, slots: Slots) -> Array:
+    """x: [T, d] -> expert buffers [E, C, d] by gathering rows; empty slots get zeros."""
+    x_padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+    return x_padded[slots.token]
+
+
+def combine_gather(expert_out: Array, slots: Slots, num_tokens: int) -> Array:
+    """expert_out: [E, C, d] -> [T, d] by scatter-adding gate-weighted slot outputs."""
+    d = expert_out.shape[-1]
+    weighted = expert_out * slots.gate.astype(expert_out.dtype)[..., None]
+    y = jnp.zeros((num_tokens + 1, d), expert_out.dtype)
+    return y.at[slots.token.reshape(-1)].add(weighted.reshape(-1, d))[:num_tokens]
+
+
+# Capacity strategies: name -> (dispatch, combine). Both work on one group; callers vmap over G.
+CAPACITY_STRATEGIES: dict[str, tuple[Callable[..., Array], Callable[..., Array]]] = {
+    "einsum": (dispatch_einsum, combine_einsum),
+    "gather": (dispatch_gather, combine_gather),
+}
+
+
+def capacity_moe(x: Array, slots: Slots, expert_params: experts.Params, activation: str,
+                 strategy: str) -> Array:
+    """Dispatch, run every expert on its buffer, combine.
+
+    x: [G, T, d] tokens in G routing groups; slots: Slots with [G, E, C] tables.
+    Experts see one buffer per expert of G*C rows. Returns [G, T, d].
+    """
+    dispatch, combine = CAPACITY_STRATEGIES[strategy]
+    num_groups, num_tokens, d = x.shape
+    buffers = jax.vmap(dispatch)(x, slots)  # [G, E, C, d]
+    _, num_experts, capacity, _ = buffers.shape
+    per_expert = buffers.transpose(1, 0, 2, 3).reshape(num_experts, num_groups * capacity, d)
+    out = experts.expert_ffn(expert_params, per_expert, activation)
+    out = out.reshape(num_experts, num_groups, capacity, d).transpose(1, 0, 2, 3)
+    return jax.vmap(combine, in_axes=(0, 0, None))(out, slots, num_tokens)
+
+
+def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
+                 activation: str) -> Array:
+    """Every kept assignment computed, none padded (MegaBlocks dropless).
+
+    x: [T, d]; choice: TokenChoice with [T, K] fields (no capacity; `keep` False choices are
+    skipped). Sorts the T*K assignments by expert, runs grouped matmuls, scatters back.
+    """
+    k = choice.expert_index.shape[1]
+    num_experts = expert_params["wi"].shape[0]
+    # Discarded choices get expert id E: sorted last and outside every group.
+    expert = jnp.where(choice.keep, choice.expert_index, num_experts).reshape(-1)  # [T*K]
+    order = jnp.argsort(expert, stable=True)
+    token = order // k
+    group_sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)
+    out = experts.grouped_ffn(expert_params, x[token], group_sizes, activation)  # [T*K, d]
+    gate = jnp.where(choice.keep, choice.gate, 0).reshape(-1)[order]
+    weighted = out * gate.astype(out.dtype)[:, None]
+    return jnp.zeros_like(x).at[token].add(weighted)
+
+
+def soft_moe(x: Array, dispatch_weights: Array, combine_weights: Array,
+             expert_params: experts.Params, activation: str) -> Array:
+    """Soft MoE (Puigcerver et al. 2023, eqs. 1-3) over G groups.
+
+    x: [G, T, d]; dispatch_weights, combine_weights: [G, T, S] with S = E * slots_per_expert
+    (slot s belongs to expert s // slots_per_expert). Returns [G, T, d].
+    """
+    num_groups, _, d = x.shape
+    num_experts = expert_params["wi"].shape[0]
+    dt = x.dtype
+    slot_in = jnp.einsum("gts,gtd->gsd", dispatch_weights.astype(dt), x)  # [G, S, d]
+    per_expert = slot_in.reshape(num_groups, num_experts, -1, d).transpose(1, 0, 2, 3)
+    out = experts.expert_ffn(expert_params, per_expert.reshape(num_experts, -1, d), activation)
+    slot_out = out.reshape(num_experts, num_groups, -1, d).transpose(1, 0, 2, 3)
+    slot_out = slot_out.reshape(num_groups, -1, d)
+    return jnp.einsum("gts,gsd->gtd", combine_weights.astype(dt), slot_out)

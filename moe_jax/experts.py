@@ -1,0 +1,71 @@
+"""Expert feed-forward networks: one FFN, a batch of experts, and a grouped (ragged) batch.
+
+Shape letters: E experts, N rows per expert buffer, M routed rows, d model width, f hidden width.
+FFN (no biases): relu/gelu: act(x @ wi) @ wo; swiglu (Shazeer 2020, eq. 6):
+(silu(x @ wi_gate) * (x @ wi)) @ wo. Weights are cast to the activation dtype of `x`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = dict[str, Array]
+
+
+def _hidden(pre: Array, gate_pre: Array | None, activation: str) -> Array:
+    """The FFN nonlinearity on the first projection(s)."""
+    if activation == "relu":
+        return jax.nn.relu(pre)
+    if activation == "gelu":
+        return jax.nn.gelu(pre)
+    if activation == "swiglu":
+        return jax.nn.silu(gate_pre) * pre
+    raise ValueError(f"unknown activation {activation!r}; use 'relu', 'gelu' or 'swiglu'.")
+
+
+def ffn(params: Params, x: Array, activation: str) -> Array:
+    """One FFN. params: wi [d, f], wo [f, d] (+ wi_gate [d, f] for swiglu); x: [..., d]."""
+    dt = x.dtype
+    pre = x @ params["wi"].astype(dt)
+    gate_pre = x @ params["wi_gate"].astype(dt) if activation == "swiglu" else None
+    return _hidden(pre, gate_pre, activation) @ params["wo"].astype(dt)
+
+
+# Every expert applied to its own buffer: params wi [E, d, f], wo [E, f, d]; x [E, N, d].
+expert_ffn = jax.vmap(ffn, in_axes=(0, 0, None))
+
+
+def grouped_ffn(params: Params, x: Array, group_sizes: Array, activation: str) -> Array:
+    """Experts on rows sorted by expert, without padding (MegaBlocks-style dropless).
+
+    params: wi [E, d, f], wo [E, f, d] (+ wi_gate); x: [M, d], rows of expert e contiguous and in
+    expert order; group_sizes: [E] int32 rows per expert (sum <= M; later rows produce zeros).
+    Uses `jax.lax.ragged_dot` grouped matmuls.
+    """
+    dt = x.dtype
+
+    def dot(a: Array, w: Array) -> Array:
+        return jax.lax.ragged_dot(a, w.astype(dt), group_sizes)
+
+    pre = dot(x, params["wi"])
+    gate_pre = dot(x, params["wi_gate"]) if activation == "swiglu" else None
+    return dot(_hidden(pre, gate_pre, activation), params["wo"])
+
+
+def init_ffn(key: Array, d_model: int, d_ff: int, activation: str, *, scale: float = 1.0,
+             batch: tuple[int, ...] = (), dtype: jnp.dtype = jnp.float32) -> Params:
+    """FFN weights with truncated-normal variance scaling over fan-in (Switch Sec. 2.4 uses
+    scale 0.1). `batch=(E,)` makes a stack of E experts."""
+    init = jax.nn.initializers.variance_scaling(
+        scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+        batch_axis=tuple(range(len(batch))))
+    keys = jax.random.split(key, 3)
+    params = {
+        "wi": init(keys[0], (*batch, d_model, d_ff), dtype),
+        "wo": init(keys[1], (*batch, d_ff, d_model), dtype),
+    }
+    if activation == "swiglu":
+        params["wi_gate"] = init(keys[2], (*batch, d_model, d_ff), dtype)
+    return params
