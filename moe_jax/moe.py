@@ -165,8 +165,9 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
         else:
             group_choice = jax.tree.map(lambda a: a.reshape(num_groups, group, k), choice)
             capacity = c.capacity(group, train=train)
-            slots = jax.vmap(routing.assign_slots, in_axes=(0, None, None, None))(
-                group_choice, capacity, c.num_experts, c.drop_priority)
+            top1_prob = jnp.max(probs, axis=-1).reshape(num_groups, group)
+            slots = jax.vmap(routing.assign_slots, in_axes=(0, None, None, None, 0))(
+                group_choice, capacity, c.num_experts, c.drop_priority, top1_prob)
             y = dispatch.capacity_moe(grouped, slots, params["experts"], c.activation,
                                       c.dispatch)
             kept = slots.kept.reshape(n, k)

@@ -93,33 +93,38 @@ def random_second_expert(choice: TokenChoice, uniform: Array) -> TokenChoice:
     return dataclasses.replace(choice, keep=keep)
 
 
-def assignment_order(choice: TokenChoice, priority: str) -> Array:
+def assignment_order(choice: TokenChoice, priority: str, top1_prob: Array | None) -> Array:
     """Order in which assignments claim slots: [K * T] indices into the (k, t)-flattened choices.
 
     "rank" (GShard): every first choice before any second choice; within a rank, earlier tokens
     first. "batch_priority" (Riquelme et al. 2021, V-MoE BPR): within a rank, tokens with a
-    higher top-1 gate first.
+    higher top-1 router probability `top1_prob` ([T]) first.
     """
     num_tokens, k = choice.expert_index.shape
     ranks = jnp.arange(k)[:, None] * num_tokens
     if priority == "rank":
         token_order = jnp.arange(num_tokens)
     elif priority == "batch_priority":
+        if top1_prob is None:
+            raise ValueError("drop_priority='batch_priority' needs top1_prob, the [T] top-1 "
+                             "router probability of each token.")
         # Stable sort: ties keep token order, so equal priorities reduce to "rank".
-        token_order = jnp.argsort(-choice.gate[:, 0], stable=True)
+        token_order = jnp.argsort(-top1_prob, stable=True)
     else:
         raise ValueError(f"unknown drop priority {priority!r}; use 'rank' or 'batch_priority'.")
     return (ranks + token_order[None, :]).reshape(-1)
 
 
-def assign_slots(choice: TokenChoice, capacity: int, num_experts: int, priority: str) -> Slots:
-    """Give each kept assignment a slot in its expert's buffer of `capacity`, in priority order.
+def assign_slots(choice: TokenChoice, capacity: int, num_experts: int, priority: str,
+                 top1_prob: Array | None = None) -> Slots:
+    """Give each kept assignment a slot in its expert's buffer of `capacity`, in priority order
+    (see `assignment_order`; `top1_prob` [T] is needed for "batch_priority").
 
     An assignment that finds its expert full is dropped: it contributes nothing (the token still
     passes through the caller's residual). Returns the [E, C] slot table.
     """
     num_tokens, k = choice.expert_index.shape
-    order = assignment_order(choice, priority)  # [K*T] positions in (k, t)-major flattening
+    order = assignment_order(choice, priority, top1_prob)  # [K*T], (k, t)-major positions
     expert = choice.expert_index.T.reshape(-1)[order]  # [K*T]
     wants = choice.keep.T.reshape(-1)[order]
     one_hot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32) * wants[:, None]
