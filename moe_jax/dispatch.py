@@ -62,21 +62,20 @@ CAPACITY_STRATEGIES: dict[str, tuple[Callable[..., Array], Callable[..., Array]]
 }
 
 
-def capacity_moe(x: Array, slots: Slots, expert_params: experts.Params, activation: str,
-                 strategy: str) -> Array:
+# Runs the experts on buffers [G, E, C, d] -> [G, E, C, d]; sharding.py swaps in an
+# all-to-all version for explicit expert parallelism.
+ExpertStage = Callable[[Array], Array]
+
+
+def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: str) -> Array:
     """Dispatch, run every expert on its buffer, combine.
 
     x: [G, T, d] tokens in G routing groups; slots: Slots with [G, E, C] tables.
-    Experts see one buffer per expert of G*C rows. Returns [G, T, d].
+    Returns [G, T, d].
     """
     dispatch, combine = CAPACITY_STRATEGIES[strategy]
-    num_groups, num_tokens, d = x.shape
     buffers = jax.vmap(dispatch)(x, slots)  # [G, E, C, d]
-    _, num_experts, capacity, _ = buffers.shape
-    per_expert = buffers.transpose(1, 0, 2, 3).reshape(num_experts, num_groups * capacity, d)
-    out = experts.expert_ffn(expert_params, per_expert, activation)
-    out = out.reshape(num_experts, num_groups, capacity, d).transpose(1, 0, 2, 3)
-    return jax.vmap(combine, in_axes=(0, 0, None))(out, slots, num_tokens)
+    return jax.vmap(combine, in_axes=(0, 0, None))(expert_stage(buffers), slots, x.shape[1])
 
 
 def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
@@ -100,18 +99,15 @@ def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
 
 
 def soft_moe(x: Array, dispatch_weights: Array, combine_weights: Array,
-             expert_params: experts.Params, activation: str) -> Array:
+             expert_stage: ExpertStage, num_experts: int) -> Array:
     """Soft MoE (Puigcerver et al. 2023, eqs. 1-3) over G groups.
 
     x: [G, T, d]; dispatch_weights, combine_weights: [G, T, S] with S = E * slots_per_expert
     (slot s belongs to expert s // slots_per_expert). Returns [G, T, d].
     """
     num_groups, _, d = x.shape
-    num_experts = expert_params["wi"].shape[0]
     dt = x.dtype
     slot_in = jnp.einsum("gts,gtd->gsd", dispatch_weights.astype(dt), x)  # [G, S, d]
-    per_expert = slot_in.reshape(num_groups, num_experts, -1, d).transpose(1, 0, 2, 3)
-    out = experts.expert_ffn(expert_params, per_expert.reshape(num_experts, -1, d), activation)
-    slot_out = out.reshape(num_experts, num_groups, -1, d).transpose(1, 0, 2, 3)
-    slot_out = slot_out.reshape(num_groups, -1, d)
-    return jnp.einsum("gts,gsd->gtd", combine_weights.astype(dt), slot_out)
+    slot_out = expert_stage(slot_in.reshape(num_groups, num_experts, -1, d))  # [G, E, S/E, d]
+    return jnp.einsum("gts,gsd->gtd", combine_weights.astype(dt),
+                      slot_out.reshape(num_groups, -1, d))

@@ -33,8 +33,11 @@ def ffn(params: Params, x: Array, activation: str) -> Array:
     return _hidden(pre, gate_pre, activation) @ params["wo"].astype(dt)
 
 
-# Every expert applied to its own buffer: params wi [E, d, f], wo [E, f, d]; x [E, N, d].
-expert_ffn = jax.vmap(ffn, in_axes=(0, 0, None))
+def expert_ffn(params: Params, x: Array, activation: str, *, expert_axis: int = 0) -> Array:
+    """Every expert on its own buffer: params wi [E, d, f], wo [E, f, d]; x with E on
+    `expert_axis`, e.g. [E, N, d] or [G, E, C, d] (expert_axis=1). Returns x's shape."""
+    per_expert = jax.vmap(ffn, in_axes=(0, expert_axis, None), out_axes=expert_axis)
+    return per_expert(params, x, activation)
 
 
 def grouped_ffn(params: Params, x: Array, group_sizes: Array, activation: str) -> Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch, experts, losses, routing
+from moe_jax import sharding as sharding_lib
 from moe_jax.config import MoeConfig
 
 Array = jax.Array
@@ -101,7 +102,8 @@ def router_logits(params: Params, x: Array, config: MoeConfig, *, train: bool,
 
 
 def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
-          rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
+          rng: Array | None = None, sharding: sharding_lib.MoeSharding | None = None
+          ) -> tuple[Array, dict[str, Array]]:
     """MoE feed-forward: x [batch, seq, d] or [tokens, d] -> (y of x's shape, aux).
 
     aux (float32; scalars averaged over routing groups unless shaped):
@@ -113,7 +115,37 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
       router_entropy       mean entropy (nats) of the routing distribution
       max_router_logit     largest router logit
     Drops contribute nothing: the token passes only through the caller's residual.
+    `sharding` lays the layer out on a mesh with expert parallelism (see `moe_jax.sharding`).
     """
+    _check_input(params, x, config, rng, train)
+    if sharding is not None and sharding.form == "explicit":
+        if config.dispatch == "dropless":
+            raise ValueError(
+                "dispatch='dropless' cannot use the explicit expert-parallel form: it needs a "
+                "ragged all-to-all (unimplemented on XLA:CPU); use dispatch='gather' or "
+                "'einsum' with fixed capacity, or the 'gspmd' form.")
+        return sharding_lib.explicit_expert_parallel(
+            _apply_local, params, x, config, train=train, rng=rng, sharding=sharding)
+
+    def expert_stage_fn(expert_params: experts.Params) -> dispatch.ExpertStage:
+        def stage(buffers: Array) -> Array:  # [G, E, C, d]
+            if sharding is not None:
+                buffers = sharding.constrain(buffers, sharding.buffer_spec)
+            out = experts.expert_ffn(expert_params, buffers, config.activation, expert_axis=1)
+            return sharding.constrain(out, sharding.buffer_spec) if sharding else out
+        return stage
+
+    constrain_tokens = (lambda a: sharding.constrain(a, sharding.token_spec)) if sharding else None
+    return _apply_local(params, x, config, train=train, rng=rng, expert_stage_fn=expert_stage_fn,
+                        model_sum=lambda a: a, constrain_tokens=constrain_tokens)
+
+
+def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
+                 rng: Array | None, expert_stage_fn, model_sum,
+                 constrain_tokens=None) -> tuple[Array, dict[str, Array]]:
+    """The layer on the tokens at hand (all of them, or one device's under explicit expert
+    parallelism). `expert_stage_fn(expert_params)` gives the stage that runs the experts on
+    [G, E, C, d] buffers; `model_sum` reduces partial sums over a model-parallel axis."""
     group = _check_input(params, x, config, rng, train)
     c = config
     d = x.shape[-1]
@@ -124,14 +156,17 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
 
     logits = router_logits(params, tokens, c, train=train, rng=jitter_key)  # [N, E or S]
     aux = {"router_z_loss": losses.router_z_loss(logits),
-           "max_router_logit": jnp.max(logits).astype(jnp.float32)}
+           "max_router_logit": jax.lax.stop_gradient(jnp.max(logits)).astype(jnp.float32)}
     grouped = tokens.reshape(num_groups, group, d)
+    if constrain_tokens is not None:
+        grouped = constrain_tokens(grouped)
+    stage = expert_stage_fn(params["experts"])
     k = c.top_k
 
     if c.router == "soft":
         slot_logits = logits.reshape(num_groups, group, -1)
         dispatch_w, combine_w = jax.vmap(routing.soft_weights)(slot_logits)
-        y = dispatch.soft_moe(grouped, dispatch_w, combine_w, params["experts"], c.activation)
+        y = dispatch.soft_moe(grouped, dispatch_w, combine_w, stage, c.num_experts)
         slot_mass = combine_w.reshape(n, c.num_experts, -1).sum(-1)  # [N, E]
         load = jnp.mean(slot_mass, axis=0)
         aux |= {"load_balancing_loss": jnp.zeros((), jnp.float32),
@@ -143,7 +178,7 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
         capacity = min(c.capacity(group, train=train), group)
         slots = jax.vmap(routing.route_expert_choice, in_axes=(0, None))(
             probs.reshape(num_groups, group, -1), capacity)
-        y = dispatch.capacity_moe(grouped, slots, params["experts"], c.activation, c.dispatch)
+        y = dispatch.capacity_moe(grouped, slots, stage, c.dispatch)
         filled = jnp.sum(slots.token < group, axis=(0, 2)).astype(jnp.float32)  # [E]
         aux |= {"load_balancing_loss": jnp.zeros((), jnp.float32),
                 "dropped_fraction": 1.0 - jnp.mean(slots.kept.astype(jnp.float32)),
@@ -168,8 +203,7 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
             top1_prob = jnp.max(probs, axis=-1).reshape(num_groups, group)
             slots = jax.vmap(routing.assign_slots, in_axes=(0, None, None, None, 0))(
                 group_choice, capacity, c.num_experts, c.drop_priority, top1_prob)
-            y = dispatch.capacity_moe(grouped, slots, params["experts"], c.activation,
-                                      c.dispatch)
+            y = dispatch.capacity_moe(grouped, slots, stage, c.dispatch)
             kept = slots.kept.reshape(n, k)
         kept_one_hot = jax.nn.one_hot(choice.expert_index, c.num_experts) * kept[..., None]
         load = jnp.sum(kept_one_hot, axis=(0, 1)) / (n * k)
@@ -183,5 +217,5 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
 
     y = y.reshape(n, d)
     if "shared" in params:
-        y = y + experts.ffn(params["shared"], tokens, c.activation)
+        y = y + model_sum(experts.ffn(params["shared"], tokens, c.activation))
     return y.reshape(x.shape).astype(x.dtype), aux
