@@ -15,6 +15,7 @@ ROUTERS = ("top_k", "expert_choice", "soft", "sigmoid_bias")
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+GROUPED_MATMULS = ("auto", "ragged_dot", "blocked")
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
 
@@ -52,6 +53,10 @@ class MoeConfig:
     # renormalised second gate; GShard Algorithm 2). "all" keeps every choice.
     second_expert_policy: str = "all"
     dispatch: str = "gather"
+    # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
+    # (jax.lax.ragged_dot), "blocked" (per-expert row blocks; XLA:CPU computes ragged_dot
+    # densely over all experts) or "auto" (blocked on CPU, ragged_dot elsewhere).
+    grouped_matmul: str = "auto"
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert
     num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active; each of width d_ff
@@ -107,6 +112,7 @@ class MoeConfig:
         _choice("drop_priority", self.drop_priority, DROP_PRIORITIES)
         _choice("dispatch", self.dispatch, DISPATCHES)
         _choice("activation", self.activation, ACTIVATIONS)
+        _choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
         _choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
         _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
         if self.second_expert_policy == "random" and (self.router != "top_k" or self.top_k != 2):

@@ -79,7 +79,7 @@ def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: st
 
 
 def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
-                 activation: str) -> Array:
+                 activation: str, grouped_matmul: str = "auto") -> Array:
     """Every kept assignment computed, none padded (MegaBlocks dropless).
 
     x: [T, d]; choice: TokenChoice with [T, K] fields (no capacity; `keep` False choices are
@@ -92,7 +92,8 @@ def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
     order = jnp.argsort(expert, stable=True)
     token = order // k
     group_sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)
-    out = experts.grouped_ffn(expert_params, x[token], group_sizes, activation)  # [T*K, d]
+    out = experts.grouped_ffn(expert_params, x[token], group_sizes, activation,
+                              grouped_matmul)  # [T*K, d]
     gate = jnp.where(choice.keep, choice.gate, 0).reshape(-1)[order]
     weighted = out * gate.astype(out.dtype)[:, None]
     return jnp.zeros_like(x).at[token].add(weighted)

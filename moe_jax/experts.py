@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.grouped_matmul import grouped_matmul
+
 Array = jax.Array
 Params = dict[str, Array]
 
@@ -40,17 +42,17 @@ def expert_ffn(params: Params, x: Array, activation: str, *, expert_axis: int = 
     return per_expert(params, x, activation)
 
 
-def grouped_ffn(params: Params, x: Array, group_sizes: Array, activation: str) -> Array:
+def grouped_ffn(params: Params, x: Array, group_sizes: Array, activation: str,
+                impl: str = "auto") -> Array:
     """Experts on rows sorted by expert, without padding (MegaBlocks-style dropless).
 
     params: wi [E, d, f], wo [E, f, d] (+ wi_gate); x: [M, d], rows of expert e contiguous and in
     expert order; group_sizes: [E] int32 rows per expert (sum <= M; later rows produce zeros).
-    Uses `jax.lax.ragged_dot` grouped matmuls.
+    `impl` picks the grouped matmul (see `moe_jax.grouped_matmul`).
     """
-    dt = x.dtype
 
     def dot(a: Array, w: Array) -> Array:
-        return jax.lax.ragged_dot(a, w.astype(dt), group_sizes)
+        return grouped_matmul(a, w.astype(a.dtype), group_sizes, impl)
 
     pre = dot(x, params["wi"])
     gate_pre = dot(x, params["wi_gate"]) if activation == "swiglu" else None

@@ -195,7 +195,8 @@ def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
             if train and c.second_expert_policy == "random":
                 choice = routing.random_second_expert(choice, jax.random.uniform(policy_key, (n,)))
         if c.dispatch == "dropless":
-            y = dispatch.dropless_moe(tokens, choice, params["experts"], c.activation)
+            y = dispatch.dropless_moe(tokens, choice, params["experts"], c.activation,
+                                      c.grouped_matmul)
             kept = choice.keep
         else:
             group_choice = jax.tree.map(lambda a: a.reshape(num_groups, group, k), choice)
