@@ -1,0 +1,101 @@
+"""Multi-head attention with grouped-query heads, segment-aware masks, and rotary positions.
+
+Shape letters: B batch, L query length, S key length (= L here), d model width, H query heads,
+K key/value heads (H = K * G), G query heads per key/value head, h head dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.models.positions import apply_rotary
+
+Array = jax.Array
+
+
+def attention_mask(segment_ids: Array, *, causal: bool) -> Array:
+    """[B, L, L] bool: query i may attend to key j.
+
+    segment_ids: [B, L] int; packed rows hold several sequences, and a token attends only inside
+    its own segment (padding, segment 0, attends only to padding, so no row is empty).
+    causal: additionally j <= i.
+    """
+    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        length = segment_ids.shape[1]
+        mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+    return mask
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """softmax(q k^T / sqrt(h) + mask) v, with H = K * G query heads sharing K key/value heads.
+
+    q: [B, L, H, h]; k, v: [B, S, K, h]; mask: [B, L, S] bool. Returns [B, L, H, h].
+    Logits and softmax in float32. The full [L, S] score matrix is computed (masked entries
+    included); `flops.count` counts it that way.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    logits = jnp.einsum("blkgh,bskh->bkgls", q, k, preferred_element_type=jnp.float32)
+    logits = logits * head_dim**-0.5
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Attention block: x [B, L, d] -> [B, L, d].
+
+    Params (logical axes): query [d, H, h] ("embed", "heads", "kv"), key and value [d, K, h]
+    ("embed", "kv_heads", "kv"), out [H, h, d] ("heads", "kv", "embed"); with `qkv_bias`, biases
+    [H, h] / [K, h]. Kernels: truncated normal with variance 1/fan_in.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    use_rotary: bool
+    rope_base: float = 10000.0
+    qkv_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+        d_model = x.shape[-1]
+        x = x.astype(self.dtype)
+
+        def project(name: str, heads: int, head_axis: str) -> Array:
+            init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=0, out_axis=(1, 2))
+            kernel = self.param(name, nn.with_logical_partitioning(
+                init, ("embed", head_axis, "kv")), (d_model, heads, self.head_dim),
+                self.param_dtype)
+            y = jnp.einsum("bld,dnh->blnh", x, kernel.astype(self.dtype))
+            if self.qkv_bias:
+                bias = self.param(f"{name}_bias", nn.with_logical_partitioning(
+                    nn.initializers.zeros, (head_axis, "kv")), (heads, self.head_dim),
+                    self.param_dtype)
+                y = y + bias.astype(self.dtype)
+            return y
+
+        q = project("query", self.num_heads, "heads")
+        k = project("key", self.num_kv_heads, "kv_heads")
+        v = project("value", self.num_kv_heads, "kv_heads")
+        if self.use_rotary:
+            q = apply_rotary(q, positions, self.rope_base)
+            k = apply_rotary(k, positions, self.rope_base)
+        out = dot_product_attention(q, k, v, attention_mask(segment_ids, causal=self.causal))
+        out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=(0, 1), out_axis=2)
+        out_kernel = self.param("out", nn.with_logical_partitioning(
+            out_init, ("heads", "kv", "embed")), (self.num_heads, self.head_dim, d_model),
+            self.param_dtype)
+        return jnp.einsum("blnh,nhd->bld", out, out_kernel.astype(self.dtype))

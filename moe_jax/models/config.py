@@ -1,0 +1,157 @@
+"""`ModelConfig`: the Transformer around the MoE layers, validated once.
+
+Which blocks are sparse is a model setting (`moe_every`, `moe_layers`); what a sparse block does
+is the `MoeConfig`. A model whose settings select no block is dense, so every experiment config
+carries both sections and `--config.moe.num_experts=16` is valid on every config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from moe_jax.config import ACTIVATIONS, MoeConfig
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rotary", "learned")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not supported; use one of {allowed}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A pre-norm Transformer (decoder-only LM, or a bidirectional encoder with causal=False).
+
+    Shape letters: B batch, L sequence length, d `d_model`, H query heads, K key/value heads,
+    h `head_dim`, f dense `d_ff`, V padded vocabulary.
+    """
+
+    # Byte tokenizer: 256 bytes + pad=0, bos=1, eos=2. The embedding and output matrices are
+    # padded to a multiple of `vocab_multiple` rows (e.g. 259 -> 384) for aligned matmuls; padded
+    # rows are real parameters and count in params and FLOPs, but logits are returned for the
+    # `vocab_size` real tokens only.
+    vocab_size: int = 259
+    vocab_multiple: int = 128
+    d_model: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention (Ainslie et al. 2023); None = MHA
+    head_dim: int | None = None  # None = d_model // num_heads
+    d_ff: int = 768  # hidden width of the dense FFN blocks
+    activation: str = "gelu"  # dense FFN: "relu", "gelu" or "swiglu" (same math as the experts)
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    positions: str = "rotary"  # RoPE (Su et al. 2021) or a learned table of max_seq_len rows
+    rope_base: float = 10000.0
+    max_seq_len: int = 128  # longest sequence; the context length FLOPs are counted at
+    # Untied: logits = h @ output, output ~ truncated normal with variance 1/d, so initial
+    # logits are ~N(0, 1) and the initial loss is ~ln(V). Tied: logits = h @ embedding.T * d**-0.5
+    # (T5); at init a token's own logit is then ~sqrt(d), a copy-the-input bias training removes.
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen)
+    dropout_rate: float = 0.0  # on the embeddings and on each residual branch
+    causal: bool = True  # False: bidirectional encoder (masked-LM objective)
+    # Sparse blocks. moe_every=n makes block i sparse iff (i + 1) % n == 0: n=1 every block,
+    # n=2 blocks 1, 3, 5, ... (GShard/Switch "every other FFN"; block 0 stays dense). 0 = none.
+    # `moe_layers`, when set, lists the sparse blocks explicitly and overrides moe_every.
+    moe_every: int = 0
+    moe_layers: tuple[int, ...] | None = None
+    dtype: str = "float32"  # activations; the router always runs in MoeConfig.router_dtype
+    param_dtype: str = "float32"
+    embed_init_std: float = 1.0  # token (and learned position) embeddings ~ N(0, std^2)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "vocab_multiple", "d_model", "num_layers", "num_heads", "d_ff",
+                     "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_kv_heads", "head_dim"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not isinstance(self.moe_every, int) or self.moe_every < 0:
+            raise ValueError(f"ModelConfig.moe_every={self.moe_every!r} must be an int >= 0 "
+                             "(0 = no sparse block, 1 = every block, 2 = every other block).")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
+                             f"{self.num_heads}; change one or set head_dim explicitly.")
+        if self.positions == "rotary" and self.head_size % 2:
+            raise ValueError(f"rotary positions need an even head dimension; got {self.head_size}"
+                             " (set ModelConfig.head_dim or num_heads).")
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("norm", self.norm, NORMS)
+        _choice("positions", self.positions, POSITIONS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("param_dtype", self.param_dtype, DTYPES)
+        for name in ("norm_eps", "rope_base", "embed_init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelConfig.{name}={value!r} must be a finite number > 0.")
+        if not (isinstance(self.dropout_rate, int | float) and 0 <= self.dropout_rate < 1):
+            raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must be in [0, 1).")
+        if self.moe_layers is not None:
+            layers = tuple(self.moe_layers)
+            bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+            if bad or len(set(layers)) != len(layers):
+                raise ValueError(
+                    f"ModelConfig.moe_layers={self.moe_layers!r} must list distinct block indices "
+                    f"in [0, {self.num_layers}); offending entries: {bad or 'duplicates'}.")
+            object.__setattr__(self, "moe_layers", tuple(sorted(layers)))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """Indices of the blocks whose FFN is an MoE layer."""
+        if self.moe_layers is not None:
+            return self.moe_layers
+        if self.moe_every == 0:
+            return ()
+        return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_every == 0)
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer.")
+
+
+def check_compatible(model: ModelConfig, moe: MoeConfig) -> None:
+    """Cross-section checks: a causal LM refuses routers that mix tokens (they leak the future).
+
+    Expert choice and Soft MoE decide a token's output from the whole routing group, including
+    later tokens, so a causal model may use them only with `moe.allow_non_causal=True`.
+    """
+    if model.sparse_layers and model.causal and not moe.is_causal_safe and not moe.allow_non_causal:
+        raise ValueError(
+            f"moe.router={moe.router!r} mixes tokens across the sequence and leaks future tokens "
+            "in a causal LM. Use a token-choice router ('top_k', 'sigmoid_bias'), a bidirectional "
+            "encoder (model.causal=False) with the masked-LM objective, or set "
+            "moe.allow_non_causal=True if you accept the leak.")

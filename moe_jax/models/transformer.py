@@ -1,0 +1,197 @@
+"""The Transformer: a pre-norm decoder-only LM (or bidirectional encoder) whose chosen blocks have
+an MoE feed-forward layer.
+
+Shape letters: B batch, L sequence length, d model width, V vocabulary (real, not padded),
+M number of MoE blocks, E experts.
+
+    model = Transformer(model_config, moe_config)
+    variables = model.init({"params": key}, inputs, train=False)
+    logits, aux = model.apply(variables, inputs, segment_ids=..., positions=..., train=True,
+                              rngs={"dropout": k1, "router": k2})
+
+Block i: h = x + Dropout(Attention(Norm(x))); out = h + Dropout(FFN(Norm(h))), where FFN is the
+dense FFN or, for i in `config.sparse_layers`, the MoE layer. A final Norm precedes the logits.
+Initialisation (a documented choice, not a paper's): token (and learned position) embeddings
+~ N(0, embed_init_std^2), std 1 as in T5 (every block sees them through a norm, so their scale
+only sets the residual stream's); the untied output kernel is truncated normal with variance
+1/d, so a unit-RMS final h gives ~N(0, 1) logits and an initial loss near ln(V); tied logits
+are h @ embedding.T * d**-0.5 (T5), which starts with a ~sqrt(d) logit on the input token
+itself. Every other kernel is truncated normal with variance 1/fan_in, as the experts
+(`experts.init_ffn`); norm scales 1, biases 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import experts
+from moe_jax.config import MoeConfig
+from moe_jax.layers import MoeLayer
+from moe_jax.models.attention import Attention
+from moe_jax.models.config import ModelConfig, check_compatible
+from moe_jax.models.positions import default_positions
+
+Array = jax.Array
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4): x / rms(x) * scale, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm (Ba et al. 2016): (x - mean) / std * scale + bias, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last axis; params scale [d] (+ bias [d]), axis "embed"."""
+
+    kind: str
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (d,), self.param_dtype)
+        if self.kind == "rmsnorm":
+            return rms_norm(x, scale, self.eps)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                          (d,), self.param_dtype)
+        return layer_norm(x, scale, bias, self.eps)
+
+
+class DenseFfn(nn.Module):
+    """The dense FFN: `experts.ffn`, the same math as one expert. wi (and wi_gate for swiglu)
+    [d, f] ("embed", "mlp"), wo [f, d] ("mlp", "embed"); no biases."""
+
+    d_ff: int
+    activation: str
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+        def kernel(name: str, shape: tuple[int, int], axes: tuple[str, str]) -> Array:
+            return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                              self.param_dtype)
+
+        params = {"wi": kernel("wi", (d, self.d_ff), ("embed", "mlp")),
+                  "wo": kernel("wo", (self.d_ff, d), ("mlp", "embed"))}
+        if self.activation == "swiglu":
+            params["wi_gate"] = kernel("wi_gate", (d, self.d_ff), ("embed", "mlp"))
+        return experts.ffn(params, x.astype(self.dtype), self.activation)
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block; `moe` set = sparse FFN. Returns (x, aux or None)."""
+
+    config: ModelConfig
+    moe: MoeConfig | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array, *,
+                 train: bool) -> tuple[Array, dict[str, Array] | None]:
+        c = self.config
+        dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
+        dropout = nn.Dropout(c.dropout_rate, deterministic=not train)
+        attention = Attention(
+            num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
+            causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
+            qkv_bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, name="attention")
+        h = Norm(c.norm, c.norm_eps, param_dtype, name="attention_norm")(x)
+        x = x + dropout(attention(h, segment_ids, positions))
+
+        h = Norm(c.norm, c.norm_eps, param_dtype, name="ffn_norm")(x)
+        aux = None
+        if self.moe is None:
+            y = DenseFfn(c.d_ff, c.activation, dtype, param_dtype, name="ffn")(h)
+        else:
+            y, aux = MoeLayer(self.moe, causal=c.causal, dtype=dtype, param_dtype=param_dtype,
+                              name="moe")(h, train=train)
+        x = x + dropout(y.astype(x.dtype))
+        return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
+
+
+class Transformer(nn.Module):
+    """Token ids -> (logits, aux).
+
+    __call__(inputs [B, L] int32, *, segment_ids=None, positions=None, train) returns
+      logits: [B, L, V] float32 for the `vocab_size` real tokens (padded rows are sliced off);
+      aux: the MoE layers' routing aux stacked over the M sparse blocks in block order, e.g.
+        aux["load_balancing_loss"] [M], aux["expert_load"] [M, E]; {} for a dense model.
+    segment_ids [B, L] (0 = padding) keeps attention inside each packed sequence; positions
+    [B, L] restart per segment. Both default to one sequence per row. Randomness in training:
+    rng streams "dropout" and "router" (router jitter, GShard's random second expert).
+    """
+
+    config: ModelConfig
+    moe: MoeConfig
+
+    @nn.compact
+    def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, train: bool) -> tuple[Array, dict[str, Array]]:
+        c = self.config
+        check_compatible(c, self.moe)
+        if inputs.ndim != 2:
+            raise ValueError(
+                f"Transformer expects inputs of shape [batch, seq]; got {inputs.shape}.")
+        batch, length = inputs.shape
+        if c.positions == "learned" and length > c.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds ModelConfig.max_seq_len="
+                             f"{c.max_seq_len} of the learned position table; raise max_seq_len.")
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        if positions is None:
+            positions = default_positions(batch, length)
+
+        embed_init = nn.initializers.normal(c.embed_init_std)
+        embedding = self.param("embedding", nn.with_logical_partitioning(
+            embed_init, ("vocab", "embed")), (c.padded_vocab_size, c.d_model), c.jnp_param_dtype)
+        x = jnp.take(embedding, inputs, axis=0).astype(c.jnp_dtype)
+        if c.positions == "learned":
+            table = self.param("position_embedding", nn.with_logical_partitioning(
+                embed_init, (None, "embed")), (c.max_seq_len, c.d_model), c.jnp_param_dtype)
+            x = x + jnp.take(table, positions, axis=0).astype(c.jnp_dtype)
+        x = nn.Dropout(c.dropout_rate, deterministic=not train)(x)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+        sparse = set(c.sparse_layers)
+        layer_aux = []
+        for i in range(c.num_layers):
+            x, aux = Block(c, self.moe if i in sparse else None, name=f"block_{i}")(
+                x, segment_ids, positions, train=train)
+            if aux is not None:
+                layer_aux.append(aux)
+
+        x = Norm(c.norm, c.norm_eps, c.jnp_param_dtype, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(c.jnp_dtype),
+                                preferred_element_type=jnp.float32) * c.d_model**-0.5
+        else:
+            out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+            kernel = self.param("output", nn.with_logical_partitioning(
+                out_init, ("embed", "vocab")), (c.d_model, c.padded_vocab_size),
+                c.jnp_param_dtype)
+            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(c.jnp_dtype),
+                                preferred_element_type=jnp.float32)
+        aux = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0]} if layer_aux else {}
+        return logits[..., :c.vocab_size], aux
+

@@ -1,0 +1,110 @@
+"""Training objectives: the one place where the MoE auxiliary losses join the task loss.
+
+    total = cross_entropy
+            + load_balance_coef * sum over MoE layers of load_balancing_loss   (Switch eq. 4-6)
+            + z_loss_coef       * sum over MoE layers of router_z_loss         (ST-MoE eq. 5)
+
+Summing over layers (not averaging) follows Switch/ST-MoE and flaxformer: every sparse layer
+gets its own balancing pressure of weight `coef`, so adding layers does not dilute it.
+
+Batches are dicts of [B, L] arrays (shape letters: B batch, L length, V vocabulary):
+inputs int32, targets int32, weights float32 (0 for padding and ignored positions),
+segment_ids int32 (0 = padding), positions int32, domains int32, target_bytes float32 (UTF-8
+bytes each target token stands for; enables bits per byte).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import MoeConfig
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+# Byte tokenizer special ids (pad=0, bos=1, eos=2; byte b is token b + 3).
+NUM_SPECIAL_TOKENS = 3
+
+
+def token_nll(logits: Array, targets: Array) -> Array:
+    """[B, L] negative log-likelihood (nats) of each target under float32 logits [B, L, V]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit
+
+
+def compute_loss(logits: Array, batch: Batch, aux: dict[str, Array],
+                 moe: MoeConfig) -> tuple[Array, dict[str, Array]]:
+    """The training loss and its metrics for one batch.
+
+    logits: [B, L, V] from `Transformer`; batch: dict with at least "targets" and "weights";
+    aux: the model's stacked MoE aux ([M]-leading arrays, or {} for a dense model); moe: supplies
+    `load_balance_coef` and `z_loss_coef`.
+
+    Returns (loss, metrics). Cross-entropy is the weight-averaged token NLL. Metrics (float32
+    scalars): loss, cross_entropy, load_balancing_loss and router_z_loss (each summed over the
+    MoE layers, before the coefficient), accuracy, num_tokens (sum of weights), nll_sum; with
+    "target_bytes" in the batch also bits_per_byte and num_bytes; with MoE layers also
+    dropped_fraction and router_entropy (means over layers) and max_router_logit (max).
+    Sums (nll_sum, num_tokens, num_bytes) let an evaluation loop aggregate exactly.
+    """
+    weights = batch["weights"].astype(jnp.float32)
+    nll = token_nll(logits, batch["targets"])
+    num_tokens = jnp.sum(weights)
+    nll_sum = jnp.sum(nll * weights)
+    cross_entropy = nll_sum / jnp.maximum(num_tokens, 1e-8)
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+
+    zero = jnp.zeros((), jnp.float32)
+    lb = jnp.sum(aux["load_balancing_loss"]) if aux else zero
+    z = jnp.sum(aux["router_z_loss"]) if aux else zero
+    loss = cross_entropy + moe.load_balance_coef * lb + moe.z_loss_coef * z
+
+    metrics = {
+        "loss": loss, "cross_entropy": cross_entropy, "load_balancing_loss": lb,
+        "router_z_loss": z, "accuracy": jnp.sum(correct * weights) / jnp.maximum(num_tokens, 1e-8),
+        "num_tokens": num_tokens, "nll_sum": nll_sum,
+    }
+    if "target_bytes" in batch:
+        num_bytes = jnp.sum(batch["target_bytes"].astype(jnp.float32) * weights)
+        metrics["num_bytes"] = num_bytes
+        metrics["bits_per_byte"] = nll_sum / math.log(2) / jnp.maximum(num_bytes, 1e-8)
+    if aux:
+        metrics["dropped_fraction"] = jnp.mean(aux["dropped_fraction"])
+        metrics["router_entropy"] = jnp.mean(aux["router_entropy"])
+        metrics["max_router_logit"] = jnp.max(aux["max_router_logit"])
+    return loss, metrics
+
+
+def mask_for_mlm(rng: Array, batch: Batch, *, mask_id: int, vocab_size: int,
+                 mask_rate: float = 0.15) -> Batch:
+    """Masked-LM corruption (BERT, Devlin et al. 2019, Sec. 3.1) for the bidirectional encoder.
+
+    Selects each real token (segment_ids != 0) with probability `mask_rate`; a selected input
+    becomes `mask_id` with probability 0.8, a random non-special token with 0.1, or stays
+    unchanged with 0.1. Returns a new batch whose targets are the original inputs and whose
+    weights are 1 exactly on the selected positions (`target_bytes` is dropped: it describes
+    the next-token targets). For the byte tokenizer use mask_id = vocab_size (259), the first
+    padded embedding row: `ModelConfig.padded_vocab_size` must exceed it, and the model never
+    predicts it because logits cover the real vocabulary only.
+    """
+    if not 0 < mask_rate < 1:
+        raise ValueError(f"mask_rate={mask_rate} must be in (0, 1).")
+    inputs = batch["inputs"]
+    k_select, k_kind, k_token = jax.random.split(rng, 3)
+    real = batch["segment_ids"] != 0
+    selected = real & jax.random.bernoulli(k_select, mask_rate, inputs.shape)
+    kind = jax.random.uniform(k_kind, inputs.shape)
+    random_tokens = jax.random.randint(k_token, inputs.shape, NUM_SPECIAL_TOKENS, vocab_size,
+                                       inputs.dtype)
+    corrupted = jnp.where(kind < 0.8, jnp.asarray(mask_id, inputs.dtype),
+                          jnp.where(kind < 0.9, random_tokens, inputs))
+    out = {k: v for k, v in batch.items() if k != "target_bytes"}
+    out["inputs"] = jnp.where(selected, corrupted, inputs)
+    out["targets"] = inputs
+    out["weights"] = selected.astype(jnp.float32)
+    return out

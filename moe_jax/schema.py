@@ -1,0 +1,162 @@
+"""The experiment config: one ml_collections layout, built from the dataclasses, validated once.
+
+    config = schema.base_config()          # sections "model", "moe", plus top-level keys
+    config.moe.num_experts = 16            # any MoeConfig / ModelConfig field
+    experiment = schema.parse_config(config)
+    experiment.model, experiment.moe       # ModelConfig, MoeConfig
+
+Section defaults come from the dataclasses' own defaults (one source of truth); optional fields
+are typed ml_collections placeholders, so `--config.moe.expert_capacity=8` works from the
+command line. Parsing rejects unknown keys and re-raises the dataclasses' validation errors
+with the exact key (`config.moe.router=...`). To add a section (e.g. "train"), add one entry to
+`SECTIONS`.
+
+Config files (`configs/*.py`) define `get_config(arg=None)`; family files take a member name
+(`configs/switch.py:e16`) and list their members in a module constant `MEMBERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from moe_jax.config import MoeConfig
+from moe_jax.data.config import DataConfig
+from moe_jax.models.config import ModelConfig, check_compatible
+from moe_jax.train.config import TrainConfig
+
+# Section name -> the frozen dataclass it is parsed into.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "moe": MoeConfig, "train": TrainConfig,
+                             "data": DataConfig}
+# Top-level scalar keys and their defaults.
+TOP_LEVEL: dict[str, Any] = {
+    "seed": 0,
+    # The dense config (a config spec, relative to configs/) whose forward FLOPs per token this
+    # sparse config matches; "" when it is not a matched config. `flops` reports the mismatch.
+    "matched_to": "",
+}
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+Experiment = dataclasses.make_dataclass(
+    "Experiment",
+    [(name, cls) for name, cls in SECTIONS.items()]
+    + [(name, type(value), dataclasses.field(default=value)) for name, value in TOP_LEVEL.items()],
+    frozen=True,
+)
+Experiment.__doc__ = "A parsed experiment config: one attribute per section and top-level key."
+
+
+def _optional_inner(hint: Any) -> type:
+    """The X of `X | None` (tuple[int, ...] -> tuple), for a typed placeholder."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    inner = args[0] if args else hint
+    return typing.get_origin(inner) or inner
+
+
+def section_defaults(cls: type) -> ml_collections.ConfigDict:
+    """A ConfigDict of `cls`'s fields and defaults (None defaults become typed placeholders)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            raise TypeError(f"{cls.__name__}.{field.name} needs a default to be a config section.")
+        if default is None:
+            default = config_dict.placeholder(_optional_inner(hints[field.name]))
+        values[field.name] = default
+    return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every section at its dataclass defaults plus the top-level keys; locked (no new keys)."""
+    config = ml_collections.ConfigDict(
+        {name: section_defaults(cls) for name, cls in SECTIONS.items()} | dict(TOP_LEVEL))
+    config.lock()
+    return config
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _parse_section(config: ml_collections.ConfigDict, name: str, cls: type) -> Any:
+    section = config[name]
+    if not isinstance(section, ml_collections.ConfigDict):
+        raise ValueError(f"config.{name} must be a ConfigDict section; got {type(section)}.")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(section.keys()) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key config.{name}.{unknown[0]}; {cls.__name__} fields are "
+                         f"{fields}.")
+    try:
+        return cls(**{key: _plain(section[key]) for key in section})
+    except (TypeError, ValueError) as err:
+        message = str(err).replace(f"{cls.__name__}.", f"config.{name}.")
+        raise ValueError(message) from err
+
+
+def parse_config(config: ml_collections.ConfigDict) -> Any:
+    """ConfigDict -> `Experiment` (frozen). Raises ValueError naming the offending key."""
+    allowed = list(SECTIONS) + list(TOP_LEVEL)
+    unknown = sorted(set(config.keys()) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key config.{unknown[0]}; allowed top-level keys: {allowed}.")
+    missing = [name for name in SECTIONS if name not in config]
+    if missing:
+        raise ValueError(f"config.{missing[0]} is missing; start from schema.base_config().")
+    parsed = {name: _parse_section(config, name, cls) for name, cls in SECTIONS.items()}
+    for name, default in TOP_LEVEL.items():
+        value = config.get(name, default)
+        if not isinstance(value, type(default)):
+            raise ValueError(f"config.{name}={value!r} must be of type {type(default).__name__}.")
+        parsed[name] = value
+    check_compatible(parsed["model"], parsed["moe"])
+    return Experiment(**parsed)
+
+
+def checked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates `config` (see `parse_config`) and returns it; config files end with this."""
+    parse_config(config)
+    return config
+
+
+def resolve_path(path: str) -> Path:
+    """A config file path as given, else relative to the repository's configs/ directory."""
+    candidate = Path(path)
+    if candidate.exists() or candidate.is_absolute():
+        return candidate
+    return CONFIGS_DIR / path
+
+
+def _import_config_module(path: str) -> types.ModuleType:
+    file = resolve_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} not found (also looked in {CONFIGS_DIR}).")
+    spec = importlib.util.spec_from_file_location(f"_moe_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads and validates `path.py` or `path.py:member` (the ml_collections config_flags form)."""
+    path, _, arg = spec.partition(":")
+    module = _import_config_module(path)
+    config = module.get_config(arg) if arg else module.get_config()
+    return checked(config)
+
+
+def family_members(path: str) -> tuple[str, ...]:
+    """The member names a family config file lists in `MEMBERS` (() for a single config)."""
+    return tuple(getattr(_import_config_module(path), "MEMBERS", ()))
