@@ -1,0 +1,1 @@
+"""Experiments: benchmark suites and paper-reproduction sweeps built on moe_jax."""

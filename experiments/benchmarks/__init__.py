@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): they print measured figures and write them to files."""

@@ -1,0 +1,155 @@
+"""Run the benchmark suites and write JSON + a Markdown table.
+
+    python -m experiments.benchmarks.run                       # everything, full sizes
+    python -m experiments.benchmarks.run --only=layer,dropless --quick
+
+Figures are wall-clock medians of repeated runs after a warm-up; compile time is reported apart.
+Results go to experiments/benchmarks/results/<platform>-<date>.{json,md} unless --out is given.
+Close other work first: on a shared 2-core machine, the load average in the header says how
+quiet it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any
+
+from experiments.benchmarks import layer
+from experiments.benchmarks.timing import machine_info
+
+SUITES = ("ceiling", "layer", "dropless", "growth", "expert_parallel")
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def _run_expert_parallel(quick: bool) -> list[dict[str, Any]]:
+    """In a subprocess: simulated CPU devices must be requested before jax starts."""
+    out = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"moe_jax_ep_{os.getpid()}.json"
+    env = dict(os.environ)
+    if "cpu" in (env.get("JAX_PLATFORMS") or "cpu"):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            " --xla_force_host_platform_device_count=8").strip()
+    subprocess.run([sys.executable, "-m", "experiments.benchmarks.expert_parallel",
+                    f"--out={out}"], env=env, check=True)
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result["rows"]
+
+
+def run(suites: tuple[str, ...], quick: bool) -> dict[str, Any]:
+    shape = layer.LayerShape(256, 512, 2048) if quick else layer.LayerShape()
+    repeats = 2 if quick else 5
+    rows: list[dict[str, Any]] = []
+    for suite in suites:
+        print(f"[{suite}]", flush=True)
+        start = time.perf_counter()
+        if suite == "ceiling":
+            rows += layer.ceiling(1024 if quick else 4096, repeats)
+        elif suite == "layer":
+            rows += layer.layer_vs_dense(shape, repeats=repeats)
+        elif suite == "dropless":
+            rows += layer.dropless_target(shape, repeats=repeats)
+        elif suite == "growth":
+            sizes = (512, 1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
+            rows += layer.growth(shape, sizes, repeats=min(repeats, 3))
+        elif suite == "expert_parallel":
+            rows += _run_expert_parallel(quick)
+        print(f"[{suite}] {time.perf_counter() - start:.0f} s", flush=True)
+    return {"machine": machine_info(), "quick": quick,
+            "command": " ".join(["python -m experiments.benchmarks.run", *sys.argv[1:]]),
+            "rows": rows}
+
+
+def _ms(row: dict[str, Any]) -> str:
+    return f"{row['timing']['median_s'] * 1e3:.1f}"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"Measured {m['date']} on {m['platform']} ({m['device_kind'] or m['cpu']}, "
+             f"{m['cpu_count']} cores), jax {m['jax']}, commit {m['commit']}, load average "
+             f"{m['load_average_1m']:.2f} at the end; command `{result['command']}`.", ""]
+    rows = result["rows"]
+    ceiling = [r for r in rows if r["benchmark"] == "ceiling"]
+    if ceiling:
+        lines += ["| matmul ceiling | size | ms | GFLOP/s |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['dtype']} | {r['size']} | {_ms(r)} | {r['gflops_per_s']:.0f} |"
+                  for r in ceiling] + [""]
+    table = [r for r in rows if r["benchmark"] == "layer"]
+    if table:
+        lines += ["| pass | model | E | k | capacity | dispatch | ms | x dense | useful GFLOP/s "
+                  "| padded GFLOP/s | peak MB | compile s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in table:
+            t = r["timing"]
+            lines.append(
+                f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['model']} | "
+                f"{r.get('num_experts', '')} | {r.get('top_k', '')} | "
+                f"{r.get('capacity_factor') or ''} | {r.get('dispatch', '')} | {_ms(r)} | "
+                f"{r.get('ratio_to_dense', 1.0):.2f} | {r['useful_gflops_per_s']:.0f} | "
+                f"{r.get('padded_gflops_per_s', r['useful_gflops_per_s']):.0f} | "
+                f"{(t['peak_bytes'] or 0) / 2**20:.0f} | {t['compile_s']:.1f} |")
+        lines.append("")
+    for name, title in (("dropless", "dropless vs dense on the routed work (fwd+bwd)"),
+                        ("growth", "cost growth with the routing group (fwd+bwd)")):
+        part = [r for r in rows if r["benchmark"] == name]
+        if not part:
+            continue
+        lines += [f"| {title} | tokens | ms | x dense | peak MB |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in part:
+            label = r.get("model") or r.get("dispatch")
+            if "skipped" in r:
+                lines.append(f"| {label} | {r.get('tokens', '')} | skipped: {r['skipped']} | | |")
+                continue
+            lines.append(f"| {label} | {r.get('tokens', '')} | {_ms(r)} | "
+                         f"{r.get('ratio_to_dense', 1.0):.2f} | "
+                         f"{(r['timing']['peak_bytes'] or 0) / 2**20:.0f} |")
+        lines.append("")
+    other = [r for r in rows if r["benchmark"] in ("train", "expert_parallel")]
+    if other:
+        lines += ["| benchmark | setting | ms per step | tokens/s | MFU |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in other:
+            setting = r.get("model") or f"mesh {r.get('mesh')} {r.get('form')}"
+            tokens_s = r.get("tokens_per_s")
+            mfu = r.get("mfu")
+            lines.append(f"| {r['benchmark']} | {setting} | {_ms(r)} | "
+                         f"{f'{tokens_s:.0f}' if tokens_s else ''} | "
+                         f"{f'{mfu:.1%}' if mfu else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SUITES),
+                        help=f"comma-separated suites from {SUITES}")
+    parser.add_argument("--quick", action="store_true", help="small shapes: checks the harness")
+    parser.add_argument("--out", default=None, help="output path without extension")
+    args = parser.parse_args(argv)
+    suites = tuple(s for s in args.only.split(",") if s)
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
+    result = run(suites, args.quick)
+    if args.out:
+        out = pathlib.Path(args.out)
+    else:
+        stamp = time.strftime("%Y-%m-%d")
+        out = RESULTS / f"{result['machine']['platform']}-{stamp}{'-quick' if args.quick else ''}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    markdown = to_markdown(result)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out}.json and {out}.md")
+
+
+if __name__ == "__main__":
+    main()

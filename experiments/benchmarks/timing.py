@@ -1,0 +1,69 @@
+"""Timing of jitted functions: compile time apart, median of repeated runs after a warm-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass
+class Timing:
+    compile_s: float
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+    peak_bytes: int | None
+    xla_flops: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Compiles `jax.jit(fn)` for `args` (timed apart), then times `repeats` runs."""
+    lowered = jax.jit(fn).lower(*args)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return Timing(compile_s, statistics.median(times), min(times), max(times), repeats,
+                  getattr(memory, "peak_memory_in_bytes", None) if memory else None,
+                  (cost or {}).get("flops"))
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and when a figure was measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    device = jax.devices()[0]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit,
+        "platform": device.platform,
+        "device_kind": getattr(device, "device_kind", ""),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "load_average_1m": os.getloadavg()[0],
+    }
