@@ -39,7 +39,8 @@ def _boxed(group: str, init_fn: Any) -> Any:
 
 
 class MoeLayer(nn.Module):
-    """MoE feed-forward block: x [batch, seq, d] -> (y [batch, seq, d], aux dict).
+    """MoE feed-forward block: x [batch, seq, d] -> (y [batch, seq, d], aux dict);
+    `token_mask` [batch, seq] (e.g. segment_ids > 0) keeps padding out of routing.
 
     Attributes:
       config: the layer's MoeConfig.
@@ -58,7 +59,8 @@ class MoeLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> tuple[Array, dict[str, Array]]:
+    def __call__(self, x: Array, *, train: bool, token_mask: Array | None = None
+                 ) -> tuple[Array, dict[str, Array]]:
         c = self.config
         if self.causal and not c.is_causal_safe and not c.allow_non_causal:
             raise ValueError(
@@ -87,4 +89,5 @@ class MoeLayer(nn.Module):
             params["router"]["score_bias"] = bias.value
         needs_rng = train and (c.jitter_eps > 0 or c.second_expert_policy == "random")
         rng = self.make_rng("router") if needs_rng else None
-        return moe.apply(params, x.astype(self.dtype), c, train=train, rng=rng)
+        return moe.apply(params, x.astype(self.dtype), c, train=train, rng=rng,
+                         token_mask=token_mask)

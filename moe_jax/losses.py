@@ -1,6 +1,7 @@
 """Auxiliary router losses and routing statistics (pure functions of one group).
 
-Shape letters: T tokens, E experts, K choices per token.
+Shape letters: T tokens, E experts, K choices per token. `weights` ([T], optional) marks the
+tokens that count (1) and padding (0); every statistic is a mean over the counted tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def load_balancing_loss(probs: Array, expert_index: Array) -> Array:
+def token_mean(values: Array, weights: Array | None) -> Array:
+    """Mean over the leading token axis of `values` ([T, ...]), counting only weighted tokens."""
+    values = values.astype(jnp.float32)
+    if weights is None:
+        return jnp.mean(values, axis=0)
+    w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (values.ndim - 1))
+    return jnp.sum(values * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def load_balancing_loss(probs: Array, expert_index: Array, weights: Array | None = None) -> Array:
     """Switch Transformer eq. 4, generalised to top-k: `E * sum_e f_e * P_e`.
 
     probs: [T, E] router probabilities; expert_index: [T, K] chosen experts.
@@ -19,27 +29,28 @@ def load_balancing_loss(probs: Array, expert_index: Array) -> Array:
     router probability of e. Equals 1.0 under perfectly uniform routing, for any K.
     """
     num_experts = probs.shape[-1]
-    f = assignment_fraction(expert_index, num_experts)
-    p = jnp.mean(probs.astype(jnp.float32), axis=0)
-    return num_experts * jnp.sum(f * p)
+    f = assignment_fraction(expert_index, num_experts, weights)
+    return num_experts * jnp.sum(f * token_mean(probs, weights))
 
 
-def assignment_fraction(expert_index: Array, num_experts: int) -> Array:
+def assignment_fraction(expert_index: Array, num_experts: int,
+                        weights: Array | None = None) -> Array:
     """[E] share of the T*K assignments `expert_index` ([T, K]) that chose each expert."""
-    counts = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=(0, 1))
-    return counts / expert_index.size
+    one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)  # [T, K, E]
+    return token_mean(jnp.mean(one_hot, axis=1), weights)
 
 
-def router_z_loss(logits: Array) -> Array:
+def router_z_loss(logits: Array, weights: Array | None = None) -> Array:
     """ST-MoE eq. 5: mean over tokens of logsumexp(logits)^2. logits: [T, E]."""
     z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    return jnp.mean(jnp.square(z))
+    return token_mean(jnp.square(z), weights)
 
 
-def router_entropy(probs: Array) -> Array:
+def router_entropy(probs: Array, weights: Array | None = None) -> Array:
     """Mean over tokens of the entropy (nats) of the routing distribution. probs: [T, E].
 
     ln E for uniform routing, 0 for one-hot routing.
     """
     p = probs.astype(jnp.float32)
-    return jnp.mean(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1))
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
+    return token_mean(entropy, weights)

@@ -11,6 +11,8 @@ combine (`dispatch.py`, `experts.py`) -> auxiliary losses and statistics (`losse
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -102,22 +104,28 @@ def router_logits(params: Params, x: Array, config: MoeConfig, *, train: bool,
 
 
 def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
-          rng: Array | None = None, sharding: sharding_lib.MoeSharding | None = None
-          ) -> tuple[Array, dict[str, Array]]:
+          rng: Array | None = None, token_mask: Array | None = None,
+          sharding: sharding_lib.MoeSharding | None = None) -> tuple[Array, dict[str, Array]]:
     """MoE feed-forward: x [batch, seq, d] or [tokens, d] -> (y of x's shape, aux).
 
-    aux (float32; scalars averaged over routing groups unless shaped):
+    token_mask: bool of x's shape without d (e.g. `segment_ids > 0`); masked tokens (padding)
+    take no expert slot, get y = 0 and are left out of every loss and statistic.
+    aux (float32, means over the unmasked tokens; the balance loss per routing group, then
+    averaged over groups weighted by their unmasked tokens):
       load_balancing_loss  Switch eq. 4 generalised to K (0 for expert_choice and soft)
       router_z_loss        ST-MoE eq. 5
       dropped_fraction     dropped assignments / (N*K); expert choice: tokens no expert chose
       expert_load [E]      kept assignments of each expert / (N*K)
       assignment_fraction [E]  share of assignments before drops (load for bias balancing)
       router_entropy       mean entropy (nats) of the routing distribution
-      max_router_logit     largest router logit
+      max_router_logit     largest router logit (no gradient)
     Drops contribute nothing: the token passes only through the caller's residual.
     `sharding` lays the layer out on a mesh with expert parallelism (see `moe_jax.sharding`).
     """
     _check_input(params, x, config, rng, train)
+    if token_mask is not None and token_mask.shape != x.shape[:-1]:
+        raise ValueError(f"token_mask.shape={token_mask.shape} must be x.shape[:-1]="
+                         f"{x.shape[:-1]} (one flag per token).")
     if sharding is not None and sharding.form == "explicit":
         if config.dispatch == "dropless":
             raise ValueError(
@@ -125,7 +133,8 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
                 "ragged all-to-all (unimplemented on XLA:CPU); use dispatch='gather' or "
                 "'einsum' with fixed capacity, or the 'gspmd' form.")
         return sharding_lib.explicit_expert_parallel(
-            _apply_local, params, x, config, train=train, rng=rng, sharding=sharding)
+            _apply_local, params, x, config, train=train, rng=rng, token_mask=token_mask,
+            sharding=sharding)
 
     def expert_stage_fn(expert_params: experts.Params) -> dispatch.ExpertStage:
         def stage(buffers: Array) -> Array:  # [G, E, C, d]
@@ -136,54 +145,65 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
         return stage
 
     constrain_tokens = (lambda a: sharding.constrain(a, sharding.token_spec)) if sharding else None
-    return _apply_local(params, x, config, train=train, rng=rng, expert_stage_fn=expert_stage_fn,
-                        model_sum=lambda a: a, constrain_tokens=constrain_tokens)
+    y, aux, _ = _apply_local(params, x, config, train=train, rng=rng, token_mask=token_mask,
+                             expert_stage_fn=expert_stage_fn, model_sum=lambda a: a,
+                             constrain_tokens=constrain_tokens)
+    return y, aux
 
 
 def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
-                 rng: Array | None, expert_stage_fn, model_sum,
-                 constrain_tokens=None) -> tuple[Array, dict[str, Array]]:
+                 rng: Array | None, token_mask: Array | None, expert_stage_fn, model_sum,
+                 constrain_tokens=None) -> tuple[Array, dict[str, Array], Array]:
     """The layer on the tokens at hand (all of them, or one device's under explicit expert
     parallelism). `expert_stage_fn(expert_params)` gives the stage that runs the experts on
-    [G, E, C, d] buffers; `model_sum` reduces partial sums over a model-parallel axis."""
+    [G, E, C, d] buffers; `model_sum` reduces partial sums over a model-parallel axis.
+    Returns (y, aux, number of unmasked tokens) so that callers can combine devices' aux."""
     group = _check_input(params, x, config, rng, train)
     c = config
     d = x.shape[-1]
     tokens = x.reshape(-1, d)
     n = tokens.shape[0]
     num_groups = n // group
+    k = c.top_k
+    mask = (jnp.ones((n,), bool) if token_mask is None else token_mask.reshape(n))
+    weights = mask.astype(jnp.float32)
+    num_valid = jnp.sum(weights)
+    per_group = lambda a: a.reshape(num_groups, group, *a.shape[1:])
     jitter_key, policy_key = jax.random.split(rng) if rng is not None else (None, None)
 
     logits = router_logits(params, tokens, c, train=train, rng=jitter_key)  # [N, E or S]
-    aux = {"router_z_loss": losses.router_z_loss(logits),
-           "max_router_logit": jax.lax.stop_gradient(jnp.max(logits)).astype(jnp.float32)}
-    grouped = tokens.reshape(num_groups, group, d)
+    max_logit = jnp.max(jnp.where(mask[:, None], logits, -jnp.inf).astype(jnp.float32))
+    aux = {"router_z_loss": losses.router_z_loss(logits, weights),
+           "max_router_logit": jax.lax.stop_gradient(max_logit)}
+    grouped = per_group(tokens)
     if constrain_tokens is not None:
         grouped = constrain_tokens(grouped)
     stage = expert_stage_fn(params["experts"])
-    k = c.top_k
 
     if c.router == "soft":
-        slot_logits = logits.reshape(num_groups, group, -1)
-        dispatch_w, combine_w = jax.vmap(routing.soft_weights)(slot_logits)
+        # Padding never enters a slot: its logits are pushed to -1e30 along the token axis.
+        slot_logits = per_group(jnp.where(mask[:, None], logits, -1e30))
+        dispatch_w, _ = jax.vmap(routing.soft_weights)(slot_logits)
+        _, combine_w = jax.vmap(routing.soft_weights)(per_group(logits))
         y = dispatch.soft_moe(grouped, dispatch_w, combine_w, stage, c.num_experts)
-        slot_mass = combine_w.reshape(n, c.num_experts, -1).sum(-1)  # [N, E]
-        load = jnp.mean(slot_mass, axis=0)
+        combine_w = combine_w.reshape(n, -1)
+        load = losses.token_mean(combine_w.reshape(n, c.num_experts, -1).sum(-1), weights)
         aux |= {"load_balancing_loss": jnp.zeros((), jnp.float32),
                 "dropped_fraction": jnp.zeros((), jnp.float32), "expert_load": load,
                 "assignment_fraction": load,
-                "router_entropy": losses.router_entropy(combine_w.reshape(n, -1))}
+                "router_entropy": losses.router_entropy(combine_w, weights)}
     elif c.router == "expert_choice":
         probs = jax.nn.softmax(logits, axis=-1)
         capacity = min(c.capacity(group, train=train), group)
-        slots = jax.vmap(routing.route_expert_choice, in_axes=(0, None))(
-            probs.reshape(num_groups, group, -1), capacity)
+        slots = jax.vmap(routing.route_expert_choice, in_axes=(0, None, 0))(
+            per_group(probs), capacity, per_group(mask))
         y = dispatch.capacity_moe(grouped, slots, stage, c.dispatch)
         filled = jnp.sum(slots.token < group, axis=(0, 2)).astype(jnp.float32)  # [E]
         aux |= {"load_balancing_loss": jnp.zeros((), jnp.float32),
-                "dropped_fraction": 1.0 - jnp.mean(slots.kept.astype(jnp.float32)),
-                "expert_load": filled / (n * k), "assignment_fraction": filled / jnp.sum(filled),
-                "router_entropy": losses.router_entropy(probs)}
+                "dropped_fraction": 1.0 - losses.token_mean(slots.kept.reshape(n), weights),
+                "expert_load": filled / jnp.maximum(num_valid * k, 1.0),
+                "assignment_fraction": filled / jnp.maximum(jnp.sum(filled), 1.0),
+                "router_entropy": losses.router_entropy(probs, weights)}
     else:
         if c.router == "sigmoid_bias":
             scores = jax.nn.sigmoid(logits)
@@ -194,29 +214,34 @@ def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
             choice = routing.route_top_k(probs, k, renormalize=c.renormalize_gates)
             if train and c.second_expert_policy == "random":
                 choice = routing.random_second_expert(choice, jax.random.uniform(policy_key, (n,)))
+        choice = dataclasses.replace(choice, keep=choice.keep & mask[:, None])
         if c.dispatch == "dropless":
             y = dispatch.dropless_moe(tokens, choice, params["experts"], c.activation,
                                       c.grouped_matmul)
             kept = choice.keep
         else:
-            group_choice = jax.tree.map(lambda a: a.reshape(num_groups, group, k), choice)
             capacity = c.capacity(group, train=train)
-            top1_prob = jnp.max(probs, axis=-1).reshape(num_groups, group)
+            top1_prob = per_group(jnp.max(probs, axis=-1))
             slots = jax.vmap(routing.assign_slots, in_axes=(0, None, None, None, 0))(
-                group_choice, capacity, c.num_experts, c.drop_priority, top1_prob)
+                jax.tree.map(per_group, choice), capacity, c.num_experts, c.drop_priority,
+                top1_prob)
             y = dispatch.capacity_moe(grouped, slots, stage, c.dispatch)
             kept = slots.kept.reshape(n, k)
         kept_one_hot = jax.nn.one_hot(choice.expert_index, c.num_experts) * kept[..., None]
-        load = jnp.sum(kept_one_hot, axis=(0, 1)) / (n * k)
+        load = jnp.sum(kept_one_hot, axis=(0, 1)) / jnp.maximum(num_valid * k, 1.0)
+        group_weights = per_group(weights)
         lb = jax.vmap(losses.load_balancing_loss)(
-            probs.reshape(num_groups, group, -1), choice.expert_index.reshape(num_groups, group, k))
-        aux |= {"load_balancing_loss": jnp.mean(lb),
+            per_group(probs), per_group(choice.expert_index), group_weights)
+        group_tokens = jnp.sum(group_weights, axis=1)
+        aux |= {"load_balancing_loss": jnp.sum(lb * group_tokens)
+                / jnp.maximum(jnp.sum(group_tokens), 1.0),
                 "dropped_fraction": 1.0 - jnp.sum(load), "expert_load": load,
                 "assignment_fraction": losses.assignment_fraction(choice.expert_index,
-                                                                  c.num_experts),
-                "router_entropy": losses.router_entropy(probs)}
+                                                                  c.num_experts, weights),
+                "router_entropy": losses.router_entropy(probs, weights)}
 
     y = y.reshape(n, d)
     if "shared" in params:
         y = y + model_sum(experts.ffn(params["shared"], tokens, c.activation))
-    return y.reshape(x.shape).astype(x.dtype), aux
+    y = jnp.where(mask[:, None], y, 0)
+    return y.reshape(x.shape).astype(x.dtype), aux, num_valid

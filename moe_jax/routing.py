@@ -147,18 +147,22 @@ def assign_slots(choice: TokenChoice, capacity: int, num_experts: int, priority:
     )
 
 
-def route_expert_choice(probs: Array, capacity: int) -> Slots:
+def route_expert_choice(probs: Array, capacity: int, token_mask: Array | None = None) -> Slots:
     """Expert choice (Zhou et al. 2022, eq. 1): each expert takes its C highest-probability tokens.
 
-    probs: [T, E] softmax over experts. The combine weight is the token's probability for the
-    expert. Every slot is filled (C <= T); a token may be chosen by several experts or none.
-    Mixes tokens within the group: not causal.
+    probs: [T, E] softmax over experts; token_mask: [T] bool, False tokens are never chosen.
+    The combine weight is the token's probability for the expert. A token may be chosen by
+    several experts or none. Mixes tokens within the group: not causal.
     """
     num_tokens = probs.shape[0]
     capacity = min(capacity, num_tokens)
-    gate, token = jax.lax.top_k(probs.T, capacity)  # [E, C]
+    scores = probs if token_mask is None else jnp.where(token_mask[:, None], probs, -1.0)
+    gate, token = jax.lax.top_k(scores.T, capacity)  # [E, C]
+    valid = gate >= 0
+    token = jnp.where(valid, token, num_tokens).astype(jnp.int32)
+    gate = jnp.where(valid, gate, 0)
     chosen = jnp.zeros(num_tokens + 1, bool).at[token.reshape(-1)].set(True)[:num_tokens]
-    return Slots(token=token.astype(jnp.int32), gate=gate, kept=chosen[:, None])
+    return Slots(token=token, gate=gate, kept=chosen[:, None])
 
 
 def soft_weights(logits: Array) -> tuple[Array, Array]:

@@ -180,13 +180,16 @@ LocalApply = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def explicit_expert_parallel(local_apply: LocalApply, params: dict, x: jax.Array, config: Any,
-                             *, train: bool, rng: jax.Array | None, sharding: MoeSharding
+                             *, train: bool, rng: jax.Array | None,
+                             token_mask: jax.Array | None, sharding: MoeSharding
                              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs `local_apply` per device under `jax.shard_map`, with an expert stage that exchanges
     the [G, E, C, d] buffers over the expert axis.
 
-    local_apply(params, x_local, config, train=, rng=, expert_stage_fn=, model_sum=) must
-    route the local tokens and call `expert_stage_fn(expert_params)` to get its expert stage.
+    local_apply(params, x_local, config, train=, rng=, token_mask=, expert_stage_fn=,
+    model_sum=) -> (y, aux, num_valid) must route the local tokens and call
+    `expert_stage_fn(expert_params)` to get its expert stage. Devices' aux (means over their
+    unmasked tokens) are combined weighted by `num_valid`, so they equal the unsharded means.
     """
     mesh, e_axis, m_axis = sharding.mesh, sharding.expert_axis, sharding.model_axis
     n_expert = sharding.axis_size(e_axis)
@@ -219,21 +222,26 @@ def explicit_expert_parallel(local_apply: LocalApply, params: dict, x: jax.Array
 
         return stage
 
-    def per_device(params: dict, x: jax.Array, rng: jax.Array | None):
+    def per_device(params: dict, x: jax.Array, rng: jax.Array | None,
+                   token_mask: jax.Array | None):
         if rng is not None:  # independent noise per batch shard
             rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding.batch_axes))
-        y, aux = local_apply(params, x, config, train=train, rng=rng,
-                             expert_stage_fn=expert_stage_fn, model_sum=model_sum)
+        y, aux, num_valid = local_apply(params, x, config, train=train, rng=rng,
+                                        token_mask=token_mask, expert_stage_fn=expert_stage_fn,
+                                        model_sum=model_sum)
+        total = jax.lax.psum(num_valid, sharding.batch_axes)
         reduced = {k: (jax.lax.pmax(v, sharding.batch_axes) if k == "max_router_logit"
-                       else jax.lax.pmean(v, sharding.batch_axes)) for k, v in aux.items()}
+                       else jax.lax.psum(v * num_valid, sharding.batch_axes)
+                       / jax.numpy.maximum(total, 1.0)) for k, v in aux.items()}
         return y, reduced
 
     param_specs = expert_param_specs(params, sharding)
     rng_spec = None if rng is None else PartitionSpec()
+    mask_spec = None if token_mask is None else sharding.token_spec
     fn = jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(param_specs, sharding.token_spec, rng_spec),
+                       in_specs=(param_specs, sharding.token_spec, rng_spec, mask_spec),
                        out_specs=(sharding.token_spec, PartitionSpec()), check_vma=False)
-    return fn(params, x, rng)
+    return fn(params, x, rng, token_mask)
 
 
 def device_bytes(x: jax.Array) -> int:

@@ -105,3 +105,23 @@ def test_mesh_errors_name_the_numbers_and_the_fix():
     with pytest.raises(ValueError, match="group_size=16 does not divide the 8 tokens per device"):
         moe.apply(moe.init_params(jax.random.key(0), BASE, D_MODEL), X,
                   BASE.replace(group_size=16), sharding=moe_sharding)
+
+
+@pytest.mark.parametrize("form", ["gspmd", "explicit"])
+def test_sharded_layer_with_padding_mask_equals_unsharded(form):
+    # Uneven padding across devices: aux must be weighted by each device's unmasked tokens.
+    config = BASE.replace(top_k=2)
+    mask = jnp.arange(64).reshape(8, 8) < jnp.array([8, 3, 0, 8, 5, 8, 1, 8])[:, None]
+    params = moe.init_params(jax.random.key(0), config, D_MODEL)
+
+    def loss(params, x, mask, moe_sharding):
+        y, aux = moe.apply(params, x, config, token_mask=mask, sharding=moe_sharding)
+        return jnp.sum(jnp.sin(y)) + aux["load_balancing_loss"], aux
+
+    ref = jax.value_and_grad(loss, has_aux=True)(params, X, mask, None)
+    moe_sharding = sharding.MoeSharding(_mesh((2, 4, 1)), form=form)
+    p, x = _place(params, X, moe_sharding)
+    out = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=3)(
+        p, x, mask, moe_sharding)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)

@@ -308,3 +308,27 @@ def test_flax_layer_sigmoid_bias_state_and_causal_refusal():
     encoder = MoeLayer(BASE.replace(router="expert_choice"), causal=False)
     y, _ = encoder.apply(encoder.init(jax.random.key(0), X, train=False), X, train=False)
     assert y.shape == X.shape
+
+
+@pytest.mark.parametrize("config", [
+    BASE.replace(top_k=2, expert_capacity=3, group_size=None),
+    BASE.replace(top_k=2, dispatch="dropless", group_size=None),
+    BASE.replace(router="expert_choice", expert_capacity=3, group_size=None),
+    BASE.replace(router="soft", dispatch="einsum", group_size=None),
+    BASE.replace(router="sigmoid_bias", top_k=2, expert_capacity=3, group_size=None),
+], ids=["top2", "dropless", "expert_choice", "soft", "sigmoid_bias"])
+def test_masked_tokens_take_no_slot_and_leave_statistics_unchanged(config):
+    # Padding placed first would claim capacity under rank priority if it were routed.
+    valid = X.reshape(-1, D_MODEL)
+    padded = jnp.concatenate([10 * jax.random.normal(jax.random.key(5), valid.shape), valid])
+    mask = jnp.arange(padded.shape[0]) >= valid.shape[0]
+    params = moe.init_params(jax.random.key(0), config, D_MODEL)
+    y, aux = moe.apply(params, padded, config, token_mask=mask)
+    y_ref, aux_ref = moe.apply(params, valid, config)
+    np.testing.assert_allclose(y[valid.shape[0]:], y_ref, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(y[: valid.shape[0]]))
+    for name in aux_ref:
+        np.testing.assert_allclose(aux[name], aux_ref[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match=r"token_mask\.shape"):
+        moe.apply(params, padded, config, token_mask=mask[:4])

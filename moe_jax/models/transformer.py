@@ -125,7 +125,7 @@ class Block(nn.Module):
             y = DenseFfn(c.d_ff, c.activation, dtype, param_dtype, name="ffn")(h)
         else:
             y, aux = MoeLayer(self.moe, causal=c.causal, dtype=dtype, param_dtype=param_dtype,
-                              name="moe")(h, train=train)
+                              name="moe")(h, train=train, token_mask=segment_ids > 0)
         x = x + dropout(y.astype(x.dtype))
         return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
 
