@@ -1,0 +1,102 @@
+"""`TrainConfig`: optimiser, schedule, batch and bookkeeping settings of a run, validated once.
+
+The defaults are the main job's (`python -m moe_jax.main` with no arguments): a tiny model on
+the embedded corpus, sized to finish on 2 CPU cores in a few minutes. Larger configs set their
+own `train` section. Activation precision is a model setting (`model.dtype="bfloat16"` with
+`model.param_dtype="float32"`; the router always runs in `moe.router_dtype`, float32 by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "rsqrt", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the training loop (`moe_jax.train.loop.train_and_evaluate`)."""
+
+    num_train_steps: int = 500
+    batch_size: int = 16  # global batch, in sequences (split over grad_accum_steps micro-batches)
+    seq_len: int | None = None  # None = model.max_seq_len
+    grad_accum_steps: int = 1  # micro-batches per step; batch_size must be a multiple of it
+    optimizer: str = "adamw"  # "adamw" (Loshchilov & Hutter 2019) or "adafactor" (Shazeer 2018)
+    learning_rate: float = 3e-3  # peak learning rate, reached after warmup
+    # "cosine": linear warmup, then cosine decay to learning_rate * end_lr_ratio at the last step.
+    # "rsqrt": linear warmup, then learning_rate * sqrt(warmup_steps / step) (T5, Raffel et al.
+    # 2020, with the peak at the end of warmup). "constant": warmup, then flat.
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    end_lr_ratio: float = 0.1
+    # Decoupled weight decay (AdamW; Adafactor's weight_decay_rate), on matrices only: embeddings,
+    # kernels and experts decay; norm scales and biases (1-D parameters) do not.
+    weight_decay: float = 0.1
+    # AdamW moments and epsilon. Adafactor uses optax's defaults (factored second moment with
+    # decay 0.8, no momentum, update clipping 1.0, parameter-scale updates), as T5 does.
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0  # global-norm clipping threshold; 0 disables
+    log_every: int = 25  # train metrics to TensorBoard / metrics.jsonl, and the NaN check
+    eval_every: int = 250  # 0: evaluate only at the end
+    checkpoint_every: int = 250  # 0: checkpoint only at the end
+    max_to_keep: int = 2  # checkpoints kept in workdir/checkpoints (older ones are deleted)
+    async_checkpointing: bool = True  # write checkpoints in a background thread
+    progress_bar: bool = True  # tqdm bar on the console (process 0 only)
+
+    def __post_init__(self) -> None:
+        for name in ("num_train_steps", "batch_size", "grad_accum_steps", "log_every",
+                     "max_to_keep"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.seq_len is not None:
+            _check_int("seq_len", self.seq_len, minimum=1)
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"TrainConfig.batch_size={self.batch_size} is not a multiple of grad_accum_steps="
+                f"{self.grad_accum_steps}; each micro-batch must hold the same number of sequences."
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is not supported; use one "
+                             f"of {OPTIMIZERS}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule={self.schedule!r} is not supported; use one "
+                             f"of {SCHEDULES}.")
+        for name in ("learning_rate", "eps"):
+            _check_float(name, getattr(self, name), positive=True)
+        for name in ("weight_decay", "grad_clip_norm", "end_lr_ratio", "b1", "b2"):
+            _check_float(name, getattr(self, name), positive=False)
+        for name in ("b1", "b2", "end_lr_ratio"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be in [0, 1].")
+        if self.warmup_steps > self.num_train_steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps={self.warmup_steps} exceeds num_train_steps="
+                f"{self.num_train_steps}; shorten the warmup or train longer."
+            )
+        for name in ("progress_bar", "async_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a bool.")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= {minimum}.")
+
+
+def _check_float(name: str, value: object, *, positive: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"TrainConfig.{name}={value!r} must be a finite number {bound}.")

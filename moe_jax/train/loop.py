@@ -1,0 +1,264 @@
+"""The training loop: `train_and_evaluate(config, workdir) -> summary`.
+
+Files in the workdir:
+  config.json          the full config of the run (written at start)
+  checkpoints/<step>/  orbax checkpoints: train state + data-iterator position + elapsed time
+  metrics.jsonl        train metrics every `log_every` steps, eval metrics every `eval_every`
+  tensorboard/         the same metrics as TensorBoard events
+  summary.json         final losses, params, FLOPs per token, tokens/s, wall time (at the end)
+
+A run restarted with the same workdir resumes from its latest checkpoint and continues with the
+same batches and randomness, so its losses equal an uninterrupted run's. A non-finite loss
+stops the run with `NonFiniteLossError` naming the step; checkpoints are only written after the
+losses up to their step were checked, so the last checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from moe_jax import flops, schema
+from moe_jax.models import Transformer
+from moe_jax.train import evaluate, optim
+from moe_jax.train import inputs as train_input
+from moe_jax.train.checkpoint import CheckpointError, Checkpoints
+from moe_jax.train.metrics import MetricsWriter, ProgressBar, is_logging_process, read_metrics
+from moe_jax.train.state import TrainState, init_train_state, num_params
+from moe_jax.train.step import make_train_step
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf."""
+
+
+def _write_json(path: str, value: dict[str, Any]) -> None:
+    """Writes atomically (temp file + rename), so readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _jit_functions(model: Transformer, experiment: Any, seq_len: int,
+                   mesh: Any) -> dict[str, Any]:
+    """The jitted init, train and eval functions. The one place that decides device placement:
+    sharded training (a mesh with in/out shardings) plugs in here."""
+    if mesh is not None:
+        raise NotImplementedError(
+            "train_and_evaluate(mesh=...) is not supported yet: sharded training is added by "
+            "moe_jax.sharding (issue 5); run without a mesh (one device) for now.")
+    train = experiment.train
+    optimizer = optim.make_optimizer(train)
+    init = functools.partial(init_train_state, model=model, optimizer=optimizer, seq_len=seq_len)
+    train_step = make_train_step(model, optimizer, experiment.model, experiment.moe,
+                                 grad_accum_steps=train.grad_accum_steps,
+                                 schedule=optim.learning_rate_schedule(train))
+    eval_step = evaluate.make_eval_step(model, experiment.model, experiment.moe,
+                                        num_domains=len(train_input.domain_names(experiment.data)))
+    return {"init": jax.jit(init), "abstract_state": jax.eval_shape(init, jax.random.key(0)),
+            "train_step": jax.jit(train_step, donate_argnums=0), "eval_step": jax.jit(eval_step)}
+
+
+def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None,
+                  checkpoint_dir: str) -> list[tuple[int, dict[str, float]]]:
+    """Fetches the pending steps' metrics; raises NonFiniteLossError at the first bad loss."""
+    fetched = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
+    for step, metrics in fetched:
+        if not math.isfinite(metrics["loss"]):
+            kept = (f"the last good checkpoint is step {last_good} in {checkpoint_dir}"
+                    if last_good is not None else f"no checkpoint was written to {checkpoint_dir}")
+            raise NonFiniteLossError(
+                f"training loss is {metrics['loss']} at step {step}; stopping. Nothing from this "
+                f"step on was saved: {kept}. Common fixes: lower train.learning_rate, keep "
+                "train.grad_clip_norm > 0, add router z-loss (moe.z_loss_coef), or keep the "
+                "router in float32 (moe.router_dtype).")
+    return fetched
+
+
+def _mean_metrics(fetched: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    names = fetched[0][1].keys()
+    means = {n: float(np.mean([m[n] for _, m in fetched])) for n in names}
+    if "max_router_logit" in means:
+        means["max_router_logit"] = max(m["max_router_logit"] for _, m in fetched)
+    return means
+
+
+class _Throughput:
+    """Training tokens per second in this process, excluding the first step (compilation) and
+    evaluation time."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.start: float | None = None
+        self.steps = 0
+        self.excluded = 0.0
+
+    def step_done(self, first_result: Any) -> None:
+        if self.start is None:
+            jax.block_until_ready(first_result)
+            self.start = time.perf_counter()
+        else:
+            self.steps += 1
+
+    def tokens_per_second(self) -> float | None:
+        if self.start is None or self.steps == 0:
+            return None
+        return self.steps * self.tokens_per_step / (time.perf_counter() - self.start
+                                                    - self.excluded)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       mesh: Any = None) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates, and returns
+    the summary that is also written to workdir/summary.json.
+
+    mesh: reserved for sharded training (issue 5); None runs on one device.
+    """
+    experiment = schema.parse_config(config)
+    train, model_config = experiment.train, experiment.model
+    seq_len = train.seq_len or model_config.max_seq_len
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if is_logging_process():
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    wall_start = time.perf_counter()
+
+    model = Transformer(model_config, experiment.moe)
+    fns = _jit_functions(model, experiment, seq_len, mesh)
+    data = train_input.make_inputs(experiment.data, model_config, batch_size=train.batch_size,
+                                   seq_len=seq_len, seed=experiment.seed)
+    checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    checkpoints = Checkpoints(checkpoint_dir, max_to_keep=train.max_to_keep,
+                              async_save=train.async_checkpointing)
+    last_good = checkpoints.latest_step()
+    elapsed_before = 0.0
+    if last_good is None:
+        state: TrainState = fns["init"](jax.random.key(experiment.seed))
+    else:
+        state, host = checkpoints.restore(last_good, fns["abstract_state"])
+        try:
+            data.train.set_state(host["data_iterator"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"the checkpoint of step {last_good} in {checkpoints.step_directory(last_good)} "
+                f"was written with a different input pipeline: {err} Nothing was deleted; "
+                "resume with the original data/batch settings or use a new --workdir.") from err
+        elapsed_before = float(host.get("elapsed_seconds", 0.0))
+
+    def host_state() -> dict[str, Any]:
+        return {"data_iterator": data.train.get_state(),
+                "elapsed_seconds": elapsed_before + time.perf_counter() - wall_start}
+
+    writer = MetricsWriter(workdir)
+    start_step = int(state.step)
+    bar = ProgressBar(train.num_train_steps, start_step, enabled=train.progress_bar)
+    throughput = _Throughput(train.batch_size * seq_len)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, Any] = {}
+
+    def run_eval(step: int) -> dict[str, Any]:
+        eval_start = time.perf_counter()
+        sums = evaluate.EvalSums()
+        for batch in data.eval_batches():
+            sums.add(fns["eval_step"](state.params, state.model_state, batch))
+        metrics = evaluate.summarize(sums.totals, model_config,
+                                     train_input.domain_names(experiment.data))
+        writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        bar.write(f"step {step}: eval loss {metrics['loss']:.4f}"
+                  + (f", {metrics['bits_per_byte']:.4f} bits/byte"
+                     if "bits_per_byte" in metrics else ""))
+        throughput.excluded += time.perf_counter() - eval_start
+        return metrics
+
+    try:
+        for step in range(start_step + 1, train.num_train_steps + 1):
+            state, metrics = fns["train_step"](state, next(data.train))
+            throughput.step_done(metrics["loss"])
+            pending.append((step, metrics))
+            is_last = step == train.num_train_steps
+            save = is_last or (train.checkpoint_every and step % train.checkpoint_every == 0)
+            if save or step % train.log_every == 0:
+                fetched = _check_finite(pending, last_good, checkpoint_dir)
+                pending = []
+                last_train = _mean_metrics(fetched)
+                tokens_per_second = throughput.tokens_per_second()
+                if tokens_per_second:
+                    last_train["tokens_per_second"] = tokens_per_second
+                writer.write(step, {f"train/{k}": v for k, v in last_train.items()})
+                bar.update(step, loss=last_train["loss"],
+                           **({"tok/s": tokens_per_second} if tokens_per_second else {}))
+            else:
+                bar.update(step)
+            if save:
+                checkpoints.save(step, state, host_state())
+                last_good = step
+            if is_last or (train.eval_every and step % train.eval_every == 0):
+                last_eval = run_eval(step)
+        if not last_eval:  # resumed at the final step: evaluate the restored state
+            last_eval = run_eval(int(state.step))
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        bar.close()
+        writer.close()
+
+    if not last_train:  # nothing trained in this process: the last logged train metrics
+        logged = [m for m in read_metrics(workdir).values() if "train/loss" in m]
+        last_train = {k[len("train/"):]: v for k, v in (logged[-1] if logged else {}).items()
+                      if k.startswith("train/")}
+    summary = _summary(experiment, state, seq_len, last_train, last_eval,
+                       throughput.tokens_per_second() or last_train.get("tokens_per_second"),
+                       elapsed_before + time.perf_counter() - wall_start)
+    if is_logging_process():
+        _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    return summary
+
+
+def _summary(experiment: Any, state: TrainState, seq_len: int, last_train: dict[str, float],
+             last_eval: dict[str, Any], tokens_per_second: float | None,
+             wall_seconds: float) -> dict[str, Any]:
+    """summary.json: the numbers an experiment runner compares across runs.
+
+    train_loss / train_cross_entropy: means over the last `log_every` steps. eval_*: the final
+    evaluation (eval_loss is the cross-entropy in nats per token; `eval` holds every eval
+    metric). params_total / params_active and FLOPs per token: `moe_jax.flops` at the training
+    sequence length; params_in_state counts the created parameters (equal to params_total).
+    tokens_per_second: training throughput of the last process that trained (compilation and
+    evaluation excluded). wall_time_seconds: over all resumed segments.
+    """
+    step = int(state.step)
+    count = flops.count_model(experiment.model, experiment.moe, seq_len=seq_len)
+    return {
+        "steps": step,
+        "train_tokens": step * experiment.train.batch_size * seq_len,
+        "train_loss": last_train.get("loss"),
+        "train_cross_entropy": last_train.get("cross_entropy"),
+        "eval_loss": last_eval.get("loss"),
+        "eval_bits_per_byte": last_eval.get("bits_per_byte"),
+        "eval_accuracy": last_eval.get("accuracy"),
+        "params_total": count.total_params,
+        "params_active": count.active_params,
+        "params_in_state": num_params(state.params),
+        "forward_flops_per_token": count.forward_flops_per_token,
+        "training_flops_per_token": count.training_flops_per_token,
+        "tokens_per_second": tokens_per_second,
+        "wall_time_seconds": wall_seconds,
+        "seed": experiment.seed,
+        "eval": last_eval,
+    }
