@@ -1,0 +1,188 @@
+"""Report a suite: results file -> Markdown tables, PNG figures and a verdict per paper claim.
+
+    python -m experiments.report --suite=capacity                 # tiny results
+    python -m experiments.report --suite=switch_scaling --scale=small
+    python -m experiments.report --suite=granularity --flops_only # paper-scale accounting only
+
+Reads experiments/results/<suite>/<scale>.json (written by experiments.run), writes
+<scale>.md and <scale>_<figure>.png next to it and prints the Markdown. Tables give the mean ± SD
+over the finished seeds (n); each claim's verdict follows the rule of experiments/suites/stats.py
+(agrees / disagrees beyond 2 standard errors, else inconclusive) computed from the runs, never
+written by hand. The FLOP/parameter tables of the scale that ran and of the `paper` scale come
+from moe_jax.flops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from experiments import suites
+from experiments.suites import stats
+from experiments.suites.base import SCALES, Suite
+from experiments.suites.results import DIVERGED, FAILED, FINISHED, METRICS, MISSING, Results
+
+BASE_COLUMNS = ("eval_loss",)
+
+
+def _cell(values: Sequence[float], digits: int) -> str:
+    if not values:
+        return "-"
+    mean = float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
+
+
+def _big(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    v = float(np.mean(values))
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|",
+                      *(line(r) for r in rows)])
+
+
+def results_table(results: Results, columns: Sequence[str]) -> str:
+    """One row per member: tags, finished/diverged counts and mean ± SD of each metric."""
+    header = ["member", "tags", "n (fin/div/fail/miss)",
+              *(METRICS[c].label for c in columns)]
+    rows = []
+    for member in results.members():
+        tags = ", ".join(f"{k}={v}" for k, v in results.tags(member).items())
+        counts = "/".join(str(results.count(member, s))
+                          for s in (FINISHED, DIVERGED, FAILED, MISSING))
+        cells = []
+        for c in columns:
+            values = results.values(member, c)
+            metric = METRICS[c]
+            cells.append(_big(values) if metric.digits == 0 else _cell(values, metric.digits))
+        rows.append([member, tags, counts, *cells])
+    return markdown_table(header, rows)
+
+
+def claims_table(suite: Suite, results: Results) -> tuple[str, dict[str, stats.Outcome]]:
+    outcomes = {claim.id: claim.check(results) for claim in suite.claims}
+    rows = [[f"**{c.id}**: {c.statement}", c.source, c.paper_value, outcomes[c.id].measured,
+             f"**{outcomes[c.id].verdict}**", outcomes[c.id].rule] for c in suite.claims]
+    table = markdown_table(["claim", "source", "paper reports", "we measured", "verdict",
+                            "rule"], rows)
+    return table, outcomes
+
+
+def flops_table(suite: Suite, scale: str) -> str:
+    """moe_jax.flops table of the suite's members at `scale` (routing group: one batch)."""
+    from moe_jax import flops, schema
+    from moe_jax.main import apply_settings
+
+    settings = SCALES[scale]
+    rows = []
+    for member in suite.member_list(scale):
+        config = apply_settings(schema.load_config(member.config), member.overrides)
+        tokens = settings.get("train.batch_size", 1) * config.model.max_seq_len
+        rows.append(flops.table_row(member.name, config, tokens_per_group=tokens))
+    return flops.format_table(rows)
+
+
+def _settings_line(results: Results) -> str:
+    run = next((r for r in results.runs), None)
+    if run is None:
+        return ""
+    o = run["overrides"]
+    keys = ("train.num_train_steps", "train.batch_size", "train.learning_rate",
+            "train.warmup_steps", "data.name")
+    return ", ".join(f"{k.split('.')[-1]}={o[k]}" for k in keys if k in o)
+
+
+def _runtime_line(results: Results) -> str:
+    seconds = [r["runner_seconds"] for r in results.runs if r.get("runner_seconds")]
+    if not seconds:
+        return "no run times recorded"
+    return (f"{len(seconds)} runs took {sum(seconds) / 60:.1f} min in total "
+            f"({np.mean(seconds):.0f} s per run on average, including start-up and compilation)")
+
+
+def build(suite: Suite, results: Results, out_dir: str, figures: bool = True) -> str:
+    """Writes the figures and returns the Markdown report."""
+    scale = results.scale
+    machine = results.data.get("machine", {})
+    counts = {s: sum(r["status"] == s for r in results.runs)
+              for s in (FINISHED, DIVERGED, FAILED, MISSING)}
+    parts = [f"# {suite.title} ({scale})", "",
+             f"Suite `{suite.name}`, results `{scale}.json` created {results.data.get('created')}"
+             f" at commit `{machine.get('commit', '?')}` on {machine.get('cpu_count', '?')} "
+             f"CPU cores{', GPU ' + machine['gpu'] if machine.get('gpu') else ''} "
+             f"(1-min load average {machine.get('load_average_1m', math.nan):.1f} when collected).",
+             "", f"Runs: {', '.join(f'{n} {s}' for s, n in counts.items() if n)}. "
+             f"Settings: {_settings_line(results)}. Time: {_runtime_line(results)}.", "",
+             "References:", *(f"- {ref}" for ref in suite.references), "",
+             "## Results", "", "Mean ± SD over finished seeds.", "",
+             results_table(results, suite.columns or BASE_COLUMNS), ""]
+    table, _ = claims_table(suite, results)
+    parts += ["## Paper claims", "",
+              "Verdict rule: a claim predicts a sign; *agrees* when our estimate has that sign and "
+              f"is more than {stats.THRESHOLD_SE:g} standard errors (over seeds) from zero, "
+              f"*disagrees* when it has the opposite sign by as much, *inconclusive* otherwise "
+              "(experiments/suites/stats.py).", "", table, ""]
+    if suite.notes:
+        parts += ["What this scale can show: " + suite.notes, ""]
+    if figures:
+        parts += ["## Figures", ""]
+        for figure in suite.figures:
+            name = f"{scale}_{figure.name}.png"
+            path = os.path.join(out_dir, name)
+            figure.draw(results, path)
+            if os.path.exists(path):
+                parts += [f"![{figure.name}]({name})", "", figure.caption, ""]
+    parts += ["## FLOPs and parameters", "", f"Configs that ran ({scale}; routing group = one "
+              "batch):", "", flops_table(suite, scale), "",
+              "Paper scale (not run; the full-size configs):", "", flops_table(suite, "paper"), "",
+              "## Reproduce", "", "```bash",
+              f"python -m experiments.run --suite={suite.name} --scale={scale} "
+              f"--seeds={max((r['seed'] for r in results.runs), default=0) + 1}",
+              f"python -m experiments.report --suite={suite.name} --scale={scale}", "```", "",
+              f"Each run's exact `moe_jax.main` command is in `{scale}.json` (`command`)."]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", required=True, help=f"one of {', '.join(suites.SUITES)}")
+    parser.add_argument("--scale", default="tiny")
+    parser.add_argument("--results_dir", default=None, help="default experiments/results/SUITE")
+    parser.add_argument("--flops_only", action="store_true",
+                        help="print the FLOP/parameter tables (paper scale too) and stop")
+    args = parser.parse_args(argv)
+    suite = suites.get(args.suite)
+    out_dir = args.results_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "results", suite.name)
+    if args.flops_only:
+        for scale in ("tiny", "small", "paper"):
+            print(f"## {suite.name} at scale {scale}\n\n{flops_table(suite, scale)}\n")
+        return
+    results = Results.load(os.path.join(out_dir, f"{args.scale}.json"))
+    if results.suite != suite.name:
+        raise ValueError(f"{out_dir}/{args.scale}.json holds suite {results.suite!r}, not "
+                         f"{suite.name!r}; pass the matching --suite or --results_dir.")
+    report = build(suite, results, out_dir)
+    path = os.path.join(out_dir, f"{args.scale}.md")
+    with open(path, "w") as f:
+        f.write(report)
+    print(report)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The results file of a suite: one JSON (and a flat CSV) per suite and scale.
+
+    experiments/results/<suite>/<scale>.json
+      {"suite", "scale", "created", "machine", "runs": [run, ...]}
+      run: {"member", "seed", "config", "overrides", "tags", "status", "workdir", "command",
+            "summary" (summary.json, or null), "history" ([{step, scalar metrics...}] from
+            metrics.jsonl), "diverged_step", "error", "runner_seconds", "analysis"}
+    experiments/results/<suite>/<scale>.csv   one row per run: `CSV_METRICS` and status
+
+status is "finished" (summary.json with the requested steps), "diverged" (the training loop's
+non-finite-loss guard stopped it; `diverged_step` says where), "failed" (any other error; `error`
+holds the end of its log) or "missing" (not run yet). `Results` reads the file back and gives the
+report per-member metric values over seeds (`METRICS`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+FINISHED, DIVERGED, FAILED, MISSING = "finished", "diverged", "failed", "missing"
+Run = dict[str, Any]
+
+
+def _layer_values(eval_metrics: dict[str, Any], name: str) -> list[Any]:
+    """Values of `layer_<i>/<name>` (not per-domain) in layer order."""
+    keys = [k for k in eval_metrics if k.startswith("layer_") and k.endswith("/" + name)]
+    return [eval_metrics[k] for k in sorted(keys, key=lambda k: int(k.split("/")[0][6:]))]
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def layer_assignment_shares(eval_metrics: dict[str, Any]) -> list[np.ndarray]:
+    """Per MoE layer, each expert's share of assignments *before* capacity drops: the
+    token-weighted mean of the per-domain `expert_share` when the evaluation recorded it, else
+    the kept `expert_load` renormalised to sum to 1."""
+    out = []
+    for key in sorted((k for k in eval_metrics if k.startswith("layer_")
+                       and k.endswith("/expert_load")), key=lambda k: int(k.split("/")[0][6:])):
+        layer = key.split("/")[0]
+        domains = sorted({k.split("/")[1] for k in eval_metrics
+                          if k.startswith("domain/") and k.endswith(f"{layer}/expert_share")})
+        if domains:
+            weights = np.array([eval_metrics[f"domain/{d}/num_tokens"] for d in domains])
+            shares = np.array([eval_metrics[f"domain/{d}/{layer}/expert_share"] for d in domains])
+            share = weights @ shares / weights.sum()
+        else:
+            load = np.asarray(eval_metrics[key], np.float64)
+            share = load / max(load.sum(), 1e-12)
+        out.append(share)
+    return out
+
+
+def max_violation(share: np.ndarray) -> float:
+    """MaxVio = max_e load_e / mean load - 1 (Wang et al. 2024, eq. 7): 0 when balanced."""
+    return float(np.max(share) / np.mean(share) - 1.0)
+
+
+def history_values(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a logged scalar metric (e.g. "train/cross_entropy")."""
+    points = [(h["step"], h[key]) for h in run.get("history") or [] if key in h]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points, strict=True)
+    return np.asarray(steps, np.float64), np.asarray(values, np.float64)
+
+
+def late_mean(run: Run, key: str, fraction: float = 0.2) -> float | None:
+    """Mean of a logged train metric over the last `fraction` of its logged points."""
+    _, values = history_values(run, key)
+    if values.size == 0:
+        return None
+    return float(np.mean(values[-max(1, round(values.size * fraction)):]))
+
+
+def _history_max(run: Run, key: str) -> float | None:
+    values = history_values(run, key)[1]
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else None
+
+
+def _summary(run: Run, key: str) -> float | None:
+    return (run.get("summary") or {}).get(key)
+
+
+def _eval(run: Run) -> dict[str, Any]:
+    return (run.get("summary") or {}).get("eval") or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A per-run number for tables and claims: `fn(run)` or None when the run lacks it."""
+
+    name: str
+    label: str
+    fn: Callable[[Run], float | None]
+    digits: int = 3
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("eval_loss", "val loss (nats/token)", lambda r: _summary(r, "eval_loss"), 4),
+    Metric("bits_per_byte", "val bits/byte", lambda r: _summary(r, "eval_bits_per_byte"), 4),
+    Metric("accuracy", "val accuracy", lambda r: _summary(r, "eval_accuracy"), 4),
+    Metric("train_ce", "train CE, last 20% (nats)",
+           lambda r: late_mean(r, "train/cross_entropy"), 4),
+    Metric("dropped_train", "dropped, train (last 20%)",
+           lambda r: late_mean(r, "train/dropped_fraction"), 4),
+    Metric("dropped_eval", "dropped, val (eval CF)",
+           lambda r: _mean_or_none(_layer_values(_eval(r), "dropped_fraction")), 4),
+    Metric("load_cv", "expert-load CV (val)",
+           lambda r: _mean_or_none(_layer_values(_eval(r), "load_cv")), 3),
+    Metric("max_violation", "MaxVio (val)", lambda r: _mean_or_none(
+        [max_violation(s) for s in layer_assignment_shares(_eval(r))]), 3),
+    Metric("max_router_logit", "max router logit (train)",
+           lambda r: _history_max(r, "train/max_router_logit"), 2),
+    Metric("router_entropy", "router entropy (val, nats)",
+           lambda r: _mean_or_none(_layer_values(_eval(r), "router_entropy")), 3),
+    Metric("tokens_per_second", "train tokens/s", lambda r: _summary(r, "tokens_per_second"), 0),
+    Metric("wall_time", "run wall time (s)", lambda r: _summary(r, "wall_time_seconds"), 0),
+    Metric("params_total", "params total", lambda r: _summary(r, "params_total"), 0),
+    Metric("params_active", "params active", lambda r: _summary(r, "params_active"), 0),
+    Metric("train_flops", "train FLOPs/token", lambda r: _summary(r, "training_flops_per_token"),
+           0),
+)}
+CSV_METRICS = tuple(METRICS)
+
+
+class Results:
+    """A loaded results file with per-member accessors (runs keep the file's order)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.runs: list[Run] = data["runs"]
+
+    @classmethod
+    def load(cls, path: str) -> Results:
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"no results file {path}; run `python -m experiments.run --suite=<name>` first "
+                "(or pass --results_dir to where it wrote).")
+        with open(path) as f:
+            return cls(json.load(f))
+
+    @property
+    def suite(self) -> str:
+        return self.data["suite"]
+
+    @property
+    def scale(self) -> str:
+        return self.data["scale"]
+
+    def members(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for run in self.runs:
+            seen.setdefault(run["member"], None)
+        return list(seen)
+
+    def runs_of(self, member: str, statuses: Sequence[str] = (FINISHED,)) -> list[Run]:
+        return [r for r in self.runs if r["member"] == member and r["status"] in statuses]
+
+    def count(self, member: str, status: str) -> int:
+        return len(self.runs_of(member, (status,)))
+
+    def tags(self, member: str) -> dict[str, Any]:
+        return next((r.get("tags") or {} for r in self.runs if r["member"] == member), {})
+
+    def values(self, member: str, metric: str,
+               statuses: Sequence[str] = (FINISHED,)) -> list[float]:
+        """`metric` (a METRICS name) of the member's runs that have it, in seed order."""
+        fn = METRICS[metric].fn
+        out = [fn(r) for r in self.runs_of(member, statuses)]
+        return [float(v) for v in out if v is not None and math.isfinite(v)]
+
+    def by_seed(self, member: str, fn: Callable[[Run], float | None]) -> dict[int, float]:
+        """{seed: fn(run)} over the member's finished runs (for paired comparisons)."""
+        out = {}
+        for run in self.runs_of(member):
+            value = fn(run)
+            if value is not None and math.isfinite(value):
+                out[run["seed"]] = float(value)
+        return out
+
+
+def write(data: dict[str, Any], json_path: str) -> str:
+    """Writes the JSON results file and its CSV sibling atomically; returns the CSV path."""
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=False, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, json_path)
+    csv_path = os.path.splitext(json_path)[0] + ".csv"
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["suite", "scale", "member", "seed", "status", "steps", "diverged_step",
+                         *CSV_METRICS])
+        for run in data["runs"]:
+            values = [METRICS[m].fn(run) for m in CSV_METRICS]
+            writer.writerow([data["suite"], data["scale"], run["member"], run["seed"],
+                             run["status"], (run.get("summary") or {}).get("steps", ""),
+                             run.get("diverged_step") or "",
+                             *("" if v is None else f"{v:.6g}" for v in values)])
+    os.replace(csv_path + ".tmp", csv_path)
+    return csv_path
