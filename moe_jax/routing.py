@@ -71,11 +71,14 @@ def route_sigmoid_bias(scores: Array, bias: Array, k: int) -> TokenChoice:
 
     scores: [T, E] sigmoid affinities; bias: [E] load-balancing bias (no gradient).
     The bias only decides which experts are chosen; the gates are the chosen *scores*
-    normalised to sum to 1 over the k chosen.
+    normalised to sum to 1 over the k chosen. With k = 1 that normalisation would make every gate
+    exactly 1 and cut the router off from the task gradient, so top-1 gates are the raw scores
+    (as Switch's are the raw probabilities).
     """
     _, expert_index = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), k)
     gate = jnp.take_along_axis(scores, expert_index, axis=-1)
-    gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+    if k > 1:
+        gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
     keep = jnp.ones(expert_index.shape, dtype=bool)
     return TokenChoice(expert_index.astype(jnp.int32), gate, keep)
 

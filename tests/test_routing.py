@@ -115,6 +115,16 @@ def test_sigmoid_bias_chooses_on_biased_scores_but_gates_use_raw_scores():
                                rtol=1e-6)
 
 
+def test_sigmoid_bias_top1_gate_is_the_raw_score():
+    # Normalising one gate over itself would give 1 and no router gradient.
+    scores = jnp.array([[0.9, 0.8, 0.1], [0.2, 0.6, 0.5]])
+    choice = routing.route_sigmoid_bias(scores, jnp.array([0.0, 0.0, 0.3]), 1)
+    np.testing.assert_array_equal(choice.expert_index, [[0], [2]])
+    np.testing.assert_allclose(choice.gate, [[0.9], [0.5]])
+    grad = jax.grad(lambda s: routing.route_sigmoid_bias(s, jnp.zeros(3), 1).gate.sum())(scores)
+    assert float(jnp.abs(grad).sum()) > 0
+
+
 def test_update_score_bias_moves_towards_balance():
     bias = jnp.zeros(4)
     new = routing.update_score_bias(bias, jnp.array([0.5, 0.25, 0.25, 0.0]), 0.01)
