@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from moe_jax import experts, moe
 from moe_jax.config import MoeConfig
+from moe_jax.sharding import MoeSharding
 
 Array = jax.Array
 
@@ -49,6 +50,7 @@ class MoeLayer(nn.Module):
         unless `config.allow_non_causal` is set.
       dtype: activation dtype (e.g. bfloat16); the router always runs in `config.router_dtype`.
       param_dtype: parameter dtype.
+      sharding: expert parallelism on a mesh (`moe_jax.sharding.MoeSharding`); None: no mesh.
     Randomness (jitter, GShard random second expert) comes from the "router" rng stream.
     The sigmoid_bias router's bias is the variable "score_bias" of collection "moe_state".
     """
@@ -57,6 +59,7 @@ class MoeLayer(nn.Module):
     causal: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    sharding: MoeSharding | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, token_mask: Array | None = None
@@ -90,4 +93,4 @@ class MoeLayer(nn.Module):
         needs_rng = train and (c.jitter_eps > 0 or c.second_expert_policy == "random")
         rng = self.make_rng("router") if needs_rng else None
         return moe.apply(params, x.astype(self.dtype), c, train=train, rng=rng,
-                         token_mask=token_mask)
+                         token_mask=token_mask, sharding=self.sharding)

@@ -8,6 +8,12 @@
 `--config.<section>.<field>=value` override; `--workdir` (default runs/<config name>) holds the
 checkpoints, metrics and summary.json, and a rerun with the same workdir resumes.
 
+On a mesh: `--config.mesh.data=-1` (all devices, data parallel), `--config.mesh.expert=8
+--config.mesh.expert_parallel=explicit`, ... (see `moe_jax.sharding.MeshConfig`). Several
+processes (hosts): start one per host with `--distributed` (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment; auto-detected on Cloud TPU and SLURM);
+only process 0 prints and writes metrics.
+
 With no `--config`, the main job trains `dense.py:tiny` and its FLOP-matched Switch model
 `switch.py:e8` on the embedded corpus (built on first use) with `MAIN_JOB_SETTINGS`, in
 <workdir>/dense and <workdir>/switch (default workdir runs/main_job), and prints a side-by-side
@@ -22,10 +28,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moe_jax import schema
+from moe_jax import schema, sharding
 
 DEFAULT_RUNS_DIR = "runs"
 MAIN_JOB = (("dense", "dense.py:tiny"), ("switch", "switch.py:e8"))
@@ -53,6 +60,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
         flag_values=flag_values, lock_config=True, sys_argv=list(sys_argv) if sys_argv else None)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary.json); "
                         f"default {DEFAULT_RUNS_DIR}/<config name>.", flag_values=flag_values)
+    flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distributed) before "
+                      "anything else; also implied by JAX_COORDINATOR_ADDRESS / "
+                      "JAX_NUM_PROCESSES / JAX_PROCESS_ID in the environment.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for --distributed "
+                        "(default: $JAX_COORDINATOR_ADDRESS or auto-detected).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Processes in the run for --distributed "
+                         "(default: $JAX_NUM_PROCESSES or auto-detected).", flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index for --distributed (default: "
+                         "$JAX_PROCESS_ID or auto-detected).", flag_values=flag_values)
 
 
 def default_workdir(config_spec: str) -> str:
@@ -111,18 +129,30 @@ def run_main_job(workdir: str, settings: Mapping[str, Any] = MAIN_JOB_SETTINGS
     start = time.perf_counter()
     rows = []
     for name, spec in MAIN_JOB:
-        print(f"== {name}: {spec} -> {os.path.join(workdir, name)}", flush=True)
+        _print(f"== {name}: {spec} -> {os.path.join(workdir, name)}")
         config = apply_settings(schema.load_config(spec), settings)
         rows.append((name, spec, train_and_evaluate(config, os.path.join(workdir, name))))
-    print()
-    print(comparison_table(rows))
-    print(f"\nmain job: {time.perf_counter() - start:.0f} s in this process; results in "
-          f"{os.path.abspath(workdir)}/<model>/summary.json")
+    _print()
+    _print(comparison_table(rows))
+    _print(f"\nmain job: {time.perf_counter() - start:.0f} s in this process; results in "
+           f"{os.path.abspath(workdir)}/<model>/summary.json")
     return rows
 
 
+def _print(*args: Any) -> None:
+    """print, on process 0 only."""
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
 def run(flag_values: flags.FlagValues) -> list[tuple[str, str, dict[str, Any]]]:
-    """Runs what the parsed flags ask for; returns (name, config spec, summary) rows."""
+    """Runs what the parsed flags ask for; returns (name, config spec, summary) rows.
+    Joins a multi-process run first when the flags or the environment ask for it."""
+    sharding.initialize_distributed(
+        force=flag_values.distributed, coordinator_address=flag_values.coordinator_address,
+        num_processes=flag_values.num_processes, process_id=flag_values.process_id)
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.ERROR)
     from moe_jax.train.loop import train_and_evaluate
 
     config = flag_values.config
@@ -132,8 +162,8 @@ def run(flag_values: flags.FlagValues) -> list[tuple[str, str, dict[str, Any]]]:
     workdir = flag_values.workdir or default_workdir(spec)
     summary = train_and_evaluate(config, workdir)
     rows = [(os.path.basename(workdir), spec, summary)]
-    print(comparison_table(rows))
-    print(f"results in {os.path.abspath(workdir)}")
+    _print(comparison_table(rows))
+    _print(f"results in {os.path.abspath(workdir)}")
     return rows
 
 

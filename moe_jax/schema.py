@@ -30,11 +30,12 @@ from ml_collections import config_dict
 from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
 from moe_jax.models.config import ModelConfig, check_compatible
+from moe_jax.sharding import MeshConfig
 from moe_jax.train.config import TrainConfig
 
 # Section name -> the frozen dataclass it is parsed into.
 SECTIONS: dict[str, type] = {"model": ModelConfig, "moe": MoeConfig, "train": TrainConfig,
-                             "data": DataConfig}
+                             "data": DataConfig, "mesh": MeshConfig}
 # Top-level scalar keys and their defaults.
 TOP_LEVEL: dict[str, Any] = {
     "seed": 0,

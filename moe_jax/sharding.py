@@ -12,12 +12,17 @@ Expert parallelism comes in two forms (`MoeSharding.form`):
   and sends the outputs back (the same exchange, written by hand).
 Routing groups never span devices in the explicit form, so `MoeConfig.group_size` must divide
 the tokens of one device; use the same group size unsharded to get identical routing.
+
+Multi-process runs (several hosts, or several processes on one host) join with
+`initialize_distributed` before anything else touches JAX.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,16 +46,48 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", None),
     ("length", None),
 )
+LOGICAL_NAMES = tuple(name for name, _ in DEFAULT_RULES)
+Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
+
+
+def parse_rules(text: str) -> Rules:
+    """Rule overrides from a config string: "batch=data+expert,mlp=model,vocab=" maps each
+    logical name to mesh axes joined by "+" (empty: replicated). Raises ValueError naming the
+    bad entry and the allowed names."""
+    rules = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, sep, target = (part.strip() for part in entry.partition("="))
+        axes = tuple(a.strip() for a in target.split("+") if a.strip())
+        if not sep or name not in LOGICAL_NAMES:
+            raise ValueError(f"mesh rule {entry!r}: write logical=axis[+axis...] with a logical "
+                             f"name in {LOGICAL_NAMES}, e.g. 'batch=data+expert,mlp=model'.")
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown or len(set(axes)) != len(axes):
+            raise ValueError(f"mesh rule {entry!r}: mesh axes must be distinct names from "
+                             f"{MESH_AXES}; got {axes}.")
+        rules.append((name, axes[0] if len(axes) == 1 else (axes or None)))
+    return tuple(rules)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes (-1: the devices left over; at most one) and the expert-parallel form."""
+    """The `mesh` section of an experiment: axis sizes, expert-parallel form, rule overrides.
 
-    data: int = -1
+    data, expert, model: mesh axis sizes; -1 (at most one axis) takes the devices left over.
+      The default (1, 1, 1) runs on one device; `data=-1` spreads the batch over all devices.
+      Sizes whose product is smaller than the device count use the first devices (a
+      multi-process run must use all of them).
+    expert_parallel: "gspmd" or "explicit" (see the module docstring).
+    rules: overrides of `DEFAULT_RULES`, e.g. "batch=data,mlp=" (see `parse_rules`).
+    """
+
+    data: int = 1
     expert: int = 1
     model: int = 1
     expert_parallel: str = "gspmd"
+    rules: str = ""
 
     def __post_init__(self) -> None:
         sizes = {name: getattr(self, name) for name in MESH_AXES}
@@ -62,9 +99,22 @@ class MeshConfig:
         if self.expert_parallel not in EXPERT_PARALLEL_FORMS:
             raise ValueError(f"MeshConfig.expert_parallel={self.expert_parallel!r}; use one of "
                              f"{EXPERT_PARALLEL_FORMS}.")
+        if not isinstance(self.rules, str):
+            raise ValueError(f"MeshConfig.rules={self.rules!r} must be a string such as "
+                             "'batch=data+expert,mlp=model'.")
+        try:
+            parse_rules(self.rules)
+        except ValueError as err:
+            raise ValueError(f"MeshConfig.rules={self.rules!r}: {err}") from err
+
+    def logical_rules(self) -> Rules:
+        """`DEFAULT_RULES` with this config's overrides in place of the same logical names."""
+        overrides = dict(parse_rules(self.rules))
+        return tuple((name, overrides.get(name, target)) for name, target in DEFAULT_RULES)
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
-        """(data, expert, model) sizes for `num_devices` devices, with -1 inferred."""
+        """(data, expert, model) sizes on `num_devices` devices, with -1 inferred. Fixed sizes
+        may use fewer devices than there are (the first ones), never more."""
         sizes = [getattr(self, name) for name in MESH_AXES]
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
@@ -74,7 +124,7 @@ class MeshConfig:
                     f"not divide the {num_devices} available devices; choose sizes whose "
                     f"product divides {num_devices}.")
             sizes[sizes.index(-1)] = num_devices // known
-        if math.prod(sizes) != num_devices:
+        if math.prod(sizes) > num_devices:
             raise ValueError(
                 f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
                 f"{num_devices} are available; make the product of the sizes {num_devices}, "
@@ -83,23 +133,35 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, expert, model) mesh with Auto axis types (GSPMD propagation) over `devices`."""
+    """A (data, expert, model) mesh with Auto axis types (GSPMD propagation) over `devices`
+    (default: all devices of all processes, in `jax.devices()` order, so each process holds
+    consecutive positions along the flattened batch axes)."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.shape(len(devices))
+    used = math.prod(shape)
+    if used < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, shape))} uses {used} of the {len(devices)} devices; "
+                "a multi-process run must use every device: set one axis to -1.")
+        logging.getLogger(__name__).warning(
+            "mesh %s uses %d of the %d devices; set one axis to -1 (e.g. --config.mesh.data=-1) "
+            "to use all.", dict(zip(MESH_AXES, shape)), used, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+                         devices=devices[:used])
 
 
 def check_divisible(mesh: Mesh, *, num_experts: int | None = None,
                     global_batch: int | None = None, num_heads: int | None = None,
+                    num_kv_heads: int | None = None,
                     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> None:
     """Raises ValueError naming the numbers when a dimension does not split over its axes."""
     checks = [("num_experts", num_experts, "expert"), ("global batch", global_batch, "batch"),
-              ("num_heads", num_heads, "heads")]
+              ("num_heads", num_heads, "heads"), ("num_kv_heads", num_kv_heads, "kv_heads")]
     for what, value, logical in checks:
         if value is None:
             continue
-        axes = _mesh_axes(logical, rules)
+        axes = mesh_axes(logical, rules)
         shards = math.prod(mesh.shape[a] for a in axes)
         if value % shards:
             raise ValueError(
@@ -108,7 +170,9 @@ def check_divisible(mesh: Mesh, *, num_experts: int | None = None,
                 "mesh.")
 
 
-def _mesh_axes(logical: str, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+def mesh_axes(logical: str, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+              ) -> tuple[str, ...]:
+    """The mesh axes a logical name maps to under `rules` (() when replicated)."""
     target = dict(rules).get(logical)
     if target is None:
         return ()
@@ -122,7 +186,7 @@ def logical_to_spec(names: Sequence[str | None],
     used: set[str] = set()
     spec = []
     for name in names:
-        axes = tuple(a for a in _mesh_axes(name, rules) if a not in used) if name else ()
+        axes = tuple(a for a in mesh_axes(name, rules) if a not in used) if name else ()
         used.update(axes)
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
     return PartitionSpec(*spec)
@@ -142,6 +206,19 @@ class MoeSharding:
         if self.form not in EXPERT_PARALLEL_FORMS:
             raise ValueError(f"MoeSharding.form={self.form!r}; use one of "
                              f"{EXPERT_PARALLEL_FORMS}.")
+
+    @classmethod
+    def from_rules(cls, mesh: Mesh, form: str,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> MoeSharding:
+        """The layout that `rules` give: tokens over the "batch" axes, experts over the one
+        "expert" axis, expert hidden units over the "mlp" axis (if any)."""
+        experts, hidden = mesh_axes("expert", rules), mesh_axes("mlp", rules)
+        if len(experts) != 1 or len(hidden) > 1:
+            raise ValueError(f"mesh rules map 'expert' to {experts} and 'mlp' to {hidden}; "
+                             "expert parallelism needs exactly one mesh axis for 'expert' and at "
+                             "most one for 'mlp' (e.g. rules 'expert=expert,mlp=model').")
+        return cls(mesh, form=form, batch_axes=mesh_axes("batch", rules),
+                   expert_axis=experts[0], model_axis=hidden[0] if hidden else None)
 
     def axis_size(self, axis: str | None) -> int:
         return self.mesh.shape[axis] if axis else 1
@@ -248,3 +325,36 @@ def device_bytes(x: jax.Array) -> int:
     """Bytes of `x` held by one device (its first addressable shard)."""
     shard = x.addressable_shards[0].data
     return int(np.prod(shard.shape)) * shard.dtype.itemsize
+
+
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def initialize_distributed(*, force: bool = False, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Joins a multi-process run with `jax.distributed.initialize`, when asked: `force` (the
+    `--distributed` flag), an argument, or one of the environment variables
+    JAX_COORDINATOR_ADDRESS ("host:port" of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+    Arguments win over the environment; what neither gives JAX detects on Cloud TPU, SLURM,
+    Open MPI and Kubernetes. Cross-process collectives on CPU use gloo. Call it before anything
+    else uses JAX. Returns True if this call initialized the run."""
+    env = {name: os.environ.get(name) or None for name in DISTRIBUTED_ENV}
+    asked = force or any(v is not None for v in (coordinator_address, num_processes, process_id))
+    if not (asked or any(env.values())) or jax.distributed.is_initialized():
+        return False
+
+    def env_int(name: str) -> int | None:
+        value = env[name]
+        if value is not None and not value.strip().isdigit():
+            raise ValueError(f"environment variable {name}={value!r} must be a non-negative "
+                             "integer.")
+        return None if value is None else int(value)
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address or env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=num_processes if num_processes is not None
+        else env_int("JAX_NUM_PROCESSES"),
+        process_id=process_id if process_id is not None else env_int("JAX_PROCESS_ID"))
+    return True

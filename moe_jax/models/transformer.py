@@ -34,6 +34,7 @@ from moe_jax.layers import MoeLayer
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.models.positions import default_positions
+from moe_jax.sharding import MoeSharding
 
 Array = jax.Array
 
@@ -105,6 +106,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     moe: MoeConfig | None = None
+    moe_sharding: MoeSharding | None = None
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array, *,
@@ -125,7 +127,8 @@ class Block(nn.Module):
             y = DenseFfn(c.d_ff, c.activation, dtype, param_dtype, name="ffn")(h)
         else:
             y, aux = MoeLayer(self.moe, causal=c.causal, dtype=dtype, param_dtype=param_dtype,
-                              name="moe")(h, train=train, token_mask=segment_ids > 0)
+                              sharding=self.moe_sharding, name="moe")(
+                h, train=train, token_mask=segment_ids > 0)
         x = x + dropout(y.astype(x.dtype))
         return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
 
@@ -140,10 +143,12 @@ class Transformer(nn.Module):
     segment_ids [B, L] (0 = padding) keeps attention inside each packed sequence; positions
     [B, L] restart per segment. Both default to one sequence per row. Randomness in training:
     rng streams "dropout" and "router" (router jitter, GShard's random second expert).
+    `moe_sharding` lays every MoE layer out on a mesh (`moe_jax.sharding.MoeSharding`).
     """
 
     config: ModelConfig
     moe: MoeConfig
+    moe_sharding: MoeSharding | None = None
 
     @nn.compact
     def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
@@ -176,8 +181,8 @@ class Transformer(nn.Module):
         sparse = set(c.sparse_layers)
         layer_aux = []
         for i in range(c.num_layers):
-            x, aux = Block(c, self.moe if i in sparse else None, name=f"block_{i}")(
-                x, segment_ids, positions, train=train)
+            x, aux = Block(c, self.moe if i in sparse else None, self.moe_sharding,
+                           name=f"block_{i}")(x, segment_ids, positions, train=train)
             if aux is not None:
                 layer_aux.append(aux)
 

@@ -7,6 +7,11 @@ Files in the workdir:
   tensorboard/         the same metrics as TensorBoard events
   summary.json         final losses, params, FLOPs per token, tokens/s, wall time (at the end)
 
+The run is laid out on the mesh of `config.mesh` (`moe_jax.sharding`; one device by default):
+the state is created sharded by jitting the init with out_shardings, each process feeds its own
+rows of every batch, checkpoints are written and read by every process (and restore onto any
+mesh), and only process 0 writes config, metrics and summary files.
+
 A run restarted with the same workdir resumes from its latest checkpoint and continues with the
 same batches and randomness, so its losses equal an uninterrupted run's. A non-finite loss
 stops the run with `NonFiniteLossError` naming the step; checkpoints are only written after the
@@ -15,7 +20,6 @@ losses up to their step were checked, so the last checkpoint is always a good on
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -25,14 +29,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax import flops, schema
+from moe_jax import flops, schema, sharding
 from moe_jax.models import Transformer
-from moe_jax.train import evaluate, optim
+from moe_jax.train import evaluate, optim, placement
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import CheckpointError, Checkpoints
 from moe_jax.train.metrics import MetricsWriter, ProgressBar, is_logging_process, read_metrics
-from moe_jax.train.state import TrainState, init_train_state, num_params
+from moe_jax.train.state import TrainState, init_train_state, logical_axes, num_params
 from moe_jax.train.step import make_train_step
 
 CONFIG_FILE = "config.json"
@@ -53,24 +58,57 @@ def _write_json(path: str, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _jit_functions(model: Transformer, experiment: Any, seq_len: int,
-                   mesh: Any) -> dict[str, Any]:
-    """The jitted init, train and eval functions. The one place that decides device placement:
-    sharded training (a mesh with in/out shardings) plugs in here."""
-    if mesh is not None:
-        raise NotImplementedError(
-            "train_and_evaluate(mesh=...) is not supported yet: sharded training is added by "
-            "moe_jax.sharding (issue 5); run without a mesh (one device) for now.")
+def _jit_functions(model: Transformer, experiment: Any, seq_len: int, mesh: Mesh,
+                   rules: sharding.Rules) -> dict[str, Any]:
+    """The jitted init, train and eval functions with their shardings on `mesh`: the one place
+    that decides device placement.
+
+    init(seed) creates the state directly sharded (out_shardings; no full copy on the host).
+    The init traces the model on one dummy row, so it uses the model without its MoE sharding
+    (the parameters are the same). train_step(state, batch) and eval_step(params, model_state,
+    batch) take global batches (`batch_sharding`) and return replicated metrics.
+    """
     train = experiment.train
     optimizer = optim.make_optimizer(train)
-    init = functools.partial(init_train_state, model=model, optimizer=optimizer, seq_len=seq_len)
+    plain = model.clone(moe_sharding=None)
+
+    def init(seed: jax.Array) -> TrainState:
+        return init_train_state(jax.random.key(seed), plain, optimizer, seq_len=seq_len)
+
+    abstract = jax.eval_shape(init, 0)
+    shardings = placement.state_shardings(abstract, logical_axes(plain, seq_len), mesh, rules)
+    batch = placement.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
     train_step = make_train_step(model, optimizer, experiment.model, experiment.moe,
                                  grad_accum_steps=train.grad_accum_steps,
                                  schedule=optim.learning_rate_schedule(train))
     eval_step = evaluate.make_eval_step(model, experiment.model, experiment.moe,
                                         num_domains=len(train_input.domain_names(experiment.data)))
-    return {"init": jax.jit(init), "abstract_state": jax.eval_shape(init, jax.random.key(0)),
-            "train_step": jax.jit(train_step, donate_argnums=0), "eval_step": jax.jit(eval_step)}
+    return {
+        "init": jax.jit(init, out_shardings=shardings),
+        "abstract_state": placement.with_shardings(abstract, shardings),
+        "state_shardings": shardings,
+        "batch_sharding": batch,
+        "train_step": jax.jit(placement.in_mesh_context(train_step, mesh, rules),
+                              in_shardings=(shardings, batch),
+                              out_shardings=(shardings, replicated), donate_argnums=0),
+        "eval_step": jax.jit(placement.in_mesh_context(eval_step, mesh, rules),
+                             in_shardings=(shardings.params, shardings.model_state, batch),
+                             out_shardings=replicated),
+    }
+
+
+def setup(experiment: Any, seq_len: int, mesh: Mesh | None = None
+          ) -> tuple[Transformer, dict[str, Any]]:
+    """(model, jitted functions) of `experiment` on `mesh` (default: `experiment.mesh`'s),
+    after checking that the experiment splits over the mesh."""
+    if mesh is None:
+        mesh = sharding.make_mesh(experiment.mesh)
+    rules = experiment.mesh.logical_rules()
+    placement.check_experiment(mesh, experiment, rules)
+    moe_sharding = sharding.MoeSharding.from_rules(mesh, experiment.mesh.expert_parallel, rules)
+    model = Transformer(experiment.model, experiment.moe, moe_sharding=moe_sharding)
+    return model, _jit_functions(model, experiment, seq_len, mesh, rules)
 
 
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None,
@@ -122,11 +160,12 @@ class _Throughput:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh: Any = None) -> dict[str, Any]:
+                       mesh: Mesh | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates, and returns
-    the summary that is also written to workdir/summary.json.
+    the summary that is also written to workdir/summary.json (by process 0).
 
-    mesh: reserved for sharded training (issue 5); None runs on one device.
+    mesh: a (data, expert, model) `Mesh` to run on instead of the one `config.mesh` describes
+      (the expert-parallel form and the rules still come from `config.mesh`).
     """
     experiment = schema.parse_config(config)
     train, model_config = experiment.train, experiment.model
@@ -138,8 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     wall_start = time.perf_counter()
 
-    model = Transformer(model_config, experiment.moe)
-    fns = _jit_functions(model, experiment, seq_len, mesh)
+    _, fns = setup(experiment, seq_len, mesh)
     data = train_input.make_inputs(experiment.data, model_config, batch_size=train.batch_size,
                                    seq_len=seq_len, seed=experiment.seed)
     checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
@@ -148,11 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     last_good = checkpoints.latest_step()
     elapsed_before = 0.0
     if last_good is None:
-        state: TrainState = fns["init"](jax.random.key(experiment.seed))
+        state: TrainState = fns["init"](experiment.seed)
     else:
         state, host = checkpoints.restore(last_good, fns["abstract_state"])
         try:
-            data.train.set_state(host["data_iterator"])
+            data.train.set_state(_iterator_state(host))
         except (ValueError, KeyError) as err:
             raise CheckpointError(
                 f"the checkpoint of step {last_good} in {checkpoints.step_directory(last_good)} "
@@ -161,8 +199,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         elapsed_before = float(host.get("elapsed_seconds", 0.0))
 
     def host_state() -> dict[str, Any]:
-        return {"data_iterator": data.train.get_state(),
+        # Only process 0 writes this JSON: it carries every process's iterator position.
+        iterators = placement.allgather_json(data.train.get_state())
+        return {"data_iterator": iterators[0],
+                **({"data_iterator_by_process": iterators} if len(iterators) > 1 else {}),
                 "elapsed_seconds": elapsed_before + time.perf_counter() - wall_start}
+
+    def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return placement.global_batch(local, fns["batch_sharding"], train.batch_size)
 
     writer = MetricsWriter(workdir)
     start_step = int(state.step)
@@ -176,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_start = time.perf_counter()
         sums = evaluate.EvalSums()
         for batch in data.eval_batches():
-            sums.add(fns["eval_step"](state.params, state.model_state, batch))
+            sums.add(fns["eval_step"](state.params, state.model_state, global_batch(batch)))
         metrics = evaluate.summarize(sums.totals, model_config,
                                      train_input.domain_names(experiment.data))
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -188,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     try:
         for step in range(start_step + 1, train.num_train_steps + 1):
-            state, metrics = fns["train_step"](state, next(data.train))
+            state, metrics = fns["train_step"](state, global_batch(next(data.train)))
             throughput.step_done(metrics["loss"])
             pending.append((step, metrics))
             is_last = step == train.num_train_steps
@@ -228,6 +272,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if is_logging_process():
         _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return summary
+
+
+def _iterator_state(host: dict[str, Any]) -> dict[str, Any]:
+    """This process's data-iterator position from a checkpoint's host state."""
+    states = host.get("data_iterator_by_process", [host["data_iterator"]])
+    if len(states) != jax.process_count():
+        raise ValueError(f"it was written by {len(states)} processes and this run has "
+                         f"{jax.process_count()};")
+    return states[jax.process_index()]
 
 
 def _summary(experiment: Any, state: TrainState, seq_len: int, last_train: dict[str, float],

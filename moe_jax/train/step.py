@@ -115,6 +115,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         micro = split_micro_batches(batch, grad_accum_steps)
+        # On a mesh, every micro-batch is spread over all batch devices (no-op without rules).
+        micro = jax.tree.map(lambda x: nn.with_logical_constraint(x, (None, "batch", "length")),
+                             micro)
         tokens = jnp.sum(micro["weights"].astype(jnp.float32),
                          axis=tuple(range(1, micro["weights"].ndim)))  # [A]
         share = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
