@@ -181,10 +181,8 @@ def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
     stage = expert_stage_fn(params["experts"])
 
     if c.router == "soft":
-        # Padding never enters a slot: its logits are pushed to -1e30 along the token axis.
-        slot_logits = per_group(jnp.where(mask[:, None], logits, -1e30))
-        dispatch_w, _ = jax.vmap(routing.soft_weights)(slot_logits)
-        _, combine_w = jax.vmap(routing.soft_weights)(per_group(logits))
+        dispatch_w, combine_w = jax.vmap(routing.soft_weights)(per_group(logits),
+                                                               per_group(mask))
         y = dispatch.soft_moe(grouped, dispatch_w, combine_w, stage, c.num_experts)
         combine_w = combine_w.reshape(n, -1)
         load = losses.token_mean(combine_w.reshape(n, c.num_experts, -1).sum(-1), weights)

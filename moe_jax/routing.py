@@ -168,14 +168,16 @@ def route_expert_choice(probs: Array, capacity: int, token_mask: Array | None = 
     return Slots(token=token, gate=gate, kept=chosen[:, None])
 
 
-def soft_weights(logits: Array) -> tuple[Array, Array]:
+def soft_weights(logits: Array, token_mask: Array | None = None) -> tuple[Array, Array]:
     """Soft MoE (Puigcerver et al. 2023, eqs. 1-2) dispatch and combine weights.
 
-    logits: [T, S] token-slot logits (S = E * slots_per_expert).
+    logits: [T, S] token-slot logits (S = E * slots_per_expert); token_mask: [T] bool, False
+    tokens (padding) get no dispatch weight (their logits are pushed to -1e30 over tokens).
     Returns dispatch [T, S] (softmax over tokens: each slot is a convex mix of tokens) and
     combine [T, S] (softmax over slots: each token a convex mix of slot outputs).
     """
-    return jax.nn.softmax(logits, axis=0), jax.nn.softmax(logits, axis=1)
+    token_logits = logits if token_mask is None else jnp.where(token_mask[:, None], logits, -1e30)
+    return jax.nn.softmax(token_logits, axis=0), jax.nn.softmax(logits, axis=1)
 
 
 def update_score_bias(bias: Array, assignment_fraction: Array, rate: float) -> Array:
