@@ -31,13 +31,6 @@ TINY_CAP = next(c for c in corpus.MoeJaxCorpus.BUILDER_CONFIGS if c.name == "tin
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    corpus.prepare_embedded_corpus(path, "tiny")
-    return path
-
-
-@pytest.fixture(scope="session")
 def config(data_dir):
     return DataConfig(name="embedded_tiny", data_dir=data_dir)
 

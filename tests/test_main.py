@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from moe_jax import main
-from moe_jax.data import corpus
 
 TINY_FLAGS = [
     "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
@@ -24,13 +23,6 @@ TINY_FLAGS = [
     "--config.train.eval_every=0", "--config.train.checkpoint_every=4",
     "--config.train.progress_bar=False", "--config.data.name=embedded_tiny",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    corpus.prepare_embedded_corpus(path, "tiny")
-    return path
 
 
 def test_config_overrides_reach_the_run(data_dir, tmp_path, capsys):

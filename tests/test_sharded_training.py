@@ -24,7 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from multihost_worker import CONFIG, SETTINGS
 
 from moe_jax import objective, schema, sharding
-from moe_jax.data import corpus
 from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
 from moe_jax.train import loop, placement
@@ -213,13 +212,6 @@ def test_factored_optimizer_statistics_follow_their_parameter():
 
 
 # --- the loop on a mesh --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    corpus.prepare_embedded_corpus(path, "tiny")
-    return path
 
 
 def _run(data_dir, workdir, mesh, form="gspmd"):

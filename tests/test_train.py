@@ -52,13 +52,6 @@ ORBAX_LEFTOVERS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExc
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    corpus.prepare_embedded_corpus(path, "tiny")
-    return path
-
-
-@pytest.fixture(scope="module")
 def config(data_dir):
     return apply_settings(schema.base_config(), {**TINY, "data.data_dir": data_dir})
 
