@@ -3,6 +3,8 @@
     python -m experiments.report --suite=capacity                 # tiny results
     python -m experiments.report --suite=switch_scaling --scale=small
     python -m experiments.report --suite=granularity --flops_only # paper-scale accounting only
+    python -m experiments.report --reproduction                   # claims of every results file
+                                                                  # -> experiments/REPRODUCTION.md
 
 Reads experiments/results/<suite>/<scale>.json (written by experiments.run), writes
 <scale>.md and <scale>_<figure>.png next to it and prints the Markdown. Tables give the mean ± SD
@@ -157,14 +159,73 @@ def build(suite: Suite, results: Results, out_dir: str, figures: bool = True) ->
     return "\n".join(parts) + "\n"
 
 
+REPRODUCTION_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "REPRODUCTION.md")
+BEGIN_MARK = "<!-- claims table: written by `python -m experiments.report --reproduction` -->"
+END_MARK = "<!-- end of claims table -->"
+
+
+def reproduction_table(found: Sequence[tuple[Suite, Results]]) -> str:
+    """One row per paper claim of each (suite, results): claim, paper number, ours, verdict, and
+    the commands that reproduce the row."""
+    rows = []
+    for suite, results in found:
+        seeds = max((r["seed"] for r in results.runs), default=0) + 1
+        command = (f"`python -m experiments.run --suite={suite.name} --scale={results.scale} "
+                   f"--seeds={seeds} && python -m experiments.report --suite={suite.name} "
+                   f"--scale={results.scale}`")
+        for claim in suite.claims:
+            outcome = claim.check(results)
+            rows.append([f"`{suite.name}` ({results.scale})", f"**{claim.id}**: {claim.statement}",
+                         claim.source, claim.paper_value, outcome.measured,
+                         f"**{outcome.verdict}**", command])
+    return markdown_table(["suite", "claim", "source", "paper reports", "we measured", "verdict",
+                           "reproduce"], rows)
+
+
+def write_reproduction(path: str = REPRODUCTION_PATH, results_root: str | None = None) -> str:
+    """Replaces the block between BEGIN_MARK and END_MARK in `path` by the claims table of every
+    committed results file (experiments/results/<suite>/<scale>.json); the hand-written text
+    around it is kept. Returns the table."""
+    results_root = results_root or os.path.join(os.path.dirname(path), "results")
+    found = []
+    for name, suite in sorted(suites.SUITES.items()):
+        for scale in SCALES:
+            file = os.path.join(results_root, name, f"{scale}.json")
+            if os.path.exists(file):
+                found.append((suite, Results.load(file)))
+    table = reproduction_table(found)
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    else:
+        text = f"{BEGIN_MARK}\n{END_MARK}\n"
+    if BEGIN_MARK not in text or END_MARK not in text:
+        raise ValueError(f"{path} lacks the markers {BEGIN_MARK!r} and {END_MARK!r} around the "
+                         "claims table; put them back where the table belongs and rerun.")
+    head, rest = text.split(BEGIN_MARK, 1)
+    tail = rest.split(END_MARK, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN_MARK}\n\n{table}\n\n{END_MARK}{tail}")
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", required=True, help=f"one of {', '.join(suites.SUITES)}")
+    parser.add_argument("--suite", help=f"one of {', '.join(suites.SUITES)}")
     parser.add_argument("--scale", default="tiny")
     parser.add_argument("--results_dir", default=None, help="default experiments/results/SUITE")
     parser.add_argument("--flops_only", action="store_true",
                         help="print the FLOP/parameter tables (paper scale too) and stop")
+    parser.add_argument("--reproduction", action="store_true",
+                        help="rewrite the claims table of experiments/REPRODUCTION.md from every "
+                        "results file under experiments/results and stop")
     args = parser.parse_args(argv)
+    if args.reproduction:
+        print(write_reproduction())
+        print(f"wrote {REPRODUCTION_PATH}")
+        return
+    if not args.suite:
+        parser.error("--suite is required (or pass --reproduction)")
     suite = suites.get(args.suite)
     out_dir = args.results_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results", suite.name)

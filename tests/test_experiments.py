@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -197,6 +198,26 @@ def test_report_builds_tables_figures_and_verdicts(tmp_path):
         path = tmp_path / f"tiny_{figure.name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{figure.name}](tiny_{figure.name}.png)" in markdown
+
+
+def test_reproduction_table_keeps_the_hand_written_text(tmp_path):
+    root = tmp_path / "results"
+    (root / "switch_scaling").mkdir(parents=True)
+    shutil.copy(FIXTURE, root / "switch_scaling" / "tiny.json")
+    path = tmp_path / "REPRODUCTION.md"
+    path.write_text(f"# intro\n\n{report.BEGIN_MARK}\nstale\n{report.END_MARK}\n\n## why\n")
+    for _ in range(2):  # rewriting is idempotent
+        report.write_reproduction(str(path), str(root))
+    text = path.read_text()
+    assert text.startswith("# intro\n") and text.endswith("## why\n") and "stale" not in text
+    assert text.count(report.BEGIN_MARK) == 1
+    suite = suites.get("switch_scaling")
+    assert all(f"**{claim.id}**" in text for claim in suite.claims)
+    assert "--suite=switch_scaling --scale=tiny --seeds=3" in text
+    path.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        report.write_reproduction(str(path), str(root))
+    assert path.read_text() == "no markers\n"  # nothing lost
 
 
 def test_report_cli_refuses_a_missing_results_file(tmp_path):
