@@ -2,11 +2,13 @@
 
     python -m experiments.benchmarks.run                       # everything, full sizes
     python -m experiments.benchmarks.run --only=layer,dropless --quick
+    python -m experiments.benchmarks.run --only=ceiling,train --train_small  # small LMs on CPU
 
 Figures are wall-clock medians of repeated runs after a warm-up; compile time is reported apart.
 Results go to experiments/benchmarks/results/<platform>-<date>.{json,md} unless --out is given.
-Close other work first: on a shared 2-core machine, the load average in the header says how
-quiet it was.
+Suites run in the order of SUITES whatever the order given (the train suite reads the ceiling's
+GFLOP/s for its CPU MFU). Close other work first: on a shared 2-core machine, the load average
+in the header says how quiet it was.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import sys
 import time
 from typing import Any
 
-from experiments.benchmarks import layer
+from experiments.benchmarks import layer, train
 from experiments.benchmarks.timing import machine_info
 
-SUITES = ("ceiling", "layer", "dropless", "growth", "expert_parallel")
+SUITES = ("ceiling", "layer", "dropless", "growth", "train", "expert_parallel")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -41,7 +43,11 @@ def _run_expert_parallel(quick: bool) -> list[dict[str, Any]]:
     return result["rows"]
 
 
-def run(suites: tuple[str, ...], quick: bool) -> dict[str, Any]:
+def run(suites: tuple[str, ...], quick: bool, train_small: bool | None = None
+        ) -> dict[str, Any]:
+    """Runs `suites` in SUITES order. train_small: time the small LMs in the train suite
+    (None: only on a GPU/TPU backend)."""
+    suites = tuple(s for s in SUITES if s in suites)
     shape = layer.LayerShape(256, 512, 2048) if quick else layer.LayerShape()
     repeats = 2 if quick else 5
     rows: list[dict[str, Any]] = []
@@ -57,6 +63,9 @@ def run(suites: tuple[str, ...], quick: bool) -> dict[str, Any]:
         elif suite == "growth":
             sizes = (512, 1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
             rows += layer.growth(shape, sizes, repeats=min(repeats, 3))
+        elif suite == "train":
+            rows += train.run(quick=quick, small=train_small, steps=2 if quick else 10,
+                              ceiling=[r for r in rows if r["benchmark"] == "ceiling"])
         elif suite == "expert_parallel":
             rows += _run_expert_parallel(quick)
         print(f"[{suite}] {time.perf_counter() - start:.0f} s", flush=True)
@@ -67,6 +76,36 @@ def run(suites: tuple[str, ...], quick: bool) -> dict[str, Any]:
 
 def _ms(row: dict[str, Any]) -> str:
     return f"{row['timing']['median_s'] * 1e3:.1f}"
+
+
+def _train_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The train suite's table (model FLOPs in MFLOP per token; ratios to the dense baseline),
+    then the peak each MFU is measured against."""
+    if not rows:
+        return []
+    lines = ["| train step | config | batch x seq | ms | tokens/s | model MFLOP/tok | computed "
+             "MFLOP/tok | XLA MFLOP/tok | MFU | x dense time | x dense model FLOPs | peak MB "
+             "| compile s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sources = {}
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['scale']} | skipped: {r['skipped']} | | | | | | | | | | | |")
+            continue
+        t, mfu, xla = r["timing"], r.get("mfu"), r.get("xla_flops_per_token")
+        ratios = (f"{r['ratio_step_time']:.2f} | {r['ratio_model_flops']:.3f}"
+                  if "ratio_step_time" in r else " | ")
+        lines.append(
+            f"| {r['scale']} {r['model']} | {r['config']} | {r['batch_size']} x {r['seq_len']} | "
+            f"{_ms(r)} | {r['tokens_per_s']:.0f} | {r['model_flops_per_token'] / 1e6:.2f} | "
+            f"{r['computed_flops_per_token'] / 1e6:.2f} | {f'{xla / 1e6:.2f}' if xla else ''} | "
+            f"{f'{mfu:.1%}' if mfu else ''} | {ratios} | {(t['peak_bytes'] or 0) / 2**20:.0f} | "
+            f"{t['compile_s']:.1f} |")
+        sources[r["peak_source"]] = r["peak_flops_per_s"]
+    lines.append("")
+    lines += [f"MFU against {source}" + (f": {peak / 1e9:.0f} GFLOP/s." if peak else ".")
+              for source, peak in sources.items()]
+    return [*lines, ""]
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -111,7 +150,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                          f"{r.get('ratio_to_dense', 1.0):.2f} | "
                          f"{(r['timing']['peak_bytes'] or 0) / 2**20:.0f} |")
         lines.append("")
-    other = [r for r in rows if r["benchmark"] in ("train", "expert_parallel")]
+    lines += _train_table([r for r in rows if r["benchmark"] == "train"])
+    other = [r for r in rows if r["benchmark"] == "expert_parallel"]
     if other:
         lines += ["| benchmark | setting | ms per step | tokens/s | MFU |",
                   "| --- | --- | --- | --- | --- |"]
@@ -132,12 +172,15 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated suites from {SUITES}")
     parser.add_argument("--quick", action="store_true", help="small shapes: checks the harness")
     parser.add_argument("--out", default=None, help="output path without extension")
+    parser.add_argument("--train_small", action="store_true", default=None,
+                        help="train suite: also time the small LMs on CPU (default: only on a "
+                             "GPU/TPU backend)")
     args = parser.parse_args(argv)
     suites = tuple(s for s in args.only.split(",") if s)
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
-    result = run(suites, args.quick)
+    result = run(suites, args.quick, args.train_small)
     if args.out:
         out = pathlib.Path(args.out)
     else:

@@ -28,21 +28,33 @@ class Timing:
         return dataclasses.asdict(self)
 
 
-def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1) -> Timing:
-    """Compiles `jax.jit(fn)` for `args` (timed apart), then times `repeats` runs."""
-    lowered = jax.jit(fn).lower(*args)
+def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
+            carry: bool = False) -> Timing:
+    """Compiles `jax.jit(fn)` for `args` (timed apart), then times `repeats` runs.
+
+    fn: a function, or an already-jitted one (its shardings and donated arguments are kept).
+    carry: each run's first output replaces the first argument of the next run, as a train
+      step `(state, batch) -> (state, metrics)` needs when it donates its state.
+    """
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    lowered = jitted.lower(*args)
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
+
+    def run(args: tuple[Any, ...]) -> tuple[Any, ...]:
+        out = jax.block_until_ready(compiled(*args))
+        return (out[0], *args[1:]) if carry else args
+
     for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
+        args = run(args)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        args = run(args)
         times.append(time.perf_counter() - start)
     return Timing(compile_s, statistics.median(times), min(times), max(times), repeats,
                   getattr(memory, "peak_memory_in_bytes", None) if memory else None,

@@ -1,0 +1,87 @@
+"""The train benchmark suite: fields of a timed step, MFU peaks, ratios, and its Markdown table.
+Wall-clock figures are only checked to be positive."""
+
+import pytest
+
+from experiments.benchmarks import run, train
+from moe_jax import flops, schema
+from moe_jax.main import apply_settings
+
+
+@pytest.fixture(scope="module")
+def switch_row():
+    """The tiny Switch model, cut to 2 blocks (one sparse) to compile fast, its train step timed
+    over 2 steps on 2-row batches."""
+    config = apply_settings(train.scale_config("switch.py:e8", "tiny", batch_size=2),
+                            {"model.num_layers": 2})
+    row = train.time_train_step(config, steps=2, warmup=1)
+    return config, {**row, "scale": "tiny", "model": "switch_e8", "config": "switch.py:e8",
+                    "baseline": "dense"}
+
+
+def test_time_train_step_fields(switch_row):
+    config, row = switch_row
+    experiment = schema.parse_config(config)
+    seq_len = experiment.model.max_seq_len
+    count = flops.count_model(experiment.model, experiment.moe, seq_len=seq_len,
+                              tokens_per_group=2 * seq_len)
+    assert (row["batch_size"], row["seq_len"], row["tokens_per_step"]) == (2, seq_len,
+                                                                           2 * seq_len)
+    assert row["timing"]["repeats"] == 2
+    assert row["timing"]["median_s"] > 0 and row["timing"]["compile_s"] > 0
+    assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"]
+                                                / row["timing"]["median_s"])
+    assert row["model_flops_per_token"] == pytest.approx(3 * count.useful_forward_flops_per_token)
+    # Capacity factor 1.25 pads the expert rows: the step computes more than the model FLOPs.
+    assert row["computed_flops_per_token"] > row["model_flops_per_token"]
+    assert row["xla_flops_per_token"] > 0
+    assert row["params_active"] < row["params_total"]
+
+
+def test_mfu_and_ratios(switch_row):
+    _, sparse = switch_row
+    dense = {**sparse, "model": "dense", "baseline": "", "model_flops_per_token": 2e7,
+             "tokens_per_s": 1000.0, "timing": {**sparse["timing"], "median_s": 0.5}}
+    sparse = {**sparse, "model_flops_per_token": 2.2e7, "tokens_per_s": 500.0,
+              "timing": {**sparse["timing"], "median_s": 1.0}}
+    skipped = {"benchmark": "train", "scale": "small", "skipped": "cpu"}
+    ceiling = [{"dtype": "float32", "gflops_per_s": 100.0},
+               {"dtype": "bfloat16 in, float32 acc", "gflops_per_s": 50.0}]
+    rows = train.with_mfu_and_ratios([dense, sparse, skipped], "cpu", "", ceiling)
+    assert rows[0]["mfu"] == pytest.approx(2e7 * 1000 / 100e9)
+    assert "ratio_step_time" not in rows[0]
+    assert rows[1]["ratio_step_time"] == pytest.approx(2.0)
+    assert rows[1]["ratio_model_flops"] == pytest.approx(1.1)
+    assert rows[2] == skipped
+    markdown = run.to_markdown({"machine": {"date": "d", "platform": "cpu", "device_kind": "",
+                                            "cpu": "x86", "cpu_count": 2, "jax": "0",
+                                            "commit": "c", "load_average_1m": 0.0},
+                                "command": "cmd", "rows": rows})
+    assert "| tiny switch_e8 | switch.py:e8 | 2 x 128 |" in markdown
+    assert "| 2.00 | 1.100 |" in markdown and "skipped: cpu" in markdown
+    assert "MFU against float32 matmul ceiling of this run: 100 GFLOP/s." in markdown
+
+
+def test_peak_flops():
+    ceiling = [{"dtype": "float32", "gflops_per_s": 100.0},
+               {"dtype": "bfloat16 in, float32 acc", "gflops_per_s": 50.0}]
+    assert train.peak_flops("cpu", "", "float32", ceiling)[0] == 100e9
+    assert train.peak_flops("cpu", "", "bfloat16", ceiling)[0] == 50e9
+    peak, why = train.peak_flops("cpu", "", "float32")
+    assert peak is None and "ceiling" in why
+    assert train.peak_flops("gpu", "NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989e12
+    assert train.peak_flops("gpu", "NVIDIA H100 PCIe", "bfloat16")[0] == 756e12
+    peak, why = train.peak_flops("gpu", "Some Future GPU", "bfloat16")
+    assert peak is None and "PEAK_BF16" in why
+
+
+def test_models_are_flop_matched_pairs():
+    for scale in ("tiny", "small"):
+        chosen = train.models(scale)
+        names = {m.name for m in chosen}
+        assert all(m.baseline in names for m in chosen if m.baseline)
+        for m in chosen:
+            if m.baseline:
+                config = schema.load_config(m.spec)
+                dense = next(b for b in chosen if b.name == m.baseline).spec
+                assert config.matched_to == dense
