@@ -1,4 +1,7 @@
-"""Training objectives: the one place where the MoE auxiliary losses join the task loss.
+"""Training objectives: the one place where the MoE auxiliary losses join the task loss, and
+the task itself (`TrainConfig.objective`): next-token prediction ("causal_lm", the batch as the
+data pipeline gives it) or BERT-style masked LM ("masked_lm", the batch corrupted by
+`mask_for_mlm`; see `objective_batch` and `check_objective`).
 
     total = cross_entropy
             + load_balance_coef * sum over MoE layers of load_balancing_loss   (Switch eq. 4-6)
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import MoeConfig
+from moe_jax.models.config import ModelConfig
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -108,3 +112,50 @@ def mask_for_mlm(rng: Array, batch: Batch, *, mask_id: int, vocab_size: int,
     out["targets"] = inputs
     out["weights"] = selected.astype(jnp.float32)
     return out
+
+
+def check_objective(objective: str, model: ModelConfig) -> None:
+    """Refuses objective/model pairs that leak the targets or cannot mask (ValueError naming the
+    fix). causal_lm needs a causal model; masked_lm needs a bidirectional encoder and a padded
+    embedding row for the mask token (`mask_token_id`)."""
+    if objective == "causal_lm":
+        if not model.causal:
+            raise ValueError(
+                "train.objective='causal_lm' with model.causal=False leaks the targets: the "
+                "bidirectional encoder attends to position t + 1, whose input is the target of "
+                "position t, so the loss falls to ~0 without learning anything. Train an encoder "
+                "with train.objective='masked_lm', or set model.causal=True for a next-token LM.")
+    elif objective == "masked_lm":
+        if model.causal:
+            raise ValueError(
+                "train.objective='masked_lm' with model.causal=True: a causal model sees only "
+                "the left context of each masked token, which defeats the masked-LM objective "
+                "(and is most likely a forgotten model.causal=False). Set model.causal=False "
+                "(e.g. configs/dense.py:tiny_encoder), or use train.objective='causal_lm'.")
+        if model.padded_vocab_size <= model.vocab_size:
+            raise ValueError(
+                f"train.objective='masked_lm' uses token id model.vocab_size={model.vocab_size} "
+                "as the mask token, a padded embedding row, but the padded vocabulary is "
+                f"{model.padded_vocab_size} rows; change model.vocab_multiple (or add one to "
+                "model.vocab_size) so that the padded vocabulary exceeds vocab_size.")
+    else:
+        raise ValueError(f"train.objective={objective!r} is unknown; use 'causal_lm' or "
+                         "'masked_lm'.")
+
+
+def mask_token_id(model: ModelConfig) -> int:
+    """The [MASK] input id: the first padded embedding row, never a real token or a logit."""
+    return model.vocab_size
+
+
+def objective_batch(rng: Array | None, batch: Batch, *, objective: str, model: ModelConfig,
+                    mask_rate: float = 0.15) -> Batch:
+    """The batch the loss is computed on: `batch` itself for causal_lm; for masked_lm the
+    `mask_for_mlm` corruption drawn from `rng` (inputs corrupted, targets = original inputs,
+    weights 1 on the selected real tokens only). Call `check_objective` first."""
+    if objective == "causal_lm":
+        return batch
+    if rng is None:
+        raise ValueError("the masked_lm objective draws its masks from a PRNG key; pass rng.")
+    return mask_for_mlm(rng, batch, mask_id=mask_token_id(model), vocab_size=model.vocab_size,
+                        mask_rate=mask_rate)

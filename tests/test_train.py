@@ -1,6 +1,8 @@
 """Training loop tests on one tiny model shape (a sigmoid_bias top-2 MoE in block 1) and the tiny
 embedded corpus: loss goes down, files are written, kill-and-resume is exact, a corrupt
-checkpoint is reported and kept, NaN stops the run, the router bias is state, not a parameter.
+checkpoint is reported and kept, NaN stops the run, the router bias is state, not a parameter;
+the masked-LM objective of the bidirectional encoder: loss only at masked positions, fixed eval
+masks, fresh train masks per step and micro-batch, config errors, and a short encoder run.
 
 Every loop run shares the model and batch shapes, so XLA compiles them once (the persistent
 compilation cache in conftest.py serves later runs).
@@ -24,11 +26,12 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import routing, schema
+from moe_jax import objective, routing, schema
 from moe_jax.config import MoeConfig
 from moe_jax.data import corpus
 from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
+from moe_jax.models.config import ModelConfig
 from moe_jax.train import evaluate, inputs, loop, optim, step
 from moe_jax.train import state as state_lib
 from moe_jax.train.checkpoint import CheckpointError
@@ -382,3 +385,189 @@ def test_logical_axes_of_the_state_for_the_sharding_code(parts):
     axes = state_lib.logical_axes(model, seq_len=32)
     assert tuple(axes["params"]["block_1"]["moe"]["experts"]["wi"]) == ("expert", "embed", "mlp")
     assert tuple(axes["params"]["embedding"]) == ("vocab", "embed")
+
+
+# --- masked LM -----------------------------------------------------------------------------------
+
+# The same tiny shapes as a bidirectional encoder trained with masked LM; two evaluations.
+MLM = {"model.causal": False, "train.objective": "masked_lm", "train.eval_every": 4}
+ENCODER = ModelConfig(causal=False)
+
+
+@pytest.fixture(scope="module")
+def mlm_config(config):
+    return apply_settings(config, MLM)
+
+
+@pytest.fixture(scope="module")
+def mlm_run(mlm_config, tmp_path_factory):
+    """An uninterrupted masked-LM run of STEPS steps: (workdir, summary)."""
+    workdir = str(tmp_path_factory.mktemp("mlm"))
+    return workdir, loop.train_and_evaluate(mlm_config, workdir)
+
+
+@pytest.fixture(scope="module")
+def mlm_parts(mlm_config, mlm_run, parts):
+    """(experiment, model, the loop's jitted functions, init state) of the encoder, and the
+    `parts` batch. After `mlm_run`, so that the loop's compilations are reused."""
+    experiment = schema.parse_config(mlm_config)
+    model, fns = loop.setup(experiment, 32)
+    return experiment, model, fns, fns["init"](experiment.seed), parts[4]
+
+
+def test_masked_lm_loss_counts_only_the_masked_real_tokens():
+    # Two rows of 8: row 0 holds two documents, row 1 one document and 3 padding tokens.
+    inputs = jnp.array([[1, 10, 11, 12, 1, 20, 21, 22], [1, 30, 31, 32, 33, 0, 0, 0]], jnp.int32)
+    segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0, 0, 0]], jnp.int32)
+    batch = {"inputs": inputs, "targets": jnp.roll(inputs, -1, axis=1),
+             "weights": (segments > 0).astype(jnp.float32), "segment_ids": segments,
+             "positions": jnp.zeros_like(inputs), "target_bytes": jnp.ones((2, 8))}
+    assert objective.objective_batch(None, batch, objective="causal_lm", model=ENCODER) is batch
+    out = objective.objective_batch(jax.random.key(3), batch, objective="masked_lm",
+                                    model=ENCODER, mask_rate=0.5)
+    selected = np.asarray(out["weights"]) > 0
+    assert 0 < selected.sum() < 13 and not np.any(selected & (np.asarray(segments) == 0))
+    np.testing.assert_array_equal(out["targets"], inputs)  # the original inputs, not next tokens
+    np.testing.assert_array_equal(np.asarray(out["inputs"])[~selected],
+                                  np.asarray(inputs)[~selected])
+
+    logits = jax.random.normal(jax.random.key(4), (2, 8, 259))
+    _, metrics = objective.compute_loss(logits, out, {}, MoeConfig())
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    rows, cols = np.nonzero(selected)
+    expected = -np.sum(log_p[rows, cols, np.asarray(inputs)[rows, cols]])
+    assert float(metrics["num_tokens"]) == selected.sum()
+    np.testing.assert_allclose(metrics["nll_sum"], expected, rtol=1e-5)
+    assert "bits_per_byte" not in metrics  # target_bytes describe next-token targets
+    # Logits at unselected positions do not enter the loss.
+    noisy = jnp.where(jnp.asarray(selected)[..., None], logits, 100.0 * logits)
+    np.testing.assert_allclose(objective.compute_loss(noisy, out, {}, MoeConfig())[1]["nll_sum"],
+                               expected, rtol=1e-5)
+
+
+def test_objective_errors_name_the_fix(parts):
+    with pytest.raises(ValueError, match="objective='mlm' is not supported"):
+        TrainConfig(objective="mlm")
+    with pytest.raises(ValueError, match=r"config\.train\.mask_rate=1\.5 must be in \(0, 1\)"):
+        apply_settings(schema.base_config(), {"train.mask_rate": 1.5})
+    with pytest.raises(ValueError, match=r"leaks the targets.*train\.objective='masked_lm'"):
+        objective.check_objective("causal_lm", ENCODER)
+    with pytest.raises(ValueError, match=r"model\.causal=True.*Set model\.causal=False"):
+        objective.check_objective("masked_lm", ModelConfig())
+    with pytest.raises(ValueError, match="padded vocabulary exceeds vocab_size"):
+        objective.check_objective("masked_lm", ENCODER.replace(vocab_size=256))
+    objective.check_objective("masked_lm", ENCODER)
+    objective.check_objective("causal_lm", ModelConfig())
+    # The step builders refuse the pair before tracing anything.
+    experiment, model, optimizer, *_ = parts
+    encoder = experiment.model.replace(causal=False)
+    with pytest.raises(ValueError, match="leaks the targets"):
+        step.make_train_step(model, optimizer, encoder, experiment.moe)
+    with pytest.raises(ValueError, match="leaks the targets"):
+        evaluate.make_eval_step(model, encoder, experiment.moe)
+    with pytest.raises(ValueError, match=r"Set model\.causal=False"):
+        step.make_train_step(model, optimizer, experiment.model, experiment.moe,
+                             objective_name="masked_lm")
+
+
+def test_train_masks_differ_per_step_and_micro_batch_and_repeat_for_a_key(parts):
+    batch = parts[4]
+    half = jax.tree.map(lambda x: x[:2], batch)
+    micro = jax.tree.map(lambda x: jnp.stack([x, x]), half)  # two identical micro-batches
+    assert step.objective_micro_batches(micro, jax.random.key(0), objective_name="causal_lm",
+                                        model_config=ENCODER, mask_rate=0.15) is micro
+
+    def masks(step_key):
+        out = step.objective_micro_batches(micro, step_key, objective_name="masked_lm",
+                                           model_config=ENCODER, mask_rate=0.15)
+        return np.asarray(out["weights"]) > 0
+
+    state = parts[3]
+    first, again = masks(state.step_key()), masks(state.step_key())
+    second = masks(state.replace(step=state.step + 1).step_key())
+    np.testing.assert_array_equal(first, again)
+    assert np.any(first[0] != first[1])  # micro-batches of one step
+    assert np.any(first != second)  # steps
+    assert first.sum() > 0
+
+
+def test_masked_lm_train_step_masks_by_step(mlm_parts):
+    _, _, fns, state, batch = mlm_parts
+    _, first = fns["train_step"](jax.tree.map(jnp.copy, state), batch)  # it donates the state
+    _, again = fns["train_step"](jax.tree.map(jnp.copy, state), batch)
+    _, later = fns["train_step"](jax.tree.map(jnp.copy, state.replace(step=state.step + 1)),
+                                 batch)
+    assert float(first["nll_sum"]) == float(again["nll_sum"])
+    assert float(first["nll_sum"]) != float(later["nll_sum"])
+    # Targets are the ~15% masked real tokens, not every token.
+    assert 0 < float(first["num_tokens"]) < 0.4 * float(jnp.sum(batch["weights"]))
+
+
+class _CopyModel:
+    """A stand-in model that predicts every position's own input token (ids >= 259, the mask,
+    get uniform logits): its accuracy shows which targets the inputs still reveal."""
+
+    def apply(self, variables, tokens, **kwargs):
+        return (10.0 * jax.nn.one_hot(tokens, 259), {}), {}
+
+
+def test_masked_lm_eval_masks_are_fixed_and_hide_the_targets(parts):
+    batch = parts[4]
+    eval_step = evaluate.make_eval_step(_CopyModel(), ENCODER, MoeConfig(),
+                                        objective_name="masked_lm", seed=5)
+    first, again, other = (jax.device_get(eval_step({}, {}, batch, i)) for i in (0, 0, 1))
+    jax.tree.map(np.testing.assert_array_equal, first, again)  # every eval: the same masks
+    assert first["nll_sum"] != other["nll_sum"]  # each batch: its own masks
+    # The masks are eval_mask_key(seed, index)'s, and the model saw the corrupted inputs: only
+    # the ~10% kept unchanged (or randomly replaced by themselves) are copied right.
+    masked = objective.objective_batch(evaluate.eval_mask_key(5, 0), batch,
+                                       objective="masked_lm", model=ENCODER)
+    kept = np.asarray(masked["weights"]) * (np.asarray(masked["inputs"]) == batch["inputs"])
+    assert first["num_tokens"] == float(np.sum(masked["weights"])) > 0
+    assert first["correct"] == float(np.sum(kept)) < 0.5 * first["num_tokens"]
+    assert first["routed_tokens"] == float(np.sum(batch["weights"])) > first["num_tokens"]
+    with pytest.raises(ValueError, match="needs the batch's index"):
+        eval_step({}, {}, batch)
+
+
+def test_masked_lm_eval_at_init_is_near_uniform_per_domain(mlm_parts):
+    experiment, _, fns, state, _ = mlm_parts
+    batches = inputs.make_inputs(experiment.data, experiment.model, batch_size=4, seq_len=32,
+                                 seed=0).eval_batches()
+    sums = evaluate.EvalSums()
+    for i, batch in enumerate(batches):
+        sums.add(fns["eval_step"](state.params, state.model_state, batch, np.int32(i)))
+    metrics = evaluate.summarize(sums.totals, experiment.model, corpus.DOMAINS)
+    # At init the encoder's logits are ~N(0, 1): the masked-token loss is ~ln(V) + 1/2 (a
+    # leaked target would be learnable, never a reason for ~0 here).
+    assert abs(metrics["loss"] - math.log(259)) < 1.0, metrics["loss"]
+    assert "bits_per_byte" not in metrics
+    for domain in corpus.DOMAINS:
+        assert sum(metrics[f"domain/{domain}/layer_1/expert_share"]) == pytest.approx(1.0)
+        assert math.isfinite(metrics[f"domain/{domain}/loss"])
+
+
+def test_masked_lm_run_learns_with_fixed_eval_masks(mlm_run):
+    workdir, summary = mlm_run
+    losses = _train_losses(workdir)
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
+    logged = read_metrics(workdir)
+    # The same masked validation tokens at both evaluations; the loss fell below uniform.
+    assert logged[4]["eval/num_tokens"] == logged[STEPS]["eval/num_tokens"]
+    assert logged[STEPS]["eval/loss"] < logged[4]["eval/loss"] < math.log(259)
+    assert summary["eval_bits_per_byte"] is None
+    domain_tokens = sum(logged[STEPS][f"eval/domain/{d}/num_tokens"] for d in corpus.DOMAINS)
+    assert domain_tokens == logged[STEPS]["eval/num_tokens"]
+
+
+def test_killed_masked_lm_run_resumes_with_identical_losses(mlm_run, mlm_config, tmp_path,
+                                                            monkeypatch):
+    workdir = str(tmp_path / "killed")
+    _interrupt_train_iterator(monkeypatch, at_batch=7, error=KeyboardInterrupt("killed"))
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(mlm_config, workdir)
+    monkeypatch.undo()
+    summary = loop.train_and_evaluate(mlm_config, workdir)
+    np.testing.assert_array_equal(_train_losses(workdir), _train_losses(mlm_run[0]))
+    assert summary["eval_loss"] == mlm_run[1]["eval_loss"]

@@ -13,6 +13,7 @@ import math
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
+OBJECTIVES = ("causal_lm", "masked_lm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +21,11 @@ class TrainConfig:
     """Settings of the training loop (`moe_jax.train.loop.train_and_evaluate`)."""
 
     num_train_steps: int = 500
+    # "causal_lm": next-token prediction (the data pipeline's targets; needs model.causal=True).
+    # "masked_lm": BERT-style masked LM (`objective.mask_for_mlm`: targets are the original
+    # inputs at the corrupted positions; needs a bidirectional encoder, model.causal=False).
+    objective: str = "causal_lm"
+    mask_rate: float = 0.15  # masked_lm: share of real tokens selected (BERT, Sec. 3.1)
     batch_size: int = 16  # global batch, in sequences (split over grad_accum_steps micro-batches)
     seq_len: int | None = None  # None = model.max_seq_len
     grad_accum_steps: int = 1  # micro-batches per step; batch_size must be a multiple of it
@@ -63,6 +69,13 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is not supported; use one "
                              f"of {OPTIMIZERS}.")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective={self.objective!r} is not supported; use one "
+                             f"of {OBJECTIVES}.")
+        if not (isinstance(self.mask_rate, int | float) and not isinstance(self.mask_rate, bool)
+                and 0 < self.mask_rate < 1):
+            raise ValueError(f"TrainConfig.mask_rate={self.mask_rate!r} must be in (0, 1) (BERT "
+                             "uses 0.15).")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r} is not supported; use one "
                              f"of {SCHEDULES}.")

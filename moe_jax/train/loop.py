@@ -66,7 +66,7 @@ def _jit_functions(model: Transformer, experiment: Any, seq_len: int, mesh: Mesh
     init(seed) creates the state directly sharded (out_shardings; no full copy on the host).
     The init traces the model on one dummy row, so it uses the model without its MoE sharding
     (the parameters are the same). train_step(state, batch) and eval_step(params, model_state,
-    batch) take global batches (`batch_sharding`) and return replicated metrics.
+    batch, batch_index) take global batches (`batch_sharding`) and return replicated metrics.
     """
     train = experiment.train
     optimizer = optim.make_optimizer(train)
@@ -79,11 +79,13 @@ def _jit_functions(model: Transformer, experiment: Any, seq_len: int, mesh: Mesh
     shardings = placement.state_shardings(abstract, logical_axes(plain, seq_len), mesh, rules)
     batch = placement.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
+    objective = {"objective_name": train.objective, "mask_rate": train.mask_rate}
     train_step = make_train_step(model, optimizer, experiment.model, experiment.moe,
                                  grad_accum_steps=train.grad_accum_steps,
-                                 schedule=optim.learning_rate_schedule(train))
+                                 schedule=optim.learning_rate_schedule(train), **objective)
     eval_step = evaluate.make_eval_step(model, experiment.model, experiment.moe,
-                                        num_domains=len(train_input.domain_names(experiment.data)))
+                                        num_domains=len(train_input.domain_names(experiment.data)),
+                                        seed=experiment.seed, **objective)
     return {
         "init": jax.jit(init, out_shardings=shardings),
         "abstract_state": placement.with_shardings(abstract, shardings),
@@ -93,7 +95,8 @@ def _jit_functions(model: Transformer, experiment: Any, seq_len: int, mesh: Mesh
                               in_shardings=(shardings, batch),
                               out_shardings=(shardings, replicated), donate_argnums=0),
         "eval_step": jax.jit(placement.in_mesh_context(eval_step, mesh, rules),
-                             in_shardings=(shardings.params, shardings.model_state, batch),
+                             in_shardings=(shardings.params, shardings.model_state, batch,
+                                           replicated),
                              out_shardings=replicated),
     }
 
@@ -219,8 +222,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def run_eval(step: int) -> dict[str, Any]:
         eval_start = time.perf_counter()
         sums = evaluate.EvalSums()
-        for batch in data.eval_batches():
-            sums.add(fns["eval_step"](state.params, state.model_state, global_batch(batch)))
+        for index, batch in enumerate(data.eval_batches()):
+            sums.add(fns["eval_step"](state.params, state.model_state, global_batch(batch),
+                                      np.int32(index)))
         metrics = evaluate.summarize(sums.totals, model_config,
                                      train_input.domain_names(experiment.data))
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})

@@ -8,8 +8,10 @@ batch is split into A micro-batches of B / A rows, scanned in order; micro-batch
 weighted by its share of the batch's target tokens, so the accumulated gradient equals the
 gradient of the full batch's token-averaged loss (exactly for the cross-entropy; the per-micro
 auxiliary losses are token-weighted means of the micro-batch values).
-Randomness: micro-batch i of step s uses fold_in(fold_in(rng, s), i), split into the "dropout"
-and "router" streams.
+Randomness: micro-batch i of step s uses key = fold_in(fold_in(rng, s), i), split into the
+"dropout" and "router" streams; with objective="masked_lm" its masks come from
+fold_in(key, MASK_STREAM), so they differ per step and per micro-batch and a resumed run draws
+the same ones. The micro-batch shares are counted after masking (masked tokens are the targets).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ Metrics = dict[str, Array]
 # Micro-batch metrics that add up over micro-batches; `max_router_logit` takes the max; every
 # other metric is a token-weighted mean.
 SUMMED_METRICS = ("num_tokens", "nll_sum", "num_bytes")
+# The masked-LM stream of a micro-batch key. split(key) into dropout and router keys gives
+# fold_in(key, 0) and fold_in(key, 1) (partitionable threefry), so 2 is a fresh stream.
+MASK_STREAM = 2
 
 
 def model_inputs(batch: Batch) -> dict[str, Array]:
@@ -90,17 +95,35 @@ def update_moe_state(model_state: dict[str, Any], assignment_fraction: Array, mo
     return {**model_state, "moe_state": biases}
 
 
+def objective_micro_batches(micro: Batch, step_key: Array, *, objective_name: str,
+                            model_config: ModelConfig, mask_rate: float) -> Batch:
+    """[A, B / A, L] micro-batches -> the batches their loss is computed on
+    (`objective.objective_batch`); masked_lm corrupts micro-batch i with
+    fold_in(fold_in(step_key, i), MASK_STREAM). causal_lm returns `micro` itself."""
+    if objective_name == "causal_lm":
+        return micro
+    num_micro = micro["inputs"].shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(step_key, i), MASK_STREAM))(
+        jnp.arange(num_micro))
+    return jax.vmap(lambda key, b: objective.objective_batch(
+        key, b, objective=objective_name, model=model_config, mask_rate=mask_rate))(keys, micro)
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     model_config: ModelConfig, moe_config: MoeConfig, *,
                     grad_accum_steps: int = 1,
-                    schedule: optax.Schedule | None = None
+                    schedule: optax.Schedule | None = None,
+                    objective_name: str = "causal_lm", mask_rate: float = 0.15
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure train step `(state, batch) -> (state, metrics)`; jit it (donating the state).
 
-    metrics (float32 scalars): those of `objective.compute_loss` (loss, cross_entropy, accuracy,
-    bits_per_byte, aux losses, routing summaries), plus grad_norm (global norm of the
-    accumulated gradient, before clipping) and, with `schedule`, learning_rate.
+    objective_name / mask_rate: `TrainConfig.objective` / `mask_rate` (checked against the model
+    by `objective.check_objective`). metrics (float32 scalars): those of
+    `objective.compute_loss` (loss, cross_entropy, accuracy, bits_per_byte (causal_lm only), aux
+    losses, routing summaries), plus grad_norm (global norm of the accumulated gradient, before
+    clipping) and, with `schedule`, learning_rate.
     """
+    objective.check_objective(objective_name, model_config)
 
     def loss_fn(params: Any, model_state: dict[str, Any], batch: Batch, key: Array,
                 weight: Array) -> tuple[Array, tuple[Metrics, dict[str, Array]]]:
@@ -118,6 +141,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         # On a mesh, every micro-batch is spread over all batch devices (no-op without rules).
         micro = jax.tree.map(lambda x: nn.with_logical_constraint(x, (None, "batch", "length")),
                              micro)
+        micro = objective_micro_batches(micro, state.step_key(), objective_name=objective_name,
+                                        model_config=model_config, mask_rate=mask_rate)
         tokens = jnp.sum(micro["weights"].astype(jnp.float32),
                          axis=tuple(range(1, micro["weights"].ndim)))  # [A]
         share = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
