@@ -43,6 +43,7 @@ def get_config(arg: str = "tiny"):
         model.num_kv_heads = model.num_heads // 2
     elif variant == "encoder":
         model.causal = False
+        config.train.objective = "masked_lm"  # a bidirectional model would read causal targets
     config.moe.activation = model.activation
     config.moe.d_ff = model.d_ff
     return schema.checked(config)

@@ -7,7 +7,7 @@ import dataclasses
 import ml_collections
 import pytest
 
-from moe_jax import MoeConfig, schema
+from moe_jax import MoeConfig, objective, schema
 from moe_jax.models import ModelConfig
 
 
@@ -97,6 +97,8 @@ def test_every_config_file_and_member_loads_and_validates(path):
     for spec in specs:
         experiment = schema.parse_config(schema.load_config(spec))
         assert isinstance(experiment.model, ModelConfig), spec
+        # Encoders train with masked LM, decoders with next-token prediction, out of the box.
+        objective.check_objective(experiment.train.objective, experiment.model)
 
 
 def test_dense_scales():
