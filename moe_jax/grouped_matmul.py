@@ -5,9 +5,9 @@
 `jax.lax.ragged_dot` computes this, but XLA:CPU lowers it to a dense product against every
 expert (E times the useful FLOPs). `blocked_grouped_matmul` walks each expert's rows in blocks
 (`BLOCK_SIZES`: full blocks of 256 rows, then 32-row blocks for the tail, so at most 31 wasted
-rows per expert) with dynamic trip counts, and has a custom VJP built from the same loops:
-dx = grouped(dy, w^T) and dw[e] = sum over e's blocks of x_b^T dy_b. Rows past
-sum(group_sizes) come out as zeros.
+rows per expert) with dynamic trip counts, reading the operands in place (no padded copies), and
+has a custom VJP built from the same loops: dx = grouped(dy, w^T) and dw[e] = sum over e's
+blocks of x_b^T dy_b. Rows past sum(group_sizes) come out as zeros.
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ Array = jax.Array
 BLOCK_SIZES = (256, 32)
 
 
-def _for_blocks(start: Array, end: Array, block_sizes: tuple[int, ...],
+def _for_blocks(start: Array, end: Array, block_sizes: tuple[int, ...], num_rows: int,
                 body: Callable, carry):
-    """carry = body(carry, block_start, size, valid_rows) over blocks covering rows
-    [start, end): full blocks of each size in turn; the last size also covers the remainder
-    (its final block may run past `end`; `valid_rows` counts the rows before `end`)."""
+    """carry = body(carry, window, size, row_mask) over blocks covering rows [start, end):
+    full blocks of each size in turn; the last size also covers the remainder.
+
+    A block of `size` rows at row s reads the window [window, window + size) with
+    window = min(s, num_rows - size), so that no slice runs past the last row (which would need
+    a padded copy of the operands); row_mask [size, 1] marks the window's rows in
+    [s, min(s + size, end)), the ones that belong to this block.
+    """
     for i, size in enumerate(block_sizes):
         rows_left = end - start
         last = i == len(block_sizes) - 1
@@ -35,59 +40,63 @@ def _for_blocks(start: Array, end: Array, block_sizes: tuple[int, ...],
 
         def block(j, carry, start=start, size=size):
             s = start + j * size
-            return body(carry, s, size, jnp.minimum(size, end - s))
+            window = jnp.minimum(s, num_rows - size)
+            rows = window + jnp.arange(size)
+            row_mask = ((rows >= s) & (rows < jnp.minimum(s + size, end)))[:, None]
+            return body(carry, window, size, row_mask)
 
         carry = jax.lax.fori_loop(0, count, block, carry)
         start = start + count * size
     return carry
 
 
-def _row_mask(size: int, valid: Array) -> Array:
-    return (jnp.arange(size) < valid)[:, None]
+def _usable(block_sizes: tuple[int, ...], num_rows: int) -> tuple[int, ...]:
+    """The block sizes that fit in `num_rows` rows (a single block of all rows if none does)."""
+    return tuple(b for b in block_sizes if b <= num_rows) or (num_rows,)
 
 
 def _grouped(x: Array, w: Array, group_sizes: Array, transpose_w: bool,
              block_sizes: tuple[int, ...]) -> Array:
     """out[m] = x[m] @ w[e(m)] (or @ w[e(m)].T): [M, k] -> [M, n]."""
-    pad = max(block_sizes)  # no slice ever clamps at the end of the rows
-    x_padded = jnp.pad(x, ((0, pad), (0, 0)))
+    num_rows = x.shape[0]
+    block_sizes = _usable(block_sizes, num_rows)
     contract = 1 if transpose_w else 0
-    out = jnp.zeros((x.shape[0] + pad, w.shape[1 + (1 - contract)]), x.dtype)
+    out = jnp.zeros((num_rows, w.shape[1 + (1 - contract)]), x.dtype)
     offsets = jnp.cumsum(group_sizes) - group_sizes
 
     def per_expert(e, out):
         w_e = w[e].astype(x.dtype)
 
-        def body(out, s, size, valid):
-            x_block = jax.lax.dynamic_slice_in_dim(x_padded, s, size)
+        def body(out, window, size, row_mask):
+            x_block = jax.lax.dynamic_slice_in_dim(x, window, size)
             y = jax.lax.dot_general(x_block, w_e, (((1,), (contract,)), ((), ())))
-            y = jnp.where(_row_mask(size, valid), y, 0)
-            return jax.lax.dynamic_update_slice_in_dim(out, y, s, axis=0)
+            # Rows of the window outside this block keep what earlier blocks wrote.
+            y = jnp.where(row_mask, y, jax.lax.dynamic_slice_in_dim(out, window, size))
+            return jax.lax.dynamic_update_slice_in_dim(out, y, window, axis=0)
 
-        return _for_blocks(offsets[e], offsets[e] + group_sizes[e], block_sizes, body, out)
+        return _for_blocks(offsets[e], offsets[e] + group_sizes[e], block_sizes, num_rows,
+                           body, out)
 
-    return jax.lax.fori_loop(0, w.shape[0], per_expert, out)[: x.shape[0]]
+    return jax.lax.fori_loop(0, w.shape[0], per_expert, out)
 
 
 def _weight_grad(x: Array, dy: Array, group_sizes: Array, num_experts: int,
                  block_sizes: tuple[int, ...]) -> Array:
     """dw[e] = sum over rows m of expert e of x[m]^T dy[m]: [E, k, n], float32 accumulation."""
-    pad = max(block_sizes)
-    x_padded = jnp.pad(x, ((0, pad), (0, 0)))
-    dy_padded = jnp.pad(dy, ((0, pad), (0, 0)))
+    num_rows = x.shape[0]
+    block_sizes = _usable(block_sizes, num_rows)
     offsets = jnp.cumsum(group_sizes) - group_sizes
     k, n = x.shape[1], dy.shape[1]
 
     def per_expert(e, dw):
-        def body(acc, s, size, valid):
-            x_block = jnp.where(_row_mask(size, valid),
-                                jax.lax.dynamic_slice_in_dim(x_padded, s, size), 0)
-            dy_block = jax.lax.dynamic_slice_in_dim(dy_padded, s, size)
+        def body(acc, window, size, row_mask):
+            x_block = jnp.where(row_mask, jax.lax.dynamic_slice_in_dim(x, window, size), 0)
+            dy_block = jax.lax.dynamic_slice_in_dim(dy, window, size)
             return acc + jax.lax.dot_general(x_block, dy_block, (((0,), (0,)), ((), ())),
                                              preferred_element_type=jnp.float32)
 
-        acc = _for_blocks(offsets[e], offsets[e] + group_sizes[e], block_sizes, body,
-                          jnp.zeros((k, n), jnp.float32))
+        acc = _for_blocks(offsets[e], offsets[e] + group_sizes[e], block_sizes, num_rows,
+                          body, jnp.zeros((k, n), jnp.float32))
         return dw.at[e].set(acc)
 
     return jax.lax.fori_loop(0, num_experts, per_expert,
