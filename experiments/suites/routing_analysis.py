@@ -142,6 +142,8 @@ def _repeats_entropy(results: Results, path: str) -> None:
     axes[0, 1].axhline(a0["ln_experts"], linestyle="--", color="k",
                        label=f"ln E = {a0['ln_experts']:.2f} (uniform)")
     plots.label_axes(axes[0, 1], "layer", "entropy (nats)")
+    for ax in axes[0]:
+        ax.set_xticks(x)  # layers are integers
     plots.save(fig, path, f"Temporal locality and router entropy per layer ({results.scale}; "
                           "cf. Mixtral Table 5)")
 
