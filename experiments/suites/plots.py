@@ -27,10 +27,13 @@ def figure(ncols: int = 1, nrows: int = 1, width: float = 6.0,
     return fig, axes
 
 
+DPI = 130  # of the report's PNGs; notebooks lower it to stay small
+
+
 def save(fig: plt.Figure, path: str, title: str) -> None:
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
