@@ -338,6 +338,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from moe_jax import moe
+from moe_jax.train import evaluate
 from moe_jax.train import inputs as train_inputs
 from moe_jax.train.step import model_inputs
 
@@ -355,9 +356,9 @@ def layer_inputs(batch):
     """The normalised inputs [B, L, d] of every sparse layer's router."""
     _, captured = model.apply({"params": params, **model_state}, batch["inputs"],
                               **model_inputs(batch), train=False,
-                              capture_intermediates=routing_stats._is_ffn_norm,
+                              capture_intermediates=evaluate.is_router_input,
                               mutable=["intermediates"])
-    return [captured["intermediates"][f"block_{i}"]["ffn_norm"]["__call__"][0] for i in sparse]
+    return [evaluate.router_input(captured, i) for i in sparse]
 
 
 def capacity_stats(cf):

@@ -183,10 +183,6 @@ def layer_statistics(expert_index: np.ndarray, entropy: np.ndarray, inputs: np.n
 
 # --- the model part --------------------------------------------------------------------------
 
-def _is_ffn_norm(module: Any, method_name: str) -> bool:
-    return module.name == "ffn_norm" and method_name == "__call__"
-
-
 def restore(workdir: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(experiment, model, params, model_state) of the run in `workdir` at its last checkpoint."""
     import jax
@@ -227,6 +223,7 @@ def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any
     import jax.numpy as jnp
 
     from moe_jax import moe, routing
+    from moe_jax.train import evaluate
     from moe_jax.train import inputs as train_inputs
     from moe_jax.train.step import model_inputs
 
@@ -242,11 +239,12 @@ def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any
     def route(batch: dict[str, Any]) -> tuple[list[jax.Array], list[jax.Array]]:
         _, captured = model.apply({"params": params, **model_state}, batch["inputs"],
                                   **model_inputs(batch), train=False,
-                                  capture_intermediates=_is_ffn_norm, mutable=["intermediates"])
+                                  capture_intermediates=evaluate.is_router_input,
+                                  mutable=["intermediates"])
         choices, entropies = [], []
         for layer in sparse:
             name = f"block_{layer}"
-            x = captured["intermediates"][name]["ffn_norm"]["__call__"][0]
+            x = evaluate.router_input(captured, layer)
             logits = moe.router_logits(params[name]["moe"], x.reshape(-1, x.shape[-1]), c,
                                        train=False, rng=None).astype(jnp.float32)
             if c.router == "sigmoid_bias":

@@ -88,8 +88,16 @@ def _entropy(probs: Array) -> Array:
     return jax.vmap(lambda p: losses.router_entropy(p[None]))(probs)
 
 
-def _is_ffn_norm(module: nn.Module, method_name: str) -> bool:
+def is_router_input(module: nn.Module, method_name: str) -> bool:
+    """`capture_intermediates` filter of `model.apply` that keeps each block's FFN norm output:
+    the input of a sparse block's router (read it back with `router_input`)."""
     return module.name == "ffn_norm" and method_name == "__call__"
+
+
+def router_input(captured: dict[str, Any], layer: int) -> Array:
+    """The router input [B, L, d] of block `layer` from the `captured` collections of a
+    `model.apply(..., capture_intermediates=is_router_input, mutable=["intermediates"])`."""
+    return captured["intermediates"][f"block_{layer}"]["ffn_norm"]["__call__"][0]
 
 
 def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeConfig, *,
@@ -127,7 +135,7 @@ def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeC
         variables = {"params": params, **model_state}
         (logits, aux), captured = model.apply(
             variables, batch["inputs"], **model_inputs(batch), train=False,
-            capture_intermediates=_is_ffn_norm if (num_domains and sparse) else False,
+            capture_intermediates=is_router_input if (num_domains and sparse) else False,
             mutable=["intermediates"])
         _, metrics = objective.compute_loss(logits, batch, aux, moe_config)
         weights = batch["weights"].astype(jnp.float32)
@@ -157,7 +165,7 @@ def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeC
                 share, entropy = [], []
                 for layer in sparse:
                     name = f"block_{layer}"
-                    x = captured["intermediates"][name]["ffn_norm"]["__call__"][0]
+                    x = router_input(captured, layer)
                     x = x.reshape(-1, x.shape[-1])
                     layer_params = params[name]["moe"]
                     bias = model_state.get("moe_state", {}).get(name, {}).get("moe", {}).get(
