@@ -13,6 +13,7 @@ the routed rows (MegaBlocks, Gale et al. 2022): no capacity, nothing dropped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -42,20 +43,22 @@ def combine_einsum(expert_out: Array, slots: Slots, num_tokens: int) -> Array:
 
 
 def dispatch_gather(x: Array, slots: Slots) -> Array:
-    """x: [T, d] -> expert buffers [E, C, d] by gathering rows; empty slots get zeros."""
-    x_padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
-    return x_padded[slots.token]
+    """x: [T, d] -> expert buffers [E, C, d] by gathering rows; empty slots (token index T,
+    out of bounds) get zeros."""
+    return x.at[slots.token].get(mode="fill", fill_value=0)
 
 
 def combine_gather(expert_out: Array, slots: Slots, num_tokens: int) -> Array:
-    """expert_out: [E, C, d] -> [T, d] by scatter-adding gate-weighted slot outputs."""
+    """expert_out: [E, C, d] -> [T, d] by scatter-adding gate-weighted slot outputs (empty
+    slots' out-of-bounds writes are dropped)."""
     d = expert_out.shape[-1]
     weighted = expert_out * slots.gate.astype(expert_out.dtype)[..., None]
-    y = jnp.zeros((num_tokens + 1, d), expert_out.dtype)
-    return y.at[slots.token.reshape(-1)].add(weighted.reshape(-1, d))[:num_tokens]
+    y = jnp.zeros((num_tokens, d), expert_out.dtype)
+    return y.at[slots.token.reshape(-1)].add(weighted.reshape(-1, d), mode="drop")
 
 
-# Capacity strategies: name -> (dispatch, combine). Both work on one group; callers vmap over G.
+# Capacity strategies: name -> (dispatch, combine). Both work on one group; `map_groups` maps
+# them over G.
 CAPACITY_STRATEGIES: dict[str, tuple[Callable[..., Array], Callable[..., Array]]] = {
     "einsum": (dispatch_einsum, combine_einsum),
     "gather": (dispatch_gather, combine_gather),
@@ -74,8 +77,20 @@ def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: st
     Returns [G, T, d].
     """
     dispatch, combine = CAPACITY_STRATEGIES[strategy]
-    buffers = jax.vmap(dispatch)(x, slots)  # [G, E, C, d]
-    return jax.vmap(combine, in_axes=(0, 0, None))(expert_stage(buffers), slots, x.shape[1])
+    buffers = map_groups(dispatch, x, slots)  # [G, E, C, d]
+    return map_groups(functools.partial(combine, num_tokens=x.shape[1]), expert_stage(buffers),
+                      slots)
+
+
+def map_groups(fn: Callable, *args):
+    """fn vmapped over the leading group axis G of every array in `args` (pytrees).
+
+    A single group is squeezed out instead of vmapped: XLA:CPU (jax 0.10) runs reductions over
+    arrays with a size-1 axis ~40x slower (0.8 vs 40 ms to sum [1, 8192, 512] over d), and the
+    combine's gate gradient is such a reduction (experiments/benchmarks/README.md)."""
+    if jax.tree.leaves(args)[0].shape[0] == 1:
+        return jax.tree.map(lambda a: a[None], fn(*jax.tree.map(lambda a: a[0], args)))
+    return jax.vmap(fn)(*args)
 
 
 def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,

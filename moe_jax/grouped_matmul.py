@@ -28,18 +28,21 @@ def _for_blocks(start: Array, end: Array, block_sizes: tuple[int, ...], num_rows
     """carry = body(carry, window, size, row_mask) over blocks covering rows [start, end):
     full blocks of each size in turn; the last size also covers the remainder.
 
-    A block of `size` rows at row s reads the window [window, window + size) with
-    window = min(s, num_rows - size), so that no slice runs past the last row (which would need
-    a padded copy of the operands); row_mask [size, 1] marks the window's rows in
-    [s, min(s + size, end)), the ones that belong to this block.
+    Full blocks get row_mask=None: all `size` rows from `window` are theirs. The last size's
+    blocks read the window [window, window + size) with window = min(s, num_rows - size) for a
+    block at row s, so that no slice runs past the last row (which would need a padded copy of
+    the operands); row_mask [size, 1] marks the window's rows in [s, min(s + size, end)), the
+    ones that belong to the block.
     """
     for i, size in enumerate(block_sizes):
         rows_left = end - start
         last = i == len(block_sizes) - 1
         count = (rows_left + size - 1) // size if last else rows_left // size
 
-        def block(j, carry, start=start, size=size):
+        def block(j, carry, start=start, size=size, last=last):
             s = start + j * size
+            if not last:
+                return body(carry, s, size, None)
             window = jnp.minimum(s, num_rows - size)
             rows = window + jnp.arange(size)
             row_mask = ((rows >= s) & (rows < jnp.minimum(s + size, end)))[:, None]
@@ -70,8 +73,8 @@ def _grouped(x: Array, w: Array, group_sizes: Array, transpose_w: bool,
         def body(out, window, size, row_mask):
             x_block = jax.lax.dynamic_slice_in_dim(x, window, size)
             y = jax.lax.dot_general(x_block, w_e, (((1,), (contract,)), ((), ())))
-            # Rows of the window outside this block keep what earlier blocks wrote.
-            y = jnp.where(row_mask, y, jax.lax.dynamic_slice_in_dim(out, window, size))
+            if row_mask is not None:  # rows of the window outside the block keep their values
+                y = jnp.where(row_mask, y, jax.lax.dynamic_slice_in_dim(out, window, size))
             return jax.lax.dynamic_update_slice_in_dim(out, y, window, axis=0)
 
         return _for_blocks(offsets[e], offsets[e] + group_sizes[e], block_sizes, num_rows,
@@ -90,7 +93,9 @@ def _weight_grad(x: Array, dy: Array, group_sizes: Array, num_experts: int,
 
     def per_expert(e, dw):
         def body(acc, window, size, row_mask):
-            x_block = jnp.where(row_mask, jax.lax.dynamic_slice_in_dim(x, window, size), 0)
+            x_block = jax.lax.dynamic_slice_in_dim(x, window, size)
+            if row_mask is not None:
+                x_block = jnp.where(row_mask, x_block, 0)
             dy_block = jax.lax.dynamic_slice_in_dim(dy, window, size)
             return acc + jax.lax.dot_general(x_block, dy_block, (((0,), (0,)), ((), ())),
                                              preferred_element_type=jnp.float32)

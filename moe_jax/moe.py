@@ -181,8 +181,8 @@ def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
     stage = expert_stage_fn(params["experts"])
 
     if c.router == "soft":
-        dispatch_w, combine_w = jax.vmap(routing.soft_weights)(per_group(logits),
-                                                               per_group(mask))
+        dispatch_w, combine_w = dispatch.map_groups(routing.soft_weights, per_group(logits),
+                                                    per_group(mask))
         y = dispatch.soft_moe(grouped, dispatch_w, combine_w, stage, c.num_experts)
         combine_w = combine_w.reshape(n, -1)
         load = losses.token_mean(combine_w.reshape(n, c.num_experts, -1).sum(-1), weights)
@@ -193,8 +193,9 @@ def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
     elif c.router == "expert_choice":
         probs = jax.nn.softmax(logits, axis=-1)
         capacity = min(c.capacity(group, train=train), group)
-        slots = jax.vmap(routing.route_expert_choice, in_axes=(0, None, 0))(
-            per_group(probs), capacity, per_group(mask))
+        slots = dispatch.map_groups(
+            lambda p, m: routing.route_expert_choice(p, capacity, m), per_group(probs),
+            per_group(mask))
         y = dispatch.capacity_moe(grouped, slots, stage, c.dispatch)
         filled = jnp.sum(slots.token < group, axis=(0, 2)).astype(jnp.float32)  # [E]
         aux |= {"load_balancing_loss": jnp.zeros((), jnp.float32),
@@ -220,16 +221,16 @@ def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
         else:
             capacity = c.capacity(group, train=train)
             top1_prob = per_group(jnp.max(probs, axis=-1))
-            slots = jax.vmap(routing.assign_slots, in_axes=(0, None, None, None, 0))(
-                jax.tree.map(per_group, choice), capacity, c.num_experts, c.drop_priority,
-                top1_prob)
+            slots = dispatch.map_groups(
+                lambda ch, p: routing.assign_slots(ch, capacity, c.num_experts, c.drop_priority, p),
+                jax.tree.map(per_group, choice), top1_prob)
             y = dispatch.capacity_moe(grouped, slots, stage, c.dispatch)
             kept = slots.kept.reshape(n, k)
         kept_one_hot = jax.nn.one_hot(choice.expert_index, c.num_experts) * kept[..., None]
         load = jnp.sum(kept_one_hot, axis=(0, 1)) / jnp.maximum(num_valid * k, 1.0)
         group_weights = per_group(weights)
-        lb = jax.vmap(losses.load_balancing_loss)(
-            per_group(probs), per_group(choice.expert_index), group_weights)
+        lb = dispatch.map_groups(losses.load_balancing_loss, per_group(probs),
+                                 per_group(choice.expert_index), group_weights)
         group_tokens = jnp.sum(group_weights, axis=1)
         aux |= {"load_balancing_loss": jnp.sum(lb * group_tokens)
                 / jnp.maximum(jnp.sum(group_tokens), 1.0),

@@ -135,17 +135,20 @@ def assign_slots(choice: TokenChoice, capacity: int, num_experts: int, priority:
     position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # [K*T]
     kept_sorted = wants & (position < capacity)
 
+    # Dropped assignments point one past the last slot; mode="drop" discards their writes (no
+    # padded table to slice: the slice's transpose, a pad, made XLA:CPU's gate-gradient fusion
+    # 50x slower, experiments/benchmarks/README.md).
     flat_slot = jnp.where(kept_sorted, expert * capacity + position, num_experts * capacity)
     token = (order % num_tokens).astype(jnp.int32)
     gate = choice.gate.T.reshape(-1)[order]
-    slot_token = jnp.full(num_experts * capacity + 1, num_tokens, jnp.int32)
-    slot_token = slot_token.at[flat_slot].set(token)
-    slot_gate = jnp.zeros(num_experts * capacity + 1, gate.dtype).at[flat_slot].set(gate)
+    slot_token = jnp.full(num_experts * capacity, num_tokens, jnp.int32)
+    slot_token = slot_token.at[flat_slot].set(token, mode="drop")
+    slot_gate = jnp.zeros(num_experts * capacity, gate.dtype).at[flat_slot].set(gate, mode="drop")
 
     kept = jnp.zeros(k * num_tokens, bool).at[order].set(kept_sorted).reshape(k, num_tokens).T
     return Slots(
-        token=slot_token[:-1].reshape(num_experts, capacity),
-        gate=slot_gate[:-1].reshape(num_experts, capacity),
+        token=slot_token.reshape(num_experts, capacity),
+        gate=slot_gate.reshape(num_experts, capacity),
         kept=kept,
     )
 

@@ -85,3 +85,16 @@ def test_models_are_flop_matched_pairs():
                 config = schema.load_config(m.spec)
                 dense = next(b for b in chosen if b.name == m.baseline).spec
                 assert config.matched_to == dense
+
+
+def test_memory_bandwidth_row_and_markdown():
+    from experiments.benchmarks import layer
+    row = layer.memory_bandwidth(megabytes=4, repeats=2)
+    assert row["bytes"] == 4 * 2**20
+    assert row["gbytes_per_s"] == pytest.approx(2 * row["bytes"] / row["timing"]["median_s"]
+                                                 / 1e9)
+    markdown = run.to_markdown({"machine": {"date": "d", "platform": "cpu", "device_kind": "",
+                                            "cpu": "x86", "cpu_count": 2, "jax": "0",
+                                            "commit": "c", "load_average_1m": 0.0},
+                                "command": "cmd", "rows": [row]})
+    assert "Memory bandwidth: y = 2x over 4 MB of float32" in markdown

@@ -93,6 +93,17 @@ def ceiling(size: int = 4096, repeats: int = 5) -> list[dict[str, Any]]:
     return rows
 
 
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, Any]:
+    """Streaming bandwidth: y = 2x over a float32 array larger than the caches, counted as
+    read + write. Expert weights and their gradients at E=64 (537 MB each here) stream at this
+    rate, whatever the matmul ceiling."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    timing = measure(lambda x: x * 2.0, x, repeats=repeats)
+    moved = 2.0 * x.nbytes
+    return {"benchmark": "bandwidth", "bytes": x.nbytes, "timing": timing.as_dict(),
+            "gbytes_per_s": moved / timing.median_s / 1e9}
+
+
 def layer_vs_dense(shape: LayerShape, num_experts: tuple[int, ...] = (8, 64),
                    top_ks: tuple[int, ...] = (1, 2), factors: tuple[float, ...] = (1.0, 1.25),
                    dispatches: tuple[str, ...] = ("gather", "einsum", "dropless"),

@@ -56,6 +56,7 @@ def run(suites: tuple[str, ...], quick: bool, train_small: bool | None = None
         start = time.perf_counter()
         if suite == "ceiling":
             rows += layer.ceiling(1024 if quick else 4096, repeats)
+            rows.append(layer.memory_bandwidth(64 if quick else 512, repeats))
         elif suite == "layer":
             rows += layer.layer_vs_dense(shape, repeats=repeats)
         elif suite == "dropless":
@@ -119,6 +120,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += ["| matmul ceiling | size | ms | GFLOP/s |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['dtype']} | {r['size']} | {_ms(r)} | {r['gflops_per_s']:.0f} |"
                   for r in ceiling] + [""]
+    lines += [f"Memory bandwidth: y = 2x over {r['bytes'] / 2**20:.0f} MB of float32, {_ms(r)} ms: "
+              f"{r['gbytes_per_s']:.1f} GB/s read + write.\n"
+              for r in rows if r["benchmark"] == "bandwidth"]
     table = [r for r in rows if r["benchmark"] == "layer"]
     if table:
         lines += ["| pass | model | E | k | capacity | dispatch | ms | x dense | useful GFLOP/s "
