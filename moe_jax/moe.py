@@ -242,5 +242,6 @@ def _apply_local(params: Params, x: Array, config: MoeConfig, *, train: bool,
     y = y.reshape(n, d)
     if "shared" in params:
         y = y + model_sum(experts.ffn(params["shared"], tokens, c.activation))
-    y = jnp.where(mask[:, None], y, 0)
+    if token_mask is not None:  # a select over [N, d]: skipped when every token is real
+        y = jnp.where(mask[:, None], y, 0)
     return y.reshape(x.shape).astype(x.dtype), aux, num_valid
