@@ -98,3 +98,28 @@ def test_memory_bandwidth_row_and_markdown():
                                             "commit": "c", "load_average_1m": 0.0},
                                 "command": "cmd", "rows": [row]})
     assert "Memory bandwidth: y = 2x over 4 MB of float32" in markdown
+
+
+def test_profile_ops_reads_hlo_and_trace(tmp_path):
+    import gzip
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.benchmarks import profile_ops
+    hlo = jax.jit(lambda a, b: jnp.sum(a @ b)).lower(jnp.ones((8, 4)), jnp.ones((4, 2)))
+    ops = profile_ops.hlo_ops(hlo.compile().as_text())
+    assert any(shape == "f32[]" for shape, _ in ops.values())
+    assert any("dot_general" in op_name for _, op_name in ops.values())
+    events = [{"ph": "X", "name": "fusion.1", "dur": 3000.0},
+              {"ph": "X", "name": "fusion.1", "dur": 1000.0},
+              {"ph": "i", "name": "marker", "dur": 5.0}]
+    trace = tmp_path / "plugins" / "profile" / "host.trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    totals = profile_ops.op_times(str(tmp_path), steps=2)
+    assert totals == {"fusion.1": pytest.approx(2.0)}
+    with pytest.raises(FileNotFoundError, match=r"no \*\.trace\.json\.gz"):
+        profile_ops.op_times(str(tmp_path / "empty"), steps=1)

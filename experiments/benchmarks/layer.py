@@ -25,7 +25,7 @@ def ffn_flops(tokens: int, d_model: int, d_ff: int, activation: str) -> float:
     return 2.0 * tokens * d_model * d_ff * (3 if activation == "swiglu" else 2)
 
 
-def _vjp_loss(apply_fn):
+def vjp_loss(apply_fn):
     """fwd+bwd: the value <y, cotangent> and its gradient w.r.t. params and input, as a
     training step needs them. Returning the value keeps the whole forward pass alive: with the
     gradient alone, a loss linear in y lets XLA drop the dense FFN's output matmul (5 of its 6
@@ -48,7 +48,7 @@ def time_dense(shape: LayerShape, activation: str, *, backward: bool, tokens: in
     x, cotangent = _inputs(shape, tokens)
     apply_fn = lambda p, x: experts.ffn(p, x, activation)
     if backward:
-        timing = measure(_vjp_loss(apply_fn), params, x, cotangent, repeats=repeats)
+        timing = measure(vjp_loss(apply_fn), params, x, cotangent, repeats=repeats)
     else:
         timing = measure(apply_fn, params, x, repeats=repeats)
     flops = ffn_flops(x.shape[0], shape.d_model, shape.d_ff, activation) * (3 if backward else 1)
@@ -63,7 +63,7 @@ def time_moe(shape: LayerShape, config: MoeConfig, *, backward: bool,
     n = x.shape[0]
     apply_fn = lambda p, x: moe.apply(p, x, config, train=True)[0]
     if backward:
-        timing = measure(_vjp_loss(apply_fn), params, x, cotangent, repeats=repeats)
+        timing = measure(vjp_loss(apply_fn), params, x, cotangent, repeats=repeats)
     else:
         timing = measure(apply_fn, params, x, repeats=repeats)
     mult = 3 if backward else 1
