@@ -136,8 +136,7 @@ def assign_slots(choice: TokenChoice, capacity: int, num_experts: int, priority:
     kept_sorted = wants & (position < capacity)
 
     # Dropped assignments point one past the last slot; mode="drop" discards their writes (no
-    # padded table to slice: the slice's transpose, a pad, made XLA:CPU's gate-gradient fusion
-    # 50x slower, experiments/benchmarks/README.md).
+    # padded table to slice, and no pad of the gate cotangent in the backward pass).
     flat_slot = jnp.where(kept_sorted, expert * capacity + position, num_experts * capacity)
     token = (order % num_tokens).astype(jnp.int32)
     gate = choice.gate.T.reshape(-1)[order]
