@@ -346,3 +346,20 @@ def test_masked_tokens_take_no_slot_and_leave_statistics_unchanged(config):
                                    err_msg=name)
     with pytest.raises(ValueError, match=r"token_mask\.shape"):
         moe.apply(params, padded, config, token_mask=mask[:4])
+
+
+@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
+def test_one_routing_group_adds_no_size1_axis_to_reductions(dispatch):
+    """XLA:CPU runs reductions over arrays with a size-1 axis ~30x slower (benchmarks README):
+    with one routing group, the compiled fwd+bwd must reduce only over arrays without one."""
+    import re
+
+    config = BASE.replace(group_size=None, top_k=2, dispatch=dispatch)
+    params = params_for(config)
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(moe.apply(p, x, config, train=True)[0] ** 2)))
+    hlo = grad.lower(params, X).compile().as_text()
+    reduces = [line for line in hlo.splitlines() if re.search(r" reduce\(", line)]
+    assert reduces
+    size1 = [line.strip()[:100] for line in reduces
+             if re.search(r"= \w+\[(1,|[0-9,]*,1,|[0-9,]*,1\])", line)]
+    assert not size1, size1
