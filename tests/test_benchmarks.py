@@ -123,3 +123,26 @@ def test_profile_ops_reads_hlo_and_trace(tmp_path):
     assert totals == {"fusion.1": pytest.approx(2.0)}
     with pytest.raises(FileNotFoundError, match=r"no \*\.trace\.json\.gz"):
         profile_ops.op_times(str(tmp_path / "empty"), steps=1)
+
+
+def test_train_run_keeps_rows_when_a_model_runs_out_of_memory(monkeypatch):
+    import jax
+
+    chosen = train.models("tiny", swiglu=False)[:2]
+    monkeypatch.setattr(train, "models", lambda scale, swiglu: chosen)
+
+    def out_of_memory(config, steps, warmup):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.")
+
+    monkeypatch.setattr(train, "time_train_step", out_of_memory)
+    rows = train.run(small=False)
+    skipped = [r for r in rows if r["scale"] == "tiny"]
+    assert [r["model"] for r in skipped] == [m.name for m in chosen]
+    assert all("out of memory on cpu: RESOURCE_EXHAUSTED" in r["skipped"] for r in skipped)
+
+    def other_error(config, steps, warmup):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(train, "time_train_step", other_error)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        train.run(small=False)

@@ -91,7 +91,8 @@ def _train_table(rows: list[dict[str, Any]]) -> list[str]:
     sources = {}
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['scale']} | skipped: {r['skipped']} | | | | | | | | | | | |")
+            lines.append(f"| {r['scale']} {r.get('model', '')} | skipped: {r['skipped']} "
+                         "| | | | | | | | | | | |")
             continue
         t, mfu, xla = r["timing"], r.get("mfu"), r.get("xla_flops_per_token")
         ratios = (f"{r['ratio_step_time']:.2f} | {r['ratio_model_flops']:.3f}"

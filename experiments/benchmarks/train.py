@@ -196,7 +196,17 @@ def run(*, quick: bool = False, small: bool | None = None, steps: int = 10,
             continue
         for m in models(scale, swiglu=not quick):
             config = scale_config(m.spec, scale, 4 if quick else None)
-            result = time_train_step(config, steps=steps, warmup=1 if quick else 2)
+            try:
+                result = time_train_step(config, steps=steps, warmup=1 if quick else 2)
+            except jax.errors.JaxRuntimeError as error:
+                if "RESOURCE_EXHAUSTED" not in str(error):
+                    raise
+                # Keep the rows measured so far; say what did not fit.
+                reason = f"out of memory on {device.platform}: {str(error).splitlines()[0]}"
+                print(f"  train {scale} {m.name}: skipped ({reason})", flush=True)
+                rows.append({"benchmark": "train", "scale": scale, "model": m.name,
+                             "skipped": reason})
+                continue
             rows.append({**result, "scale": scale, "model": m.name, "config": m.spec,
                          "baseline": m.baseline})
             print(f"  train {scale} {m.name:12} {result['timing']['median_s'] * 1e3:8.1f} ms/step "
