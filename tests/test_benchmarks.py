@@ -131,7 +131,7 @@ def test_train_run_keeps_rows_when_a_model_runs_out_of_memory(monkeypatch):
     chosen = train.models("tiny", swiglu=False)[:2]
     monkeypatch.setattr(train, "models", lambda scale, swiglu: chosen)
 
-    def out_of_memory(config, steps, warmup):
+    def out_of_memory(config, steps, warmup, memory_limit):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.")
 
     monkeypatch.setattr(train, "time_train_step", out_of_memory)
@@ -140,9 +140,20 @@ def test_train_run_keeps_rows_when_a_model_runs_out_of_memory(monkeypatch):
     assert [r["model"] for r in skipped] == [m.name for m in chosen]
     assert all("out of memory on cpu: RESOURCE_EXHAUSTED" in r["skipped"] for r in skipped)
 
-    def other_error(config, steps, warmup):
+    def other_error(config, steps, warmup, memory_limit):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
     monkeypatch.setattr(train, "time_train_step", other_error)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         train.run(small=False)
+
+
+def test_measure_refuses_a_function_that_needs_more_memory_than_allowed():
+    import jax.numpy as jnp
+
+    from experiments.benchmarks.timing import available_host_memory, measure
+    x = jnp.ones((256, 256))
+    with pytest.raises(MemoryError, match="GiB available"):
+        measure(lambda x: (x @ x) @ x, x, repeats=1, memory_limit=1024)
+    assert measure(lambda x: x @ x, x, repeats=1, memory_limit=2**30).median_s > 0
+    assert available_host_memory() > 0

@@ -28,13 +28,29 @@ class Timing:
         return dataclasses.asdict(self)
 
 
+def available_host_memory() -> int | None:
+    """Bytes of host memory available now (MemAvailable of /proc/meminfo), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
-            carry: bool = False) -> Timing:
+            carry: bool = False, memory_limit: int | None = None) -> Timing:
     """Compiles `jax.jit(fn)` for `args` (timed apart), then times `repeats` runs.
 
     fn: a function, or an already-jitted one (its shardings and donated arguments are kept).
     carry: each run's first output replaces the first argument of the next run, as a train
       step `(state, batch) -> (state, metrics)` needs when it donates its state.
+    memory_limit: bytes; raises MemoryError before running if the compiled function's new
+      allocations (temporaries and outputs not aliased to donated arguments, from
+      `memory_analysis()`) need more: on a CPU host the kernel would otherwise kill the
+      process, losing every figure measured before.
     """
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     lowered = jitted.lower(*args)
@@ -42,6 +58,13 @@ def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    if memory_limit is not None and memory is not None:
+        needed = (memory.temp_size_in_bytes + memory.output_size_in_bytes
+                  - memory.alias_size_in_bytes)
+        if needed > memory_limit:
+            raise MemoryError(f"the compiled function needs {needed / 2**30:.1f} GiB "
+                              f"(temporaries {memory.temp_size_in_bytes / 2**30:.1f} GiB), "
+                              f"{memory_limit / 2**30:.1f} GiB available")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
 

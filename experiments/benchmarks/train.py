@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments.benchmarks.timing import measure
+from experiments.benchmarks.timing import available_host_memory, measure
 from experiments.suites import base
 from moe_jax import flops, schema
 from moe_jax.data.pipeline import BATCH_FEATURES
@@ -128,10 +128,11 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
     return {name: np.asarray(values[name], dtype) for name, dtype in BATCH_FEATURES.items()}
 
 
-def time_train_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2
-                    ) -> dict[str, Any]:
+def time_train_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
+                    memory_limit: int | None = None) -> dict[str, Any]:
     """Compiles and times the jitted train step of `config` (median over `steps` after
-    `warmup`), and counts its FLOPs and parameters. MFU and ratios are added by `run`."""
+    `warmup`), and counts its FLOPs and parameters. MFU and ratios are added by `run`.
+    memory_limit: bytes; MemoryError if the compiled step needs more (see `timing.measure`)."""
     experiment = schema.parse_config(config)
     train = experiment.train
     seq_len = train.seq_len or experiment.model.max_seq_len
@@ -140,7 +141,8 @@ def time_train_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmu
     batch = placement.global_batch(
         synthetic_batch(train.batch_size, seq_len, experiment.model.vocab_size),
         fns["batch_sharding"], train.batch_size)
-    timing = measure(fns["train_step"], state, batch, repeats=steps, warmup=warmup, carry=True)
+    timing = measure(fns["train_step"], state, batch, repeats=steps, warmup=warmup, carry=True,
+                     memory_limit=memory_limit)
     # Routing groups are the whole micro-batch unless moe.group_size is set (moe._check_input).
     count = flops.count_model(experiment.model, experiment.moe, seq_len=seq_len,
                               tokens_per_group=train.micro_batch_size * seq_len)
@@ -187,6 +189,8 @@ def run(*, quick: bool = False, small: bool | None = None, steps: int = 10,
     if small is None:
         small = device.platform != "cpu"
     rows: list[dict[str, Any]] = []
+    # On a CPU host, running out of memory kills the process: refuse a step that cannot fit.
+    memory_limit = available_host_memory() if device.platform == "cpu" else None
     for scale in ("tiny", "small"):
         if scale == "small" and not small:
             reason = (f"{device.platform} backend: the small models compute 6-7 TFLOP per 32 x 512 "
@@ -197,9 +201,10 @@ def run(*, quick: bool = False, small: bool | None = None, steps: int = 10,
         for m in models(scale, swiglu=not quick):
             config = scale_config(m.spec, scale, 4 if quick else None)
             try:
-                result = time_train_step(config, steps=steps, warmup=1 if quick else 2)
-            except jax.errors.JaxRuntimeError as error:
-                if "RESOURCE_EXHAUSTED" not in str(error):
+                result = time_train_step(config, steps=steps, warmup=1 if quick else 2,
+                                         memory_limit=memory_limit)
+            except (MemoryError, jax.errors.JaxRuntimeError) as error:
+                if not isinstance(error, MemoryError) and "RESOURCE_EXHAUSTED" not in str(error):
                     raise
                 # Keep the rows measured so far; say what did not fit.
                 reason = f"out of memory on {device.platform}: {str(error).splitlines()[0]}"
