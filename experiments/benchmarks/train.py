@@ -189,8 +189,11 @@ def run(*, quick: bool = False, small: bool | None = None, steps: int = 10,
     if small is None:
         small = device.platform != "cpu"
     rows: list[dict[str, Any]] = []
-    # On a CPU host, running out of memory kills the process: refuse a step that cannot fit.
-    memory_limit = available_host_memory() if device.platform == "cpu" else None
+    # On a CPU host, running out of memory kills the process: refuse a step that cannot fit,
+    # keeping a fifth of the available memory for the runtime's other buffers (a step whose
+    # temporaries were 94% of it was killed).
+    available = available_host_memory() if device.platform == "cpu" else None
+    memory_limit = int(0.8 * available) if available else None
     for scale in ("tiny", "small"):
         if scale == "small" and not small:
             reason = (f"{device.platform} backend: the small models compute 6-7 TFLOP per 32 x 512 "
