@@ -64,7 +64,7 @@ def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
         if needed > memory_limit:
             raise MemoryError(f"the compiled function needs {needed / 2**30:.1f} GiB "
                               f"(temporaries {memory.temp_size_in_bytes / 2**30:.1f} GiB), "
-                              f"{memory_limit / 2**30:.1f} GiB available")
+                              f"{memory_limit / 2**30:.1f} GiB allowed")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
 
