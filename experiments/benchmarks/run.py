@@ -3,6 +3,7 @@
     python -m experiments.benchmarks.run                       # everything, full sizes
     python -m experiments.benchmarks.run --only=layer,dropless --quick
     python -m experiments.benchmarks.run --only=ceiling,train --train_small  # small LMs on CPU
+    python -m experiments.benchmarks.run --only=ceiling,train --train_small --small_batch=8
 
 Figures are wall-clock medians of repeated runs after a warm-up; compile time is reported apart.
 Results go to experiments/benchmarks/results/<platform>-<date>.{json,md} unless --out is given.
@@ -43,10 +44,10 @@ def _run_expert_parallel(quick: bool) -> list[dict[str, Any]]:
     return result["rows"]
 
 
-def run(suites: tuple[str, ...], quick: bool, train_small: bool | None = None
-        ) -> dict[str, Any]:
+def run(suites: tuple[str, ...], quick: bool, train_small: bool | None = None,
+        small_batch: int | None = None) -> dict[str, Any]:
     """Runs `suites` in SUITES order. train_small: time the small LMs in the train suite
-    (None: only on a GPU/TPU backend)."""
+    (None: only on a GPU/TPU backend); small_batch: their batch size (None: the scale's 32)."""
     suites = tuple(s for s in SUITES if s in suites)
     shape = layer.LayerShape(256, 512, 2048) if quick else layer.LayerShape()
     repeats = 2 if quick else 5
@@ -65,7 +66,8 @@ def run(suites: tuple[str, ...], quick: bool, train_small: bool | None = None
             sizes = (512, 1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
             rows += layer.growth(shape, sizes, repeats=min(repeats, 3))
         elif suite == "train":
-            rows += train.run(quick=quick, small=train_small, steps=2 if quick else 10,
+            rows += train.run(quick=quick, small=train_small, small_batch=small_batch,
+                              steps=2 if quick else 10,
                               ceiling=[r for r in rows if r["benchmark"] == "ceiling"])
         elif suite == "expert_parallel":
             rows += _run_expert_parallel(quick)
@@ -180,12 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_small", action="store_true", default=None,
                         help="train suite: also time the small LMs on CPU (default: only on a "
                              "GPU/TPU backend)")
+    parser.add_argument("--small_batch", type=int, default=None,
+                        help="train suite: batch size of the small LMs (default: the small "
+                             "scale's 32 rows; at 32 x 512 a step needs 22-26 GiB of "
+                             "temporaries on CPU)")
     args = parser.parse_args(argv)
+    if args.small_batch is not None and args.small_batch < 1:
+        parser.error(f"--small_batch={args.small_batch}: give a positive number of rows")
     suites = tuple(s for s in args.only.split(",") if s)
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
-    result = run(suites, args.quick, args.train_small)
+    result = run(suites, args.quick, args.train_small, args.small_batch)
     if args.out:
         out = pathlib.Path(args.out)
     else:

@@ -180,11 +180,12 @@ def with_mfu_and_ratios(rows: list[dict[str, Any]], platform: str, device_kind: 
     return out
 
 
-def run(*, quick: bool = False, small: bool | None = None, steps: int = 10,
-        ceiling: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+def run(*, quick: bool = False, small: bool | None = None, small_batch: int | None = None,
+        steps: int = 10, ceiling: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """The `train` suite: every model of `models(scale)` at the tiny scale, and at the small
     scale when `small` (default: only on a GPU/TPU backend). quick: 4-row batches, no SwiGLU
-    pair. ceiling: the `ceiling` rows of the same run (CPU MFU)."""
+    pair. small_batch: rows per small-scale batch (None: the scale's). ceiling: the `ceiling`
+    rows of the same run (CPU MFU)."""
     device = jax.devices()[0]
     if small is None:
         small = device.platform != "cpu"
@@ -202,7 +203,8 @@ def run(*, quick: bool = False, small: bool | None = None, steps: int = 10,
             rows.append({"benchmark": "train", "scale": scale, "skipped": reason})
             continue
         for m in models(scale, swiglu=not quick):
-            config = scale_config(m.spec, scale, 4 if quick else None)
+            batch = 4 if quick else (small_batch if scale == "small" else None)
+            config = scale_config(m.spec, scale, batch)
             try:
                 result = time_train_step(config, steps=steps, warmup=1 if quick else 2,
                                          memory_limit=memory_limit)
