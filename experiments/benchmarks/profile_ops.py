@@ -32,7 +32,6 @@ import re
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 from experiments.benchmarks.layer import vjp_loss
 from moe_jax import MoeConfig, experts, moe
@@ -94,9 +93,11 @@ def main() -> None:
     parser.add_argument("--d_ff", type=int, default=2048,
                         help="dense width; experts get d_ff // top_k (dropless: d_ff)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="activation dtype (parameters stay float32 and are cast)")
     args = parser.parse_args()
     d_model = 512
-    x = jax.random.normal(jax.random.key(1), (args.tokens, d_model), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (args.tokens, d_model)).astype(args.dtype)
     if args.dense:
         params = experts.init_ffn(jax.random.key(0), d_model, args.d_ff, args.activation)
         apply_fn = lambda p, x: experts.ffn(p, x, args.activation)
@@ -109,7 +110,7 @@ def main() -> None:
         params = moe.init_params(jax.random.key(0), config, d_model)
         apply_fn = lambda p, x: moe.apply(p, x, config, train=True)[0]
         title = f"MoE E={args.experts} top-{args.top_k} {args.dispatch} expert d_ff {d_ff}"
-    print(f"{title}, {args.activation}, {args.tokens} tokens, fwd+bwd; ms per step "
+    print(f"{title}, {args.activation}, {args.tokens} tokens, {args.dtype}, fwd+bwd; ms per step "
           f"(mean of {args.steps}) on {jax.devices()[0].device_kind}")
     for ms, name, shape, op_name in profile(apply_fn, params, x, args.steps):
         print(f"{ms:8.1f}  {name:34} {shape:22} {op_name}")
