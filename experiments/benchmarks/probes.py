@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks.run import RESULTS
-from experiments.benchmarks.timing import machine_info
+from experiments.benchmarks.timing import machine_info, measured_line
 from moe_jax import grouped_matmul as gm
 
 
@@ -94,11 +94,7 @@ def grouped_ops(rows: int = 16384, k: int = 512, n: int = 2048, experts: int = 8
 
 
 def main() -> None:
-    m = machine_info()
-    lines = [f"Measured {m['date']} on {m['platform']} ({m['device_kind'] or m['cpu']}, "
-             f"{m['cpu_count']} cores), jax {m['jax']}, commit {m['commit']}, load average "
-             f"{m['load_average_1m']:.2f} at the end; command "
-             f"`python -m experiments.benchmarks.probes`.", ""]
+    lines = []
     for title, probe in (("reductions", reductions), ("expert matmuls", expert_matmuls),
                          ("grouped matmul", grouped_ops)):
         lines += [f"| {title} | ms |", "| --- | --- |"]
@@ -106,8 +102,10 @@ def main() -> None:
             lines.append(f"| {name} | {ms:.2f} |")
             print(lines[-1], flush=True)
         lines.append("")
+    m = machine_info()  # after the probes: its load average is the one at the end
     out = RESULTS / f"probes-{m['platform']}-{m['date'][:10]}.md"
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join([measured_line(m, "python -m experiments.benchmarks.probes"), "",
+                              *lines]))
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from experiments.benchmarks import layer, train
-from experiments.benchmarks.timing import machine_info
+from experiments.benchmarks.timing import machine_info, measured_line
 
 SUITES = ("ceiling", "layer", "dropless", "growth", "train", "expert_parallel")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -113,10 +113,7 @@ def _train_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    lines = [f"Measured {m['date']} on {m['platform']} ({m['device_kind'] or m['cpu']}, "
-             f"{m['cpu_count']} cores), jax {m['jax']}, commit {m['commit']}, load average "
-             f"{m['load_average_1m']:.2f} at the end; command `{result['command']}`.", ""]
+    lines = [measured_line(result["machine"], result["command"]), ""]
     rows = result["rows"]
     ceiling = [r for r in rows if r["benchmark"] == "ceiling"]
     if ceiling:

@@ -102,3 +102,11 @@ def machine_info() -> dict[str, Any]:
         "jax": jax.__version__,
         "load_average_1m": os.getloadavg()[0],
     }
+
+
+def measured_line(machine: dict[str, Any], command: str) -> str:
+    """The first line of a results file: where, when and how its figures were measured."""
+    m = machine
+    return (f"Measured {m['date']} on {m['platform']} ({m['device_kind'] or m['cpu']}, "
+            f"{m['cpu_count']} cores), jax {m['jax']}, commit {m['commit']}, load average "
+            f"{m['load_average_1m']:.2f} at the end; command `{command}`.")
