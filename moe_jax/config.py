@@ -15,7 +15,7 @@ ROUTERS = ("top_k", "expert_choice", "soft", "sigmoid_bias")
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
-GROUPED_MATMULS = ("auto", "ragged_dot", "blocked")
+GROUPED_MATMULS = ("auto", "ragged_dot", "blocked", "blas")
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
 
@@ -54,8 +54,9 @@ class MoeConfig:
     second_expert_policy: str = "all"
     dispatch: str = "gather"
     # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
-    # (jax.lax.ragged_dot), "blocked" (per-expert row blocks; XLA:CPU computes ragged_dot
-    # densely over all experts) or "auto" (blocked on CPU, ragged_dot elsewhere).
+    # (jax.lax.ragged_dot), "blocked" (per-expert row blocks in XLA; XLA:CPU computes
+    # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS,
+    # float32) or "auto" (on CPU blas for float32, blocked otherwise; ragged_dot elsewhere).
     grouped_matmul: str = "auto"
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert

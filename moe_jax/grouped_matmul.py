@@ -8,6 +8,11 @@ expert (E times the useful FLOPs). `blocked_grouped_matmul` walks each expert's 
 rows per expert) with dynamic trip counts, reading the operands in place (no padded copies), and
 has a custom VJP built from the same loops: dx = grouped(dy, w^T) and dw[e] = sum over e's
 blocks of x_b^T dy_b. Rows past sum(group_sizes) come out as zeros.
+
+On CPU with float32 operands the default is `blas_grouped_matmul`: one host-BLAS GEMM per
+expert through an XLA custom call (`moe_jax.grouped_matmul_cpu`), which writes each output row
+once where the XLA loop fills and rewrites a loop carry (1.11x vs 1.35x of the dense FFN on the
+same rows, fwd+bwd; experiments/benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from moe_jax import grouped_matmul_cpu
 
 Array = jax.Array
 
@@ -129,13 +136,45 @@ def _bwd(block_sizes, residuals, dy):
 blocked_grouped_matmul.defvjp(_fwd, _bwd)
 
 
+@jax.custom_vjp
+def blas_grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
+    """x [M, k] float32 rows sorted by expert, w [E, k, n] float32, group_sizes [E] -> [M, n]:
+    the host BLAS through an XLA:CPU custom call (`moe_jax.grouped_matmul_cpu`), with its VJP."""
+    return grouped_matmul_cpu.grouped_matmul_cpu(x, w, group_sizes)
+
+
+def _blas_fwd(x, w, group_sizes):
+    return blas_grouped_matmul(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _blas_bwd(residuals, dy):
+    x, w, group_sizes = residuals
+    dx = grouped_matmul_cpu.grouped_matmul_cpu(dy, w, group_sizes, transpose_w=True)
+    dw = grouped_matmul_cpu.grouped_weight_grad_cpu(x, dy, group_sizes)
+    return dx, dw, None
+
+
+blas_grouped_matmul.defvjp(_blas_fwd, _blas_bwd)
+
+
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto") -> Array:
-    """out[m] = x[m] @ w[e(m)]. impl: "ragged_dot" (`jax.lax.ragged_dot`), "blocked", or "auto"
-    (blocked on CPU, where ragged_dot computes every expert densely; ragged_dot elsewhere)."""
+    """out[m] = x[m] @ w[e(m)]. impl: "ragged_dot" (`jax.lax.ragged_dot`), "blocked", "blas"
+    (XLA:CPU only, float32), or "auto": on CPU "blas" for float32 operands and "blocked" for
+    others (XLA:CPU's ragged_dot computes every expert densely); ragged_dot elsewhere."""
     if impl == "auto":
-        impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+        if jax.default_backend() != "cpu":
+            impl = "ragged_dot"
+        else:
+            impl = "blas" if x.dtype == w.dtype == jnp.float32 else "blocked"
     if impl == "blocked":
         return blocked_grouped_matmul(x, w, group_sizes)
+    if impl == "blas":
+        if jax.default_backend() != "cpu" or not x.dtype == w.dtype == jnp.float32:
+            raise ValueError(
+                f"grouped matmul 'blas' runs on XLA:CPU with float32 operands (got backend "
+                f"{jax.default_backend()!r}, {x.dtype} x {w.dtype}); use 'auto' or 'blocked'.")
+        return blas_grouped_matmul(x, w, group_sizes)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    raise ValueError(f"unknown grouped matmul {impl!r}; use 'auto', 'ragged_dot' or 'blocked'.")
+    raise ValueError(
+        f"unknown grouped matmul {impl!r}; use 'auto', 'ragged_dot', 'blocked' or 'blas'.")

@@ -137,7 +137,7 @@ def dropless_target(shape: LayerShape, num_experts: int = 8, repeats: int = 5
     rows = []
     dense = time_dense(shape, "swiglu", backward=True, tokens=2 * shape.tokens, repeats=repeats)
     rows.append({"benchmark": "dropless", "model": "dense on 2T tokens", **dense})
-    for impl in ("blocked", "ragged_dot"):
+    for impl in ("blas", "blocked", "ragged_dot"):
         config = MoeConfig(num_experts=num_experts, top_k=2, d_ff=shape.d_ff, dispatch="dropless",
                            activation="swiglu", grouped_matmul=impl)
         result = time_moe(shape, config, backward=True, repeats=1 if impl == "ragged_dot"
