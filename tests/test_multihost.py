@@ -43,21 +43,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(workdir: str, data_dir: str, tmp_path) -> list[str]:
+EXPLICIT_EXPERT_PARALLEL = {"mesh.data": 1, "mesh.expert": -1,
+                            "mesh.expert_parallel": "explicit"}
+
+
+def _run_two_processes(workdir: str, data_dir: str, tmp_path,
+                       settings: dict = EXPLICIT_EXPERT_PARALLEL,
+                       step_counts: str = f"{FIRST_STEPS},{STEPS}") -> list[str]:
     """Starts both workers, waits (bounded), kills what is left; returns their logs."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
     flags = [f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-             "--config.mesh.data=1", "--config.mesh.expert=-1",
-             "--config.mesh.expert_parallel=explicit"]
+             *[f"--config.{key}={value}" for key, value in settings.items()]]
     logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
     processes = []
     try:
         for i, log in enumerate(logs):
             with open(log, "w") as out:
                 processes.append(subprocess.Popen(
-                    [sys.executable, WORKER, f"{FIRST_STEPS},{STEPS}", *flags],
+                    [sys.executable, WORKER, step_counts, *flags],
                     env={**env, "JAX_PROCESS_ID": str(i)}, stdout=out, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + TIMEOUT_S
         for process in processes:
@@ -108,3 +113,20 @@ def test_two_processes_train_save_and_resume_like_one(data_dir, tmp_path):
         iterators = json.load(f)["data_iterator_by_process"]
     assert [it["pipeline"]["process_index"] for it in iterators] == [0, 1]
     assert all(it["step"] == STEPS for it in iterators)
+
+
+@pytest.mark.slow
+def test_two_processes_dropless_data_parallel_match_one(data_dir, tmp_path):
+    # Dropless on CPU runs its grouped matmuls as a custom call that the SPMD partitioner
+    # cannot split: each process must run it on the gathered rows and get the same losses.
+    settings = {"mesh.data": -1, "mesh.expert": 1, "moe.dispatch": "dropless",
+                "train.checkpoint_every": 0}
+    workdir = str(tmp_path / "two_processes")
+    _run_two_processes(workdir, data_dir, tmp_path, settings, step_counts="3")
+    reference_dir = str(tmp_path / "one_process")
+    loop.train_and_evaluate(apply_settings(schema.load_config(CONFIG), {
+        **SETTINGS, **settings, "data.data_dir": data_dir, "train.num_train_steps": 3}),
+        reference_dir)
+    losses = [[read_metrics(d)[s]["train/loss"] for s in range(1, 4)]
+              for d in (workdir, reference_dir)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
