@@ -143,17 +143,19 @@ def _handler(compute):
     """An XLA FFI handler (XLA_FFI_Error* fn(XLA_FFI_CallFrame*)) running compute(*args, *rets)."""
 
     def handler(frame_pointer: int) -> int | None:
+        # Everything inside the try: an exception escaping a ctypes callback is only printed,
+        # and XLA would take the call as succeeded.
         frame = _CallFrame.from_address(frame_pointer)
-        extension = frame.extension_start
-        if extension and extension.contents.type == _EXTENSION_METADATA:
-            metadata = ctypes.cast(extension, ctypes.POINTER(_MetadataExtension))
-            version = metadata.contents.metadata.contents.api_version
-            version.major_version, version.minor_version = _API_VERSION
-            metadata.contents.metadata.contents.traits = 0
-            return None
-        if frame.stage != _STAGE_EXECUTE:
-            return None
         try:
+            extension = frame.extension_start
+            if extension and extension.contents.type == _EXTENSION_METADATA:
+                metadata = ctypes.cast(extension, ctypes.POINTER(_MetadataExtension))
+                version = metadata.contents.metadata.contents.api_version
+                version.major_version, version.minor_version = _API_VERSION
+                metadata.contents.metadata.contents.traits = 0
+                return None
+            if frame.stage != _STAGE_EXECUTE:
+                return None
             args = [_array(frame.args.items[i]) for i in range(frame.args.size)]
             rets = [_array(frame.rets.items[i]) for i in range(frame.rets.size)]
             with _BLAS_LOCK:
