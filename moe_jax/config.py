@@ -55,8 +55,8 @@ class MoeConfig:
     dispatch: str = "gather"
     # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
     # (jax.lax.ragged_dot), "blocked" (per-expert row blocks in XLA; XLA:CPU computes
-    # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS,
-    # float32) or "auto" (on CPU blas for float32, blocked otherwise; ragged_dot elsewhere).
+    # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS) or
+    # "auto" (blas on CPU, ragged_dot elsewhere).
     grouped_matmul: str = "auto"
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert

@@ -9,10 +9,10 @@ rows per expert) with dynamic trip counts, reading the operands in place (no pad
 has a custom VJP built from the same loops: dx = grouped(dy, w^T) and dw[e] = sum over e's
 blocks of x_b^T dy_b. Rows past sum(group_sizes) come out as zeros.
 
-On CPU with float32 operands the default is `blas_grouped_matmul`: one host-BLAS GEMM per
-expert through an XLA custom call (`moe_jax.grouped_matmul_cpu`), which writes each output row
-once where the XLA loop fills and rewrites a loop carry (1.11x vs 1.35x of the dense FFN on the
-same rows, fwd+bwd; experiments/benchmarks/README.md).
+On CPU the default is `blas_grouped_matmul`: one host-BLAS GEMM per expert through an XLA
+custom call (`moe_jax.grouped_matmul_cpu`), which writes each output row once where the XLA loop
+fills and rewrites a loop carry (float32: 1.07x vs 1.35x of the dense FFN on the same rows,
+fwd+bwd; experiments/benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -159,21 +159,22 @@ blas_grouped_matmul.defvjp(_blas_fwd, _blas_bwd)
 
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto") -> Array:
     """out[m] = x[m] @ w[e(m)]. impl: "ragged_dot" (`jax.lax.ragged_dot`), "blocked", "blas"
-    (XLA:CPU only, float32), or "auto": on CPU "blas" for float32 operands and "blocked" for
-    others (XLA:CPU's ragged_dot computes every expert densely); ragged_dot elsewhere."""
+    (XLA:CPU only), or "auto": "blas" on CPU (where XLA's ragged_dot computes every expert
+    densely), ragged_dot elsewhere. "blas" runs bfloat16/float16 operands as float32 copies and
+    rounds the result back, as XLA:CPU's own dots of those types compute in float32."""
     if impl == "auto":
-        if jax.default_backend() != "cpu":
-            impl = "ragged_dot"
-        else:
-            impl = "blas" if x.dtype == w.dtype == jnp.float32 else "blocked"
+        impl = "blas" if jax.default_backend() == "cpu" else "ragged_dot"
     if impl == "blocked":
         return blocked_grouped_matmul(x, w, group_sizes)
     if impl == "blas":
-        if jax.default_backend() != "cpu" or not x.dtype == w.dtype == jnp.float32:
-            raise ValueError(
-                f"grouped matmul 'blas' runs on XLA:CPU with float32 operands (got backend "
-                f"{jax.default_backend()!r}, {x.dtype} x {w.dtype}); use 'auto' or 'blocked'.")
-        return blas_grouped_matmul(x, w, group_sizes)
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"grouped matmul 'blas' runs on XLA:CPU only (backend "
+                             f"{jax.default_backend()!r}); use 'auto' or 'ragged_dot'.")
+        if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(w.dtype, jnp.floating)):
+            raise ValueError(f"grouped matmul 'blas' needs floating operands; got {x.dtype} x "
+                             f"{w.dtype}.")
+        f32 = jnp.float32
+        return blas_grouped_matmul(x.astype(f32), w.astype(f32), group_sizes).astype(x.dtype)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
     raise ValueError(

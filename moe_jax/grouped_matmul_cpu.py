@@ -16,7 +16,8 @@ The handler is a Python function called through ctypes with the XLA FFI C ABI
 (xla/ffi/api/c_api.h in jaxlib's `jax.ffi.include_dir()`): it reads the call frame's buffers,
 answers XLA's metadata query with the API version it was written against, and runs only in the
 execute stage. ctypes takes the GIL for the handler; numpy releases it inside each GEMM.
-float32 only: numpy has no fast bfloat16 GEMM (`grouped_matmul` falls back to the XLA loop).
+float32 buffers only (numpy has no fast bfloat16 GEMM): `grouped_matmul` passes bfloat16 and
+float16 operands as float32 copies, as XLA:CPU itself computes dots of those types in float32.
 """
 
 from __future__ import annotations
@@ -185,10 +186,18 @@ def _register() -> None:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(_HANDLERS[name]), platform="cpu")
 
 
+def _check_float32(*arrays: Array) -> None:
+    if any(a.dtype != jnp.float32 for a in arrays):
+        raise ValueError(f"the CPU grouped matmul takes float32 operands; got "
+                         f"{[str(a.dtype) for a in arrays]} (grouped_matmul(impl='blas') "
+                         "converts other float types).")
+
+
 def grouped_matmul_cpu(x: Array, w: Array, group_sizes: Array, transpose_w: bool = False
                        ) -> Array:
     """x [M, k] float32 rows sorted by expert, w [E, k, n] (transpose_w: [E, n, k]) float32,
     group_sizes [E] int32 -> [M, n] float32; rows past sum(group_sizes) are zeros."""
+    _check_float32(x, w)
     _register()
     n = w.shape[1] if transpose_w else w.shape[2]
     target = "moe_jax_grouped_matmul_wt" if transpose_w else "moe_jax_grouped_matmul"
@@ -200,6 +209,7 @@ def grouped_matmul_cpu(x: Array, w: Array, group_sizes: Array, transpose_w: bool
 def grouped_weight_grad_cpu(x: Array, dy: Array, group_sizes: Array) -> Array:
     """x [M, k], dy [M, n] float32 rows sorted by expert, group_sizes [E] int32 -> dw [E, k, n]
     float32, dw[e] = sum over rows m of expert e of x[m]^T dy[m]."""
+    _check_float32(x, dy)
     _register()
     shape = (group_sizes.shape[0], x.shape[1], dy.shape[1])
     call = jax.ffi.ffi_call("moe_jax_grouped_weight_grad",

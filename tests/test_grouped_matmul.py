@@ -37,13 +37,17 @@ def test_grouped_matmul_equals_ragged_dot(impl, sizes):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_picks_blas_for_float32_and_blocked_otherwise_on_cpu():
-    x, w, sizes = jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.array([1, 3], jnp.int32)
-    hlo = jax.jit(grouped_matmul).lower(x, w, sizes).as_text()
-    assert "moe_jax_grouped_matmul" in hlo
-    hlo = jax.jit(grouped_matmul).lower(x.astype(jnp.bfloat16), w, sizes).as_text()
-    assert "moe_jax_grouped_matmul" not in hlo and "while" in hlo
-    np.testing.assert_allclose(grouped_matmul(x.astype(jnp.bfloat16), w, sizes), 2.0)
+def test_auto_is_the_blas_custom_call_on_cpu_for_every_float_type():
+    rng = np.random.default_rng(2)
+    sizes = jnp.array([5, 0, 11], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 8, 4)), jnp.bfloat16)
+    assert "moe_jax_grouped_matmul" in jax.jit(grouped_matmul).lower(x, w, sizes).as_text()
+    out = grouped_matmul(x, w, sizes)
+    assert out.dtype == jnp.bfloat16
+    # float32 products of the bfloat16 inputs, rounded once to bfloat16 (within 2^-8 relative)
+    expected = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+    np.testing.assert_allclose(out.astype(jnp.float32), expected, rtol=2**-8, atol=1e-6)
 
 
 def test_blas_under_vmap_runs_each_batch_element():
@@ -68,6 +72,9 @@ def test_blas_error_inside_the_custom_call_is_raised_not_crashed():
 def test_unknown_or_unusable_impl_is_refused():
     with pytest.raises(ValueError, match="unknown grouped matmul 'dense'"):
         grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2]), "dense")
-    with pytest.raises(ValueError, match="'blas' runs on XLA:CPU with float32 operands"):
-        grouped_matmul(jnp.zeros((2, 2), jnp.bfloat16), jnp.zeros((1, 2, 2), jnp.bfloat16),
+    with pytest.raises(ValueError, match="'blas' needs floating operands"):
+        grouped_matmul(jnp.zeros((2, 2), jnp.int32), jnp.zeros((1, 2, 2), jnp.int32),
                        jnp.array([2]), "blas")
+    with pytest.raises(ValueError, match="takes float32 operands"):
+        blas_grouped_matmul(jnp.zeros((2, 2), jnp.bfloat16), jnp.zeros((1, 2, 2)),
+                            jnp.array([2]))
