@@ -32,7 +32,7 @@ import numpy as np
 
 Array = jax.Array
 
-_API_VERSION = (0, 1)  # the FFI C API fields used here all exist since version 0.1
+_API_VERSION = (0, 1)  # answered to XLA's metadata query; jaxlib 0.10.2 (FFI API 0.3) accepts it
 _STAGE_EXECUTE = 3
 _EXTENSION_METADATA = 1
 _ERROR_INTERNAL = 13
