@@ -43,10 +43,18 @@ def _inputs(shape: LayerShape, tokens: int | None = None):
 
 
 def time_dense(shape: LayerShape, activation: str, *, backward: bool, tokens: int | None = None,
-               repeats: int = 5) -> dict[str, Any]:
-    params = experts.init_ffn(jax.random.key(0), shape.d_model, shape.d_ff, activation)
+               repeats: int = 5, grouped_matmul: str | None = None) -> dict[str, Any]:
+    """The dense FFN; with `grouped_matmul`, run as one expert through that grouped matmul
+    (e.g. "blas": the same GEMMs as the dropless path on CPU)."""
     x, cotangent = _inputs(shape, tokens)
-    apply_fn = lambda p, x: experts.ffn(p, x, activation)
+    if grouped_matmul is None:
+        params = experts.init_ffn(jax.random.key(0), shape.d_model, shape.d_ff, activation)
+        apply_fn = lambda p, x: experts.ffn(p, x, activation)
+    else:
+        params = experts.init_ffn(jax.random.key(0), shape.d_model, shape.d_ff, activation,
+                                  batch=(1,))
+        sizes = jnp.array([x.shape[0]], jnp.int32)
+        apply_fn = lambda p, x: experts.grouped_ffn(p, x, sizes, activation, grouped_matmul)
     if backward:
         timing = measure(vjp_loss(apply_fn), params, x, cotangent, repeats=repeats)
     else:
@@ -130,19 +138,6 @@ def layer_vs_dense(shape: LayerShape, num_experts: tuple[int, ...] = (8, 64),
     return rows
 
 
-def time_blas_dense(shape: LayerShape, tokens: int, repeats: int = 5) -> dict[str, Any]:
-    """The dense swiglu FFN through the BLAS grouped matmul with one expert (CPU): the same
-    GEMM library as the dropless "blas" path, so their ratio is the dropless overhead alone."""
-    params = experts.init_ffn(jax.random.key(0), shape.d_model, shape.d_ff, "swiglu", batch=(1,))
-    x, cotangent = _inputs(shape, tokens)
-    sizes = jnp.array([tokens], jnp.int32)
-    apply_fn = lambda p, x: experts.grouped_ffn(p, x, sizes, "swiglu", "blas")
-    timing = measure(vjp_loss(apply_fn), params, x, cotangent, repeats=repeats)
-    flops = ffn_flops(tokens, shape.d_model, shape.d_ff, "swiglu") * 3
-    return {"timing": timing.as_dict(), "useful_flops": flops,
-            "useful_gflops_per_s": flops / timing.median_s / 1e9}
-
-
 def dropless_target(shape: LayerShape, num_experts: int = 8, repeats: int = 5
                     ) -> list[dict[str, Any]]:
     """Dropless top-2 swiglu (expert d_ff = shape.d_ff) vs a dense swiglu FFN on 2x the tokens
@@ -155,7 +150,8 @@ def dropless_target(shape: LayerShape, num_experts: int = 8, repeats: int = 5
     rows.append({"benchmark": "dropless", "model": "dense on 2T tokens", **dense})
     cpu = jax.default_backend() == "cpu"
     if cpu:
-        blas_dense = time_blas_dense(shape, tokens, repeats)
+        blas_dense = time_dense(shape, "swiglu", backward=True, tokens=tokens, repeats=repeats,
+                                grouped_matmul="blas")
         ratio = blas_dense["timing"]["median_s"] / dense["timing"]["median_s"]
         rows.append({"benchmark": "dropless", "model": "dense on 2T tokens, BLAS GEMMs",
                      "ratio_to_dense": ratio, **blas_dense})
