@@ -35,6 +35,7 @@ from typing import Any
 from experiments import suites
 from experiments.suites import results as results_lib
 from experiments.suites.base import RunSpec, Suite
+from moe_jax.train.metrics import write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_ROOT = os.path.join(REPO_ROOT, "experiments", "results")
@@ -66,12 +67,6 @@ def _read_json(path: str) -> Any:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
-    os.replace(path + ".tmp", path)
 
 
 def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -127,7 +122,7 @@ def launch(spec: RunSpec, workdir: str, *, python: str = sys.executable,
     """Trains one run in a subprocess (output in workdir/run.log); returns its status and
     leaves request.json, run_info.json and, if it diverged, diverged.json in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, REQUEST_FILE), _request(spec))
+    write_json(os.path.join(workdir, REQUEST_FILE), _request(spec))
     command = [python, "-m", "moe_jax.main", *spec.flags(), f"--workdir={workdir}"]
     start = time.perf_counter()
     with open(os.path.join(workdir, LOG_FILE), "a") as log:
@@ -140,8 +135,8 @@ def launch(spec: RunSpec, workdir: str, *, python: str = sys.executable,
     status, step = classify(returncode, tail, _read_json(os.path.join(workdir, SUMMARY_FILE)),
                             spec.num_train_steps)
     if status == results_lib.DIVERGED:
-        _write_json(os.path.join(workdir, DIVERGED_FILE), {"step": step, "log_tail": tail})
-    _write_json(os.path.join(workdir, RUN_INFO_FILE),
+        write_json(os.path.join(workdir, DIVERGED_FILE), {"step": step, "log_tail": tail})
+    write_json(os.path.join(workdir, RUN_INFO_FILE),
                 {"status": status, "returncode": returncode, "runner_seconds": seconds})
     return status
 
