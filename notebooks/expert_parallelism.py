@@ -18,9 +18,17 @@
 #
 # # Expert parallelism on a mesh of 8 devices
 #
-# Lay one MoE layer out on a (data, expert, model) mesh: see which device holds which experts, find the all-to-all in the compiled HLO, and compare the two expert-parallel forms of `moe_jax.sharding`: `gspmd` (sharding constraints, XLA inserts the collectives; GShard) and `explicit` (`jax.shard_map` with two hand-written `jax.lax.all_to_all`s). Without a TPU the 8 devices are simulated on the CPU, which is enough to check the plumbing but says nothing about speed.
+# Lay one MoE layer out on a (data, expert, model) mesh: see which device holds which experts, find
+# the all-to-all in the compiled HLO, and compare the two expert-parallel forms of
+# `moe_jax.sharding`: `gspmd` (sharding constraints, XLA inserts the collectives; GShard) and
+# `explicit` (`jax.shard_map` with two hand-written `jax.lax.all_to_all`s). Without a TPU the 8
+# devices are simulated on the CPU, which is enough to check the plumbing but says nothing about
+# speed.
 #
-# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first). **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test suite runs every notebook this way); the backend cell below prints which mode produced the outputs you see.
+# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first).
+# **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test
+# suite runs every notebook this way); the backend cell below prints which mode produced the outputs
+# you see.
 
 # %%
 # Install moe_jax when it is not importable (a fresh Colab runtime): clone the repository
@@ -77,7 +85,9 @@ print("mode:", "fast (MOE_JAX_FAST=1: few steps, small data)" if FAST else
 # %% [markdown]
 # ## 1. A mesh and where the experts live
 #
-# Mesh `data=2, expert=4`: the batch is split over all 8 devices (`batch` maps to `data` and `expert`), the 8 experts over the 4 positions of the `expert` axis (2 experts per device, each held by the 2 devices of its `data` column). Shapes: E experts, d model width, f expert width.
+# Mesh `data=2, expert=4`: the batch is split over all 8 devices (`batch` maps to `data` and
+# `expert`), the 8 experts over the 4 positions of the `expert` axis (2 experts per device, each
+# held by the 2 devices of its `data` column). Shapes: E experts, d model width, f expert width.
 
 # %%
 import jax.numpy as jnp
@@ -154,7 +164,9 @@ plt.show()
 # %% [markdown]
 # ## 2. The all-to-all in the compiled HLO
 #
-# Compile the layer's forward pass in both forms and count the collectives XLA emitted. The explicit form has exactly two all-to-alls per layer (tokens to their experts, outputs back), over the 4 devices of each `expert` group; the gspmd form leaves the choice to XLA's sharding propagation.
+# Compile the layer's forward pass in both forms and count the collectives XLA emitted. The explicit
+# form has exactly two all-to-alls per layer (tokens to their experts, outputs back), over the 4
+# devices of each `expert` group; the gspmd form leaves the choice to XLA's sharding propagation.
 
 # %%
 import re
@@ -180,7 +192,10 @@ for line in forms["explicit"][3].splitlines():
 # %% [markdown]
 # ## 3. The two forms compute the same function
 #
-# Both forms, and the layer on one device without any sharding, give the same outputs (same routing groups, so the same drops). The step times below are fwd+bwd of the layer, measured by `experiments/benchmarks/expert_parallel.py`; on simulated CPU devices they only show that both forms run, not which is faster on real hardware.
+# Both forms, and the layer on one device without any sharding, give the same outputs (same routing
+# groups, so the same drops). The step times below are fwd+bwd of the layer, measured by
+# `experiments/benchmarks/expert_parallel.py`; on simulated CPU devices they only show that both
+# forms run, not which is faster on real hardware.
 
 # %%
 reference, ref_aux = jax.jit(lambda p, x: moe.apply(p, x, config, train=True))(params, x)

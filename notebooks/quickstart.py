@@ -18,9 +18,15 @@
 #
 # # moe_jax quickstart: one MoE layer, then dense vs Switch
 #
-# Build a Mixture-of-Experts layer with the pure API (`moe.init_params`, `moe.apply`), route a batch and look at the routing: which expert each token chose, how loaded the experts are and which assignments were dropped for lack of capacity. Then train a tiny dense Transformer and its FLOP-matched Switch Transformer on the embedded corpus and compare their loss curves.
+# Build a Mixture-of-Experts layer with the pure API (`moe.init_params`, `moe.apply`), route a batch
+# and look at the routing: which expert each token chose, how loaded the experts are and which
+# assignments were dropped for lack of capacity. Then train a tiny dense Transformer and its
+# FLOP-matched Switch Transformer on the embedded corpus and compare their loss curves.
 #
-# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first). **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test suite runs every notebook this way); the backend cell below prints which mode produced the outputs you see.
+# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first).
+# **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test
+# suite runs every notebook this way); the backend cell below prints which mode produced the outputs
+# you see.
 
 # %%
 # Install moe_jax when it is not importable (a fresh Colab runtime): clone the repository
@@ -63,7 +69,10 @@ print("mode:", "fast (MOE_JAX_FAST=1: few steps, small data)" if FAST else
 # %% [markdown]
 # ## 1. One MoE layer
 #
-# 8 experts, top-2 routing, capacity factor 1.0: each expert takes at most `C = ceil(k * T * capacity_factor / E)` of the `T * k` assignments of a routing group (GShard Sec. 2.2); the rest are dropped and those tokens keep only the residual path. `moe.apply` returns the output and the routing statistics in `aux`.
+# 8 experts, top-2 routing, capacity factor 1.0: each expert takes at most
+# `C = ceil(k * T * capacity_factor / E)` of the `T * k` assignments of a routing group (GShard Sec.
+# 2.2); the rest are dropped and those tokens keep only the residual path. `moe.apply` returns the
+# output and the routing statistics in `aux`.
 
 # %%
 import matplotlib.pyplot as plt
@@ -82,7 +91,9 @@ print("y:", y.shape, "| dropped fraction:", f"{float(aux['dropped_fraction']):.3
 print("expert load (kept assignments / (N*k)):", np.round(np.asarray(aux["expert_load"]), 3))
 
 # %% [markdown]
-# The same routing, step by step with the functions `moe.apply` composes: router probabilities, top-k choice, and slot assignment with capacity (all first choices before any second choice, earlier tokens first).
+# The same routing, step by step with the functions `moe.apply` composes: router probabilities,
+# top-k choice, and slot assignment with capacity (all first choices before any second choice,
+# earlier tokens first).
 
 # %%
 tokens = x.reshape(-1, d_model)                                     # [T, d]
@@ -127,7 +138,13 @@ plt.show()
 # %% [markdown]
 # ## 2. Dense vs Switch, trained on the embedded corpus
 #
-# The main job of `python -m moe_jax.main`: `configs/dense.py:tiny` (1.9M parameters) and `configs/switch.py:e8` (every other block an 8-expert top-1 layer, experts FLOP-matched to the dense FFN: ~3x the parameters at the same FLOPs per token). The embedded corpus (code, prose and arithmetic built from the Python standard library, no download) is built on first use. Full mode trains each model 300 steps of 16 x 128 byte tokens (a few minutes per model on 2 CPU cores); fast mode 30 steps of 8 x 128 on the tiny corpus, enough to see the curves fall, not to compare the models.
+# The main job of `python -m moe_jax.main`: `configs/dense.py:tiny` (1.9M parameters) and
+# `configs/switch.py:e8` (every other block an 8-expert top-1 layer, experts FLOP-matched to the
+# dense FFN: ~3x the parameters at the same FLOPs per token). The embedded corpus (code, prose and
+# arithmetic built from the Python standard library, no download) is built on first use. Full mode
+# trains each model 300 steps of 16 x 128 byte tokens (a few minutes per model on 2 CPU cores); fast
+# mode 30 steps of 8 x 128 on the tiny corpus, enough to see the curves fall, not to compare the
+# models.
 
 # %%
 # Short outputs: no TFDS progress bars, no INFO logs. The embedded corpus is built here on first
@@ -184,4 +201,6 @@ ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# With a few hundred steps the gap between the two is small and within the seed-to-seed spread (README, *the main job*); `experiments/` runs the comparison over seeds and more experts (`scaling_results.ipynb` shows the results).
+# With a few hundred steps the gap between the two is small and within the seed-to-seed spread
+# (README, *the main job*); `experiments/` runs the comparison over seeds and more experts
+# (`scaling_results.ipynb` shows the results).

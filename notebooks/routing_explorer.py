@@ -18,9 +18,17 @@
 #
 # # Routing explorer: what a trained top-2 router does
 #
-# Train (or restore) a small Mixtral-style model, `configs/mixtral.py:e8` (every block sparse, top-2 of 8 SwiGLU experts, dropless), then look at its routers on the validation batches: expert use per domain (code, prose, math) and per byte class, the per-layer router entropy, and how many assignments a capacity-limited dispatch would drop at each evaluation capacity factor. The analysis is `experiments/suites/routing_stats.py`, the same code as the `routing_analysis` suite, and so are the first three figures.
+# Train (or restore) a small Mixtral-style model, `configs/mixtral.py:e8` (every block sparse, top-2
+# of 8 SwiGLU experts, dropless), then look at its routers on the validation batches: expert use per
+# domain (code, prose, math) and per byte class, the per-layer router entropy, and how many
+# assignments a capacity-limited dispatch would drop at each evaluation capacity factor. The
+# analysis is `experiments/suites/routing_stats.py`, the same code as the `routing_analysis` suite,
+# and so are the first three figures.
 #
-# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first). **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test suite runs every notebook this way); the backend cell below prints which mode produced the outputs you see.
+# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first).
+# **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test
+# suite runs every notebook this way); the backend cell below prints which mode produced the outputs
+# you see.
 
 # %%
 # Install moe_jax when it is not importable (a fresh Colab runtime): clone the repository
@@ -63,7 +71,11 @@ print("mode:", "fast (MOE_JAX_FAST=1: few steps, small data)" if FAST else
 # %% [markdown]
 # ## 1. Train, or restore a run
 #
-# Set `RESTORE_FROM` (or the environment variable `MOE_JAX_ROUTING_WORKDIR`) to a run directory written by `python -m experiments.run --suite=routing_analysis` (e.g. `experiments/results/routing_analysis/runs/tiny/mixtral_e8_s0`) to analyse it without training. Otherwise this trains the suite's run: 600 steps of 16 x 128 tokens in full mode (~6 min on 2 CPU cores), 40 steps of 8 x 128 on the tiny corpus in fast mode.
+# Set `RESTORE_FROM` (or the environment variable `MOE_JAX_ROUTING_WORKDIR`) to a run directory
+# written by `python -m experiments.run --suite=routing_analysis` (e.g.
+# `experiments/results/routing_analysis/runs/tiny/mixtral_e8_s0`) to analyse it without training.
+# Otherwise this trains the suite's run: 600 steps of 16 x 128 tokens in full mode (~6 min on 2 CPU
+# cores), 40 steps of 8 x 128 on the tiny corpus in fast mode.
 
 # %%
 # Short outputs: no TFDS progress bars, no INFO logs. The embedded corpus is built here on first
@@ -107,7 +119,9 @@ else:
 # %% [markdown]
 # ## 2. Expert use per domain and byte class, entropy per layer
 #
-# `routing_stats.route_batches` restores the checkpoint, routes the validation batches and computes the statistics (each token's two choices count 1/2 each, before capacity). The figures are the `routing_analysis` suite's, drawn from this one run.
+# `routing_stats.route_batches` restores the checkpoint, routes the validation batches and computes
+# the statistics (each token's two choices count 1/2 each, before capacity). The figures are the
+# `routing_analysis` suite's, drawn from this one run.
 
 # %%
 from IPython.display import Image, display
@@ -142,7 +156,12 @@ print(f"entropies in nats; ln E = {analysis['ln_experts']:.3f} is a uniform rout
 # %% [markdown]
 # ## 3. Dropped assignments vs the evaluation capacity factor
 #
-# The model was trained dropless (no capacity, nothing dropped, so the causal LM never sees the future through capacity). Here each sparse layer's inputs on the validation batches are sent through the same layer with a capacity-limited `gather` dispatch, `C = ceil(k * T * eval_capacity_factor / E)` per routing group (one batch), to see how much capacity this router needs: the dropped fraction falls to zero once every expert's busiest group fits.
+# The model was trained dropless (no capacity, nothing dropped, so the causal LM never sees the
+# future through capacity). Here each sparse layer's inputs on the validation batches are sent
+# through the same layer with a capacity-limited `gather` dispatch,
+# `C = ceil(k * T * eval_capacity_factor / E)` per routing group (one batch), to see how much
+# capacity this router needs: the dropped fraction falls to zero once every expert's busiest group
+# fits.
 
 # %%
 import jax.numpy as jnp
@@ -209,7 +228,10 @@ plt.show()
 
 
 # %% [markdown]
-# Per expert: the share of assignments the router sent to each expert (before capacity) against the share that found a slot. With `ipywidgets` (as on Colab) pick the capacity factor and layer with the sliders; without it, or on a static page, the figure below shows three capacity factors for the deepest layer.
+# Per expert: the share of assignments the router sent to each expert (before capacity) against the
+# share that found a slot. With `ipywidgets` (as on Colab) pick the capacity factor and layer with
+# the sliders; without it, or on a static page, the figure below shows three capacity factors for
+# the deepest layer.
 
 # %%
 def plot_expert_load(cf, layer, ax=None):

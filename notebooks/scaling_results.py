@@ -18,9 +18,15 @@
 #
 # # Scaling results: dense vs sparse at matched FLOPs
 #
-# The committed results of the paper-reproduction suites (`experiments/results/<suite>/tiny.json`, written by `python -m experiments.run`), drawn with the suites' own figures and tables (`experiments/report.py`), and the FLOP/parameter tables of the paper-scale configs. Nothing is trained here; fast mode changes nothing.
+# The committed results of the paper-reproduction suites (`experiments/results/<suite>/tiny.json`,
+# written by `python -m experiments.run`), drawn with the suites' own figures and tables
+# (`experiments/report.py`), and the FLOP/parameter tables of the paper-scale configs. Nothing is
+# trained here; fast mode changes nothing.
 #
-# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first). **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test suite runs every notebook this way); the backend cell below prints which mode produced the outputs you see.
+# Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first).
+# **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test
+# suite runs every notebook this way); the backend cell below prints which mode produced the outputs
+# you see.
 
 # %%
 # Install moe_jax when it is not importable (a fresh Colab runtime): clone the repository
@@ -63,7 +69,10 @@ print("mode:", "fast (MOE_JAX_FAST=1: few steps, small data)" if FAST else
 # %% [markdown]
 # ## Which results are there
 #
-# Each suite's results file is looked up in the repository. A missing `switch_scaling` file falls back to the test fixture, which holds **synthetic numbers** (made up for the tests, not a measurement) so that the figures can be previewed; other missing suites are skipped with a note. Rerun this notebook when results are committed.
+# Each suite's results file is looked up in the repository. A missing `switch_scaling` file falls
+# back to the test fixture, which holds **synthetic numbers** (made up for the tests, not a
+# measurement) so that the figures can be previewed; other missing suites are skipped with a note.
+# Rerun this notebook when results are committed.
 
 # %%
 from IPython.display import Image, Markdown, display
@@ -133,13 +142,16 @@ def show_suite(name):
 # %% [markdown]
 # ## Dense vs Switch at matched FLOPs (Switch Transformer, Sec. 3)
 #
-# Dense baseline, Switch top-1 with 2 to 64 experts at the same FLOPs per token, and dense models with 2x and 4x the FLOPs: validation loss against the number of experts, and training curves against steps and against seconds.
+# Dense baseline, Switch top-1 with 2 to 64 experts at the same FLOPs per token, and dense models
+# with 2x and 4x the FLOPs: validation loss against the number of experts, and training curves
+# against steps and against seconds.
 
 # %%
 show_suite("switch_scaling")
 
 # %% [markdown]
-# Quality against parameters: every Switch model has the dense model's FLOPs per token but more parameters; the bigger dense models pay for theirs in FLOPs.
+# Quality against parameters: every Switch model has the dense model's FLOPs per token but more
+# parameters; the bigger dense models pay for theirs in FLOPs.
 
 # %%
 import matplotlib.pyplot as plt
@@ -180,7 +192,9 @@ else:
 # %% [markdown]
 # ## The other suites
 #
-# Capacity factor (Switch Table 1, ST-MoE), load balancing (Switch, DeepSeek-V3), router stability (ST-MoE), router families, expert granularity (DeepSeekMoE) and the routing analysis (Mixtral Sec. 5), each where its results file exists.
+# Capacity factor (Switch Table 1, ST-MoE), load balancing (Switch, DeepSeek-V3), router stability
+# (ST-MoE), router families, expert granularity (DeepSeekMoE) and the routing analysis (Mixtral Sec.
+# 5), each where its results file exists.
 
 # %%
 for name in suites.SUITES:
@@ -191,7 +205,9 @@ for name in suites.SUITES:
 # %% [markdown]
 # ## FLOPs and parameters at paper scale
 #
-# The `switch_scaling` members at the paper's scale (T5-Base width, not run here), and the published MoE models of `configs/published/` (the same tables as `python -m moe_jax.flops --family=...`; forward FLOPs per token, training = 3x).
+# The `switch_scaling` members at the paper's scale (T5-Base width, not run here), and the published
+# MoE models of `configs/published/` (the same tables as `python -m moe_jax.flops --family=...`;
+# forward FLOPs per token, training = 3x).
 
 # %%
 import glob
