@@ -89,6 +89,8 @@ class Slots:
 class TokenRouting:
     """The routing of each of N tokens by one router: what evaluation and analysis read.
 
+    logits: [N, E] the router logits the routing was computed from (soft: [N, S]); `route` on
+      them with another config (capacity, say) routes the same tokens again.
     probs: [N, E] routing distribution (router dtype): softmax over experts (sigmoid_bias: the
       sigmoid scores normalised over experts); soft: [N, S] combine weights over the slots.
     choice: token-choice routers only (None for expert_choice and soft, where a token does not
@@ -97,6 +99,7 @@ class TokenRouting:
     num_experts: E (static).
     """
 
+    logits: Array
     probs: Array
     choice: TokenChoice | None
     num_experts: int = dataclasses.field(metadata={"static": True})
@@ -159,14 +162,14 @@ def route(logits: Array, config: MoeConfig, *, num_groups: int, train: bool,
     if config.router == "soft":
         dispatch_w, combine_w = map_groups(soft_weights, groups(logits), groups(mask))
         soft = (dispatch_w, combine_w)
-        tokens = TokenRouting(combine_w.reshape(n, -1), None, config.num_experts)
+        tokens = TokenRouting(logits, combine_w.reshape(n, -1), None, config.num_experts)
         statistics |= _mixing_statistics(tokens, None, weights, config.top_k)
     elif config.router == "expert_choice":
         probs = jax.nn.softmax(logits, axis=-1)
         capacity = min(config.capacity(n // num_groups, train=train), n // num_groups)
         slots = map_groups(lambda p, m: route_expert_choice(p, capacity, m), groups(probs),
                            groups(mask))
-        tokens = TokenRouting(probs, None, config.num_experts)
+        tokens = TokenRouting(logits, probs, None, config.num_experts)
         statistics |= _mixing_statistics(tokens, slots, weights, config.top_k)
     else:
         choice, probs = _choose(logits, config, train=train, rng=rng, score_bias=score_bias)
@@ -178,7 +181,7 @@ def route(logits: Array, config: MoeConfig, *, num_groups: int, train: bool,
                                            config.drop_priority, p),
                 jax.tree.map(groups, choice), groups(jnp.max(probs, axis=-1)))
             choice = dataclasses.replace(choice, keep=slots.kept.reshape(n, config.top_k))
-        tokens = TokenRouting(probs, choice, config.num_experts)
+        tokens = TokenRouting(logits, probs, choice, config.num_experts)
         statistics |= _token_choice_statistics(tokens, weights, num_groups)
     return Routing(tokens, slots, soft, statistics, jnp.sum(weights))
 

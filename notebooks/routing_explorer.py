@@ -157,18 +157,18 @@ print(f"entropies in nats; ln E = {analysis['ln_experts']:.3f} is a uniform rout
 # ## 3. Dropped assignments vs the evaluation capacity factor
 #
 # The model was trained dropless (no capacity, nothing dropped, so the causal LM never sees the
-# future through capacity). Here each sparse layer's inputs on the validation batches are sent
-# through the same layer with a capacity-limited `gather` dispatch,
-# `C = ceil(k * T * eval_capacity_factor / E)` per routing group (one batch), to see how much
-# capacity this router needs: the dropped fraction falls to zero once every expert's busiest group
-# fits.
+# future through capacity). Here each sparse layer's router logits on the validation batches (each
+# layer sows its per-token routing) are routed again by `routing.route` with a capacity-limited
+# `gather` dispatch, `C = ceil(k * T * eval_capacity_factor / E)` per routing group (one batch),
+# to see how much capacity this router needs: the dropped fraction falls to zero once every
+# expert's busiest group fits.
 
 # %%
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from moe_jax import moe
+from moe_jax import layers, routing
 from moe_jax.train import evaluate
 from moe_jax.train import inputs as train_inputs
 from moe_jax.train.step import model_inputs
@@ -183,35 +183,37 @@ data = train_inputs.make_inputs(experiment.data, experiment.model,
 
 
 @jax.jit
-def layer_inputs(batch):
-    """The normalised inputs [B, L, d] of every sparse layer's router."""
-    _, captured = model.apply({"params": params, **model_state}, batch["inputs"],
-                              **model_inputs(batch), train=False,
-                              capture_intermediates=evaluate.is_router_input,
-                              mutable=["intermediates"])
-    return [evaluate.router_input(captured, i) for i in sparse]
+def layer_routing(batch):
+    """Every sparse layer's per-token routing (its router logits among it), as the layers sow it."""
+    _, collections = model.apply({"params": params, **model_state}, batch["inputs"],
+                                 **model_inputs(batch), train=False, mutable=[layers.ROUTING])
+    return evaluate.layer_routing(collections, experiment.model)
 
 
 def capacity_stats(cf):
-    """jitted (layer params, x, mask) -> (dropped fraction, kept load [E], assigned share [E])."""
+    """jitted (token routing, mask) -> (dropped fraction, kept load [E], assigned share [E]): the
+    same router logits routed again with a capacity-limited gather dispatch."""
     layer_config = experiment.moe.replace(dispatch="gather", eval_capacity_factor=cf)
 
-    def stats(layer_params, x, mask):
-        _, aux = moe.apply(layer_params, x, layer_config, train=False, token_mask=mask)
-        return aux["dropped_fraction"], aux["expert_load"], aux["assignment_fraction"]
+    def stats(tokens, mask):
+        num_tokens = mask.size
+        groups = num_tokens // (layer_config.group_size or num_tokens)
+        s = routing.route(tokens.logits, layer_config, num_groups=groups, train=False,
+                          token_mask=mask.reshape(-1)).statistics
+        return s["dropped_fraction"], s["expert_load"], s["assignment_fraction"]
     return jax.jit(stats)
 
 
 group = experiment.moe.group_size or experiment.train.batch_size * seq_len  # T per group
 sweep = {}  # (layer, cf) -> token-weighted means over the validation batches
 batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in data.eval_batches()]
-inputs = [layer_inputs(b) for b in batches]
+routed = [layer_routing(b) for b in batches]
 weights = np.array([float((b["segment_ids"] > 0).sum()) for b in batches])
 for cf in CAPACITY_FACTORS:
     stats = capacity_stats(cf)
     for m, layer in enumerate(sparse):
-        outs = [stats(params[f"block_{layer}"]["moe"], xs[m], b["segment_ids"] > 0)
-                for xs, b in zip(inputs, batches, strict=True)]
+        outs = [stats(tokens[m], b["segment_ids"] > 0)
+                for tokens, b in zip(routed, batches, strict=True)]
         sweep[layer, cf] = [np.average(np.stack([np.asarray(o[j]) for o in outs]), axis=0,
                                        weights=weights) for j in range(3)]
 

@@ -210,12 +210,10 @@ for name in suites.SUITES:
 # forward FLOPs per token, training = 3x).
 
 # %%
-import glob
-
 from moe_jax import flops, schema
 
 display(Markdown("**switch_scaling, paper scale**\n\n"
                  + report.flops_table(suites.get("switch_scaling"), "paper")))
-published = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "published", "*.py")))
+published = [p for p in schema.config_files() if p.startswith("published/")]
 rows = [flops.table_row(os.path.basename(p)[:-3], schema.load_config(p)) for p in published]
 display(Markdown("**Published models** (`configs/published/`)\n\n" + flops.format_table(rows)))
