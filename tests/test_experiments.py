@@ -379,7 +379,7 @@ def test_the_cpu_scale_trains_the_tiny_models_longer_with_checkpoints():
         config = spec.build_config()
         assert config.model == tiny[spec.workdir_name].model  # the same tiny models
         assert config.train.num_train_steps == 6 * 100 and config.train.checkpoint_every > 0
-    with pytest.raises(ValueError, match="sets no train.num_train_steps"):
+    with pytest.raises(ValueError, match=r"sets no train\.num_train_steps"):
         suites.get("capacity").expand("cpu", seeds=1)
 
 
