@@ -16,6 +16,8 @@ before this suite's runs at the scales run since.
 
 from __future__ import annotations
 
+import numpy as np
+
 from experiments.suites import checks, plots
 from experiments.suites.base import (
     MODEL_SIZE,
@@ -27,7 +29,7 @@ from experiments.suites.base import (
     family,
     rematched,
 )
-from experiments.suites.results import Results
+from experiments.suites.results import METRICS, Results
 
 EXPERTS = (2, 4, 8, 16, 32, 64)
 SPARSE = tuple(f"switch_e{e}" for e in EXPERTS)
@@ -65,8 +67,28 @@ def members(scale: str) -> tuple[Member, ...]:
     return tuple(m for m in out if scale != "cpu" or m.name in CPU_MEMBERS)
 
 
+# Switch Fig. 4 left (the same points as Fig. 1 left): test loss of Switch-Base with E experts
+# after the same compute (1e = T5-Base), read off the published figure by eye (± ~0.01; the
+# paper gives no table). Units are the paper's; only the shape is compared.
+PAPER_FIG4_LOSS = {1: 6.00, 2: 5.88, 4: 5.70, 8: 5.50, 16: 5.285, 32: 5.13, 64: 5.02,
+                   128: 4.92, 256: 4.85}
+
+
+def _seed_paired_gains(results: Results) -> dict[int, list[float]]:
+    """{E: [loss(dense) - loss(switch_eE) per seed]} over the seeds both finished."""
+    loss = METRICS["eval_loss"].fn
+    dense = results.by_seed("dense", loss)
+    gains: dict[int, list[float]] = {1: [0.0] * len(dense)}
+    for member in SPARSE:
+        runs = results.by_seed(member, loss)
+        if runs and results.tags(member):
+            gains[results.tags(member)["experts"]] = [dense[s] - v for s, v in runs.items()
+                                                      if s in dense]
+    return gains
+
+
 def _loss_vs_experts(results: Results, path: str) -> None:
-    fig, axes = plots.figure()
+    fig, axes = plots.figure(ncols=2)
     ax = axes[0, 0]
     plots.metric_vs_tag(results, ax, {"Switch top-1 (FLOP-matched)": SPARSE}, "experts",
                         "eval_loss")
@@ -77,6 +99,22 @@ def _loss_vs_experts(results: Results, path: str) -> None:
     ax.set_xscale("log", base=2)
     plots.annotate_missing(ax, results, results.members())
     plots.label_axes(ax, "experts per sparse layer (log2)", "validation loss (nats/token)")
+    # The shapes side by side: loss gain over the dense model against E, each curve divided by
+    # its own gain at E = 64 (ours per seed, paired; the paper's read off its Fig. 4).
+    ax = axes[0, 1]
+    gains = _seed_paired_gains(results)
+    if 64 in gains and gains[64] and abs(float(np.mean(gains[64]))) > 0:
+        scale = float(np.mean(gains[64]))
+        experts = sorted(gains)
+        plots.series(ax, experts, [[g / scale for g in gains[e]] for e in experts],
+                     f"ours ({results.scale}; gain at E=64: {scale:+.3f} nats)")
+    paper = sorted(PAPER_FIG4_LOSS)
+    paper_scale = PAPER_FIG4_LOSS[1] - PAPER_FIG4_LOSS[64]
+    ax.plot(paper, [(PAPER_FIG4_LOSS[1] - PAPER_FIG4_LOSS[e]) / paper_scale for e in paper],
+            "s--", color="k", label="Switch Fig. 4 left (read off the figure)")
+    ax.set_xscale("log", base=2)
+    plots.label_axes(ax, "experts per sparse layer (log2; 1 = dense)",
+                     "loss gain over dense / gain at E=64")
     plots.save(fig, path, f"Validation loss vs experts at equal steps ({results.scale}; "
                           "cf. Switch Fig. 4 left)")
 
