@@ -1,6 +1,9 @@
 """The blocked and BLAS grouped matmuls equal jax.lax.ragged_dot in values and gradients; the
 BLAS path runs only on a tested jaxlib."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -205,3 +208,9 @@ def test_handler_refuses_a_call_frame_of_an_untested_ffi_version(monkeypatch):
         jax.block_until_ready(call(jnp.ones((4, 2)), jnp.ones((2, 2, 3)),
                                    jnp.array([1, 3], jnp.int32)))
 
+
+def test_import_leaves_the_environment_alone():
+    code = ("import os; before = dict(os.environ); import moe_jax, moe_jax.grouped_matmul; "
+            "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS")}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
