@@ -16,6 +16,10 @@ The handler is a Python function called through ctypes with the XLA FFI C ABI
 (xla/ffi/api/c_api.h in jaxlib's `jax.ffi.include_dir()`): it reads the call frame's buffers,
 answers XLA's metadata query with the API version it was written against, and runs only in the
 execute stage. ctypes takes the GIL for the handler; numpy releases it inside each GEMM.
+The GEMMs run in row blocks on one thread per core, each block a one-thread BLAS call, on
+threads that sleep when idle (`gemm_threads`): OpenBLAS's own threads busy-wait during and after
+each call, taking the cores XLA's threads need, and the process environment (e.g.
+OPENBLAS_THREAD_TIMEOUT) is left as the user set it.
 float32 buffers only (numpy has no fast bfloat16 GEMM): `grouped_matmul` passes bfloat16 and
 float16 operands as float32 copies, as XLA:CPU itself computes dots of those types in float32.
 
@@ -43,8 +47,11 @@ anyway (to try a new jaxlib: run tests/test_grouped_matmul.py with it, then add 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import functools
+import itertools
 import os
 import pathlib
 import re
@@ -56,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
+import threadpoolctl
 
 Array = jax.Array
 
@@ -289,6 +297,60 @@ def _array(pointer: int) -> np.ndarray:
     return np.frombuffer(raw, dtype).reshape(shape)
 
 
+# Threads that run each call's GEMMs: a GEMM is split into row blocks of at least
+# _MIN_BLOCK_WORK multiply-adds on up to this many threads, each block a one-thread BLAS call
+# (threadpoolctl limits the BLAS to one thread during the custom call), and the threads sleep
+# between blocks and calls. None: each GEMM is one BLAS call on the BLAS's own threads, which in
+# OpenBLAS busy-wait for each other during the call and for 2^OPENBLAS_THREAD_TIMEOUT cycles
+# after it (2^28 unless that variable is set before numpy loads), on the cores XLA's threads use.
+gemm_threads: int | None = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                            else os.cpu_count() or 1)
+_MIN_BLOCK_WORK = 2**22
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of at least `count` threads, made on first use."""
+    global _pool, _pool_size
+    if _pool is None or _pool_size < count:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="moe_jax_gemm")
+        _pool_size = count
+    return _pool
+
+
+@functools.cache
+def _controller() -> threadpoolctl.ThreadpoolController:
+    return threadpoolctl.ThreadpoolController()
+
+
+def _blas_threads():
+    """Context of the custom call's GEMMs: the BLAS limited to one thread, unless
+    gemm_threads is None."""
+    if gemm_threads is None:
+        return contextlib.nullcontext()
+    return _controller().limit(limits=1, user_api="blas")
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b; in row blocks on `gemm_threads` threads when it has the work for them."""
+    rows = a.shape[0]
+    blocks = 1 if gemm_threads is None else max(1, min(
+        gemm_threads, rows, rows * a.shape[1] * b.shape[1] // _MIN_BLOCK_WORK))
+    if blocks == 1:
+        np.matmul(a, b, out=out)
+        return
+    bounds = [rows * i // blocks for i in range(blocks + 1)]
+    pool = _workers(blocks - 1)
+    others = [pool.submit(np.matmul, a[start:end], b, out=out[start:end])
+              for start, end in itertools.pairwise(bounds[1:])]
+    np.matmul(a[:bounds[1]], b, out=out[:bounds[1]])
+    for block in others:
+        block.result()
+
+
 def _offsets(group_sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(group_sizes, dtype=np.int64)])
 
@@ -299,7 +361,7 @@ def _grouped(x: np.ndarray, w: np.ndarray, group_sizes: np.ndarray, out: np.ndar
     for e in range(w.shape[0]):
         start, end = offsets[e], offsets[e + 1]
         if end > start:
-            np.matmul(x[start:end], w[e].T if transpose_w else w[e], out=out[start:end])
+            _matmul(x[start:end], w[e].T if transpose_w else w[e], out[start:end])
     out[offsets[-1]:] = 0
 
 
@@ -309,13 +371,13 @@ def _weight_grad(x: np.ndarray, dy: np.ndarray, group_sizes: np.ndarray,
     for e in range(out.shape[0]):
         start, end = offsets[e], offsets[e + 1]
         if end > start:
-            np.matmul(x[start:end].T, dy[start:end], out=out[e])
+            _matmul(x[start:end].T, dy[start:end], out[e])
         else:
             out[e] = 0
 
 
-# XLA:CPU runs independent ops concurrently; two of these calls at once would each start the
-# BLAS's full thread pool on the same cores.
+# XLA:CPU runs independent ops concurrently; two of these calls at once would each run their
+# GEMMs on all the threads, on the same cores.
 _BLAS_LOCK = threading.Lock()
 
 
@@ -341,7 +403,7 @@ def _handler(compute):
             _check_frame(frame)
             args = [_array(frame.args.items[i]) for i in range(frame.args.size)]
             rets = [_array(frame.rets.items[i]) for i in range(frame.rets.size)]
-            with _BLAS_LOCK:
+            with _BLAS_LOCK, _blas_threads():
                 compute(*args, *rets)
             return None
         except Exception as error:  # reported to XLA, which raises it in the caller

@@ -53,6 +53,16 @@ def test_grouped_matmul_equals_ragged_dot(impl, sizes):
 
 
 @requires_blas
+@pytest.mark.parametrize("threads", [None, 1, 2, 3])
+def test_blas_gemms_in_row_blocks_on_threads(monkeypatch, threads):
+    # Blocks of 1+ multiply-adds: every GEMM with rows to spare is split, down to 1-row blocks.
+    monkeypatch.setattr(grouped_matmul_cpu, "gemm_threads", threads)
+    monkeypatch.setattr(grouped_matmul_cpu, "_MIN_BLOCK_WORK", 1)
+    test_grouped_matmul_equals_ragged_dot("blas", [0, 300, 5, 33, 0, 1])
+    test_grouped_matmul_equals_ragged_dot("blas", [1, 2, 0, 0, 0, 0])
+
+
+@requires_blas
 def test_auto_is_the_blas_custom_call_on_cpu_for_every_float_type():
     rng = np.random.default_rng(2)
     sizes = jnp.array([5, 0, 11], jnp.int32)

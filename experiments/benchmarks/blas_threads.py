@@ -3,17 +3,21 @@
     python -m experiments.benchmarks.blas_threads                      # 3 rounds, every variant
     python -m experiments.benchmarks.blas_threads --rounds=5 --variants=default,timeout4
 
-The grouped matmul's custom call runs numpy's BLAS between XLA's ops. After each call OpenBLAS's
-worker threads spin for 2^OPENBLAS_THREAD_TIMEOUT cycles (default 2^28) before they sleep,
-on the cores XLA's own threads need. OpenBLAS reads the variable once, when numpy loads it, so
-each variant runs in its own subprocess; rounds alternate the order of the variants so that
-a change of machine load falls on all of them.
+The grouped matmul's custom call runs numpy's BLAS between XLA's ops. On its own threads,
+OpenBLAS busy-waits for its workers during a call, and the workers spin for
+2^OPENBLAS_THREAD_TIMEOUT cycles (default 2^28) after it before they sleep, on the cores XLA's
+threads need. OpenBLAS reads the variable once, when numpy loads it, so each variant runs in
+its own subprocess; rounds alternate the order of the variants so that a change of machine
+load falls on all of them.
 
-Variants:
-  default     no setting (what `import moe_jax` leaves)
-  timeout4    OPENBLAS_THREAD_TIMEOUT=4 in the environment (what `import moe_jax` used to set)
-  one_thread  one BLAS thread inside the custom call (threadpoolctl), the BLAS's default outside
-  blocked     grouped_matmul="blocked": the XLA loop, no BLAS (reference)
+Variants (`grouped_matmul_cpu.gemm_threads` sets how the custom call runs its GEMMs):
+  row_blocks           the default: GEMMs in row blocks on one thread per core, each block a
+                       one-thread BLAS call (threadpoolctl), threads that sleep when idle
+  blas_threads         gemm_threads=None: each GEMM one BLAS call on OpenBLAS's threads
+  blas_threads_timeout4  the same with OPENBLAS_THREAD_TIMEOUT=4 in the environment (what
+                       `import moe_jax` set before it stopped changing the environment)
+  one_thread           gemm_threads=1: one thread, no row blocks
+  blocked              grouped_matmul="blocked": the XLA loop, no BLAS (reference)
 
 Each process times, fwd+bwd, the `dropless` suite's layer (top-2 E=8 swiglu, expert d_ff 2048,
 8192 tokens) and the dense swiglu FFN on the same routed work (2 x 8192 tokens, XLA's dot),
@@ -34,34 +38,16 @@ import sys
 import time
 from typing import Any
 
-VARIANTS = ("default", "timeout4", "one_thread", "blocked")
+VARIANTS = ("row_blocks", "blas_threads", "blas_threads_timeout4", "one_thread", "blocked")
 RESULTS = pathlib.Path(__file__).parent / "results"
 METRICS = ("dense_layer", "dropless_layer", "dense_swiglu_step", "mixtral_step")
 
 
 def _variant_env(variant: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "GOTO_"))}
-    if variant == "timeout4":
+    if variant == "blas_threads_timeout4":
         env["OPENBLAS_THREAD_TIMEOUT"] = "4"
     return env
-
-
-def _one_thread_in_the_call() -> None:
-    """Runs each custom call's GEMMs with one BLAS thread (threadpoolctl)."""
-    import threadpoolctl
-
-    from moe_jax import grouped_matmul_cpu
-
-    controller = threadpoolctl.ThreadpoolController()
-
-    def limited(compute):
-        def run(*arrays):
-            with controller.limit(limits=1, user_api="blas"):
-                compute(*arrays)
-        return run
-
-    grouped_matmul_cpu._TARGETS = {name: limited(compute)
-                                   for name, compute in grouped_matmul_cpu._TARGETS.items()}
 
 
 def child(variant: str) -> dict[str, Any]:
@@ -70,14 +56,17 @@ def child(variant: str) -> dict[str, Any]:
     import jax
 
     from experiments.benchmarks import layer, train
-    from moe_jax import MoeConfig
+    from moe_jax import MoeConfig, grouped_matmul_cpu
 
-    if variant == "one_thread":
-        _one_thread_in_the_call()
+    if variant.startswith("blas_threads"):
+        grouped_matmul_cpu.gemm_threads = None
+    elif variant == "one_thread":
+        grouped_matmul_cpu.gemm_threads = 1
     impl = "blocked" if variant == "blocked" else "blas"
     shape = layer.LayerShape()
     out: dict[str, Any] = {"variant": variant, "load_before": os.getloadavg()[0],
-                           "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
+                           "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                           "gemm_threads": grouped_matmul_cpu.gemm_threads}
     dense = layer.time_dense(shape, "swiglu", backward=True, tokens=2 * shape.tokens)
     config = MoeConfig(num_experts=8, top_k=2, d_ff=shape.d_ff, dispatch="dropless",
                        activation="swiglu", grouped_matmul=impl)
@@ -111,7 +100,7 @@ def run(rounds: int, variants: tuple[str, ...]) -> dict[str, Any]:
             out.unlink()
             row["round"] = r
             rows.append(row)
-            print(f"  round {r} {variant:10} " + " ".join(
+            print(f"  round {r} {variant:21} " + " ".join(
                 f"{m} {row[m]['ms']:.0f} ms" for m in METRICS)
                 + f" (load {row['load_before']:.1f} -> {row['load_after']:.1f})", flush=True)
     return {"machine": machine_info(), "rounds": rounds,
