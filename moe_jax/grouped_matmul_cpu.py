@@ -6,11 +6,11 @@
 
 XLA:CPU has no grouped GEMM: `jax.lax.ragged_dot` computes every expert densely, and a loop of
 dynamic-size blocks in XLA (`grouped_matmul.blocked_grouped_matmul`) must build its output in a
-zero-filled loop carry and accumulate weight gradients block by block (~1.35x the dense FFN on
-the same rows, experiments/benchmarks/README.md). Here each expert's rows are one GEMM of
-numpy's BLAS, reading the operands and writing the result in place (`np.matmul(..., out=)` on
-views of the XLA buffers): one pass over each row, no copies. `jax.pure_callback` would copy
-every operand and result between XLA and numpy (~85 ms for a [16384, 2048] float32 result here).
+zero-filled loop carry and accumulate weight gradients block by block (slower than the dense
+FFN on the same rows; experiments/benchmarks/README.md has the measurements). Here each
+expert's rows go through numpy's BLAS, reading the operands and writing the result in place
+(`np.matmul(..., out=)` on views of the XLA buffers): one pass over each row, no copies.
+`jax.pure_callback` would copy every operand and result between XLA and numpy.
 
 The handler is a Python function called through ctypes with the XLA FFI C ABI
 (xla/ffi/api/c_api.h in jaxlib's `jax.ffi.include_dir()`): it reads the call frame's buffers,
