@@ -79,7 +79,8 @@ def child(variant: str) -> dict[str, Any]:
         steps[name] = train.time_train_step(config, steps=10, warmup=2)
     for name, result in (("dense_layer", dense), ("dropless_layer", moe), *steps.items()):
         t = result["timing"]
-        out[name] = {"ms": t["median_s"] * 1e3, "cpu_ms": t["cpu_median_s"] * 1e3}
+        out[name] = {"ms": t["median_s"] * 1e3, "cpu_ms": t["cpu_median_s"] * 1e3,
+                     "min_ms": t["min_s"] * 1e3}
     out["load_after"] = os.getloadavg()[0]
     out["jax"] = jax.__version__
     return out
@@ -110,7 +111,8 @@ def run(rounds: int, variants: tuple[str, ...]) -> dict[str, Any]:
 
 def summary(rows: list[dict[str, Any]], variants: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per variant: the median over rounds of each metric (wall and CPU ms), and of the
-    per-process ratios dropless/dense layer and mixtral/dense_swiglu step."""
+    per-process ratios dropless/dense layer and mixtral/dense_swiglu step; the fastest run of
+    each metric over all rounds (`_min`), and the ratios of those."""
     table = {}
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
@@ -120,10 +122,13 @@ def summary(rows: list[dict[str, Any]], variants: tuple[str, ...]) -> dict[str, 
         for m in METRICS:
             entry[m] = statistics.median(r[m]["ms"] for r in mine)
             entry[m + "_cpu"] = statistics.median(r[m]["cpu_ms"] for r in mine)
+            entry[m + "_min"] = min(r[m]["min_ms"] for r in mine)
         entry["layer_ratio"] = statistics.median(
             r["dropless_layer"]["ms"] / r["dense_layer"]["ms"] for r in mine)
         entry["step_ratio"] = statistics.median(
             r["mixtral_step"]["ms"] / r["dense_swiglu_step"]["ms"] for r in mine)
+        entry["layer_ratio_min"] = entry["dropless_layer_min"] / entry["dense_layer_min"]
+        entry["step_ratio_min"] = entry["mixtral_step_min"] / entry["dense_swiglu_step_min"]
         entry["load"] = statistics.median(r["load_before"] for r in mine)
         table[variant] = entry
     return table
@@ -141,12 +146,21 @@ def to_markdown(result: dict[str, Any], variants: tuple[str, ...]) -> str:
              "| variant | dense layer ms | dropless layer ms (CPU) | x dense | dense swiglu step "
              "ms | mixtral step ms (CPU) | x dense | load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for variant, e in summary(rows, variants).items():
+    table = summary(rows, variants)
+    for variant, e in table.items():
         lines.append(
             f"| {variant} | {e['dense_layer']:.0f} | {e['dropless_layer']:.0f} "
             f"({e['dropless_layer_cpu']:.0f}) | {e['layer_ratio']:.2f} | "
             f"{e['dense_swiglu_step']:.1f} | {e['mixtral_step']:.1f} ({e['mixtral_step_cpu']:.0f})"
             f" | {e['step_ratio']:.2f} | {e['load']:.1f} |")
+    lines += ["", "Fastest single run over all rounds (least disturbed by other work):", "",
+              "| variant | dense layer ms | dropless layer ms | x dense | dense swiglu step ms | "
+              "mixtral step ms | x dense |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, e in table.items():
+        lines.append(
+            f"| {variant} | {e['dense_layer_min']:.0f} | {e['dropless_layer_min']:.0f} | "
+            f"{e['layer_ratio_min']:.2f} | {e['dense_swiglu_step_min']:.1f} | "
+            f"{e['mixtral_step_min']:.1f} | {e['step_ratio_min']:.2f} |")
     lines += ["", "Every process, in the order run:", "",
               "| round | variant | dense layer | dropless layer | dense swiglu step | mixtral "
               "step | load before -> after |", "| --- | --- | --- | --- | --- | --- | --- |"]
