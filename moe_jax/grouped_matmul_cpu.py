@@ -308,16 +308,17 @@ gemm_threads: int | None = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_g
 _MIN_BLOCK_WORK = 2**22
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0
 
 
 def _workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A pool of at least `count` threads, made on first use."""
-    global _pool, _pool_size
-    if _pool is None or _pool_size < count:
-        if _pool is not None:
+    """A pool of at least `count` threads of this process (a forked child makes its own)."""
+    global _pool, _pool_size, _pool_pid
+    if _pool is None or _pool_size < count or _pool_pid != os.getpid():
+        if _pool is not None and _pool_pid == os.getpid():
             _pool.shutdown(wait=False)
         _pool = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="moe_jax_gemm")
-        _pool_size = count
+        _pool_size, _pool_pid = count, os.getpid()
     return _pool
 
 
