@@ -56,7 +56,7 @@ class MoeConfig:
     # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
     # (jax.lax.ragged_dot), "blocked" (per-expert row blocks in XLA; XLA:CPU computes
     # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS; only on
-    # a tested jaxlib, see grouped_matmul_cpu.TESTED) or "auto" (blas on CPU, or blocked with a
+    # a tested jaxlib, see cpu_ffi.TESTED) or "auto" (blas on CPU, or blocked with a
     # warning on an untested jaxlib; ragged_dot elsewhere).
     grouped_matmul: str = "auto"
     activation: str = "gelu"

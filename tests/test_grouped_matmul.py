@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import grouped_matmul_cpu
+from moe_jax import cpu_ffi, grouped_matmul_cpu
 from moe_jax.grouped_matmul import blas_grouped_matmul, blocked_grouped_matmul, grouped_matmul
 
 IMPLS = {"blocked": blocked_grouped_matmul, "blas": blas_grouped_matmul}
@@ -19,9 +19,9 @@ IMPLS = {"blocked": blocked_grouped_matmul, "blas": blas_grouped_matmul}
 # Tests that run the BLAS custom call: skipped on a jaxlib it was not tested with, unless
 # MOE_JAX_ALLOW_UNTESTED_BLAS=1 (how to check a new jaxlib before adding it to TESTED).
 requires_blas = pytest.mark.skipif(
-    grouped_matmul_cpu.untested_reason() is not None,
-    reason=f"untested jaxlib {grouped_matmul_cpu.detected_versions()}; set "
-           f"{grouped_matmul_cpu.ALLOW_UNTESTED_ENV}=1 to test the BLAS path on it")
+    cpu_ffi.untested_reason() is not None,
+    reason=f"untested jaxlib {cpu_ffi.detected_versions()}; set "
+           f"{cpu_ffi.ALLOW_UNTESTED_ENV}=1 to test the BLAS path on it")
 UNTESTED = ("0.0.1", (0, 3))  # a jaxlib version that is not in TESTED, with a tested FFI API
 
 
@@ -92,7 +92,8 @@ def test_blas_error_inside_the_custom_call_is_raised_not_crashed():
     grouped_matmul_cpu._register()
     wrong_shape = jax.ffi.ffi_call("moe_jax_grouped_matmul",
                                    jax.ShapeDtypeStruct((4, 7), jnp.float32))  # w gives 3 columns
-    with pytest.raises(Exception, match="moe_jax grouped matmul \\(CPU\\): ValueError"):
+    with pytest.raises(Exception,
+                       match=r"moe_jax_grouped_matmul \(XLA:CPU FFI target\): ValueError"):
         jax.block_until_ready(wrong_shape(jnp.ones((4, 2)), jnp.ones((2, 2, 3)),
                                           jnp.array([1, 3], jnp.int32)))
 
@@ -123,9 +124,9 @@ def _lowered_auto(x, w, sizes) -> str:
 
 
 def _untested(monkeypatch, versions=UNTESTED):
-    monkeypatch.setattr(grouped_matmul_cpu, "detected_versions", lambda: versions)
-    monkeypatch.setattr(grouped_matmul_cpu, "_warned", False)
-    monkeypatch.delenv(grouped_matmul_cpu.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(cpu_ffi, "detected_versions", lambda: versions)
+    monkeypatch.setattr(cpu_ffi, "_warned", False)
+    monkeypatch.delenv(cpu_ffi.ALLOW_UNTESTED_ENV, raising=False)
 
 
 def test_auto_on_an_untested_jaxlib_is_blocked_with_one_warning(monkeypatch):
@@ -137,10 +138,10 @@ def test_auto_on_an_untested_jaxlib_is_blocked_with_one_warning(monkeypatch):
         out = grouped_matmul(x, w, sizes)
         grads = jax.jit(jax.grad(loss("auto"), argnums=(0, 1)))(x, w)
         text = _lowered_auto(x, w, sizes)
-    found = [c for c in caught if issubclass(c.category, grouped_matmul_cpu.UntestedJaxlibWarning)]
+    found = [c for c in caught if issubclass(c.category, cpu_ffi.UntestedJaxlibWarning)]
     assert len(found) == 1, [str(c.message) for c in caught]
     message = str(found[0].message)
-    tested, api = grouped_matmul_cpu.TESTED[0]
+    tested, api = cpu_ffi.TESTED[0]
     for part in ("this process has jaxlib 0.0.1 (FFI C API 0.3)",
                  f"tested on jaxlib {tested} (FFI C API {api[0]}.{api[1]})",
                  "grouped_matmul='blocked'", "MOE_JAX_ALLOW_UNTESTED_BLAS=1"):
@@ -160,17 +161,17 @@ def test_auto_on_an_untested_jaxlib_is_blocked_with_one_warning(monkeypatch):
 def test_explicit_blas_on_an_untested_jaxlib_is_an_error(monkeypatch, versions):
     _untested(monkeypatch, versions)
     x, w, sizes = _small_problem()
-    with pytest.raises(grouped_matmul_cpu.UntestedJaxlibError,
+    with pytest.raises(cpu_ffi.UntestedJaxlibError,
                        match=r"tested on jaxlib .* Use grouped_matmul='blocked'"):
         grouped_matmul(x, w, sizes, "blas")
-    with pytest.raises(grouped_matmul_cpu.UntestedJaxlibError):
+    with pytest.raises(cpu_ffi.UntestedJaxlibError):
         grouped_matmul_cpu.grouped_weight_grad_cpu(x, x, sizes)
 
 
 @requires_blas
 def test_allowing_untested_runs_blas_without_a_warning(monkeypatch):
     _untested(monkeypatch)
-    monkeypatch.setenv(grouped_matmul_cpu.ALLOW_UNTESTED_ENV, "1")
+    monkeypatch.setenv(cpu_ffi.ALLOW_UNTESTED_ENV, "1")
     x, w, sizes = _small_problem()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -181,17 +182,17 @@ def test_allowing_untested_runs_blas_without_a_warning(monkeypatch):
 
 def test_allowing_untested_does_not_cover_another_ffi_major_version(monkeypatch):
     _untested(monkeypatch, ("9.0.0", (1, 0)))
-    monkeypatch.setenv(grouped_matmul_cpu.ALLOW_UNTESTED_ENV, "1")
-    assert "FFI major version 1 is not a tested one" in grouped_matmul_cpu.untested_reason()
+    monkeypatch.setenv(cpu_ffi.ALLOW_UNTESTED_ENV, "1")
+    assert "FFI major version 1 is not a tested one" in cpu_ffi.untested_reason()
     x, w, sizes = _small_problem()
-    with pytest.warns(grouped_matmul_cpu.UntestedJaxlibWarning):
+    with pytest.warns(cpu_ffi.UntestedJaxlibWarning):
         out = grouped_matmul(x, w, sizes)
     np.testing.assert_array_equal(out, grouped_matmul(x, w, sizes, "blocked"))
 
 
 @requires_blas
 def test_a_tested_jaxlib_picks_blas_without_a_warning(monkeypatch):
-    jaxlib_version, api = grouped_matmul_cpu.TESTED[0]
+    jaxlib_version, api = cpu_ffi.TESTED[0]
     _untested(monkeypatch, (jaxlib_version, api))
     x, w, sizes = _small_problem()
     with warnings.catch_warnings():
@@ -201,18 +202,18 @@ def test_a_tested_jaxlib_picks_blas_without_a_warning(monkeypatch):
 
 @requires_blas
 def test_the_header_ffi_version_is_the_one_xla_reports_at_run_time():
-    header = grouped_matmul_cpu._header_api_version()
-    assert header is not None and header == grouped_matmul_cpu.detected_versions()[1]
+    header = cpu_ffi._header_api_version()
+    assert header is not None and header == cpu_ffi.detected_versions()[1]
     x, w, sizes = _small_problem()
     jax.block_until_ready(blas_grouped_matmul(x, w, sizes))
-    assert grouped_matmul_cpu.runtime_api_version == header
+    assert cpu_ffi.runtime_api_version == header
 
 
 @requires_blas
 def test_handler_refuses_a_call_frame_of_an_untested_ffi_version(monkeypatch):
     grouped_matmul_cpu._register()
-    monkeypatch.setattr(grouped_matmul_cpu, "TESTED", (("0.10.2", (0, 99)),))
-    monkeypatch.delenv(grouped_matmul_cpu.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(cpu_ffi, "TESTED", (("0.10.2", (0, 99)),))
+    monkeypatch.delenv(cpu_ffi.ALLOW_UNTESTED_ENV, raising=False)
     call = jax.ffi.ffi_call("moe_jax_grouped_matmul", jax.ShapeDtypeStruct((4, 3), jnp.float32))
     with pytest.raises(Exception, match="reports FFI C API 0\\.3 at run time; tested: 0\\.99"):
         jax.block_until_ready(call(jnp.ones((4, 2)), jnp.ones((2, 2, 3)),
