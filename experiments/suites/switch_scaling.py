@@ -16,6 +16,8 @@ before this suite's runs at the scales run since.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from experiments.suites import checks, plots
@@ -87,8 +89,23 @@ def _seed_paired_gains(results: Results) -> dict[int, list[float]]:
     return gains
 
 
+def _train_ce_at_matched_time(results: Results) -> tuple[float, dict[int, list[float]]]:
+    """(t, {E: smoothed train cross-entropy of each run at t training seconds}), t the shortest
+    training time of the finished runs (every run has reached it); E = 1 is the dense model."""
+    members = {1: "dense", **{results.tags(m)["experts"]: m for m in SPARSE
+                              if results.runs_of(m) and results.tags(m)}}
+    curves = {e: [checks.curve(r, "time") for r in results.runs_of(m)]
+              for e, m in members.items()}
+    ends = [x[-1] for runs in curves.values() for x, _ in runs if x.size]
+    if not ends:
+        return math.nan, {}
+    t = float(min(ends))
+    return t, {e: [float(np.interp(t, x, y)) for x, y in runs if x.size]
+               for e, runs in curves.items()}
+
+
 def _loss_vs_experts(results: Results, path: str) -> None:
-    fig, axes = plots.figure(ncols=2)
+    fig, axes = plots.figure(ncols=3, width=5.0)
     ax = axes[0, 0]
     plots.metric_vs_tag(results, ax, {"Switch top-1 (FLOP-matched)": SPARSE}, "experts",
                         "eval_loss")
@@ -115,6 +132,16 @@ def _loss_vs_experts(results: Results, path: str) -> None:
     ax.set_xscale("log", base=2)
     plots.label_axes(ax, "experts per sparse layer (log2; 1 = dense)",
                      "loss gain over dense / gain at E=64")
+    # Matched wall-clock time instead of matched steps (cf. Switch Fig. 5): on this machine.
+    ax = axes[0, 2]
+    seconds, at_time = _train_ce_at_matched_time(results)
+    if at_time:
+        experts = sorted(at_time)
+        plots.series(ax, experts, [at_time[e] for e in experts],
+                     f"after {seconds:.0f} s of training ({results.scale})")
+    ax.set_xscale("log", base=2)
+    plots.label_axes(ax, "experts per sparse layer (log2; 1 = dense)",
+                     "train cross-entropy at equal time (nats/token)")
     plots.save(fig, path, f"Validation loss vs experts at equal steps ({results.scale}; "
                           "cf. Switch Fig. 4 left)")
 
@@ -188,8 +215,12 @@ SUITE = Suite(
               lambda r: checks.speedup(r, LARGEST, "dense_4x", "time")),
     ),
     figures=(
-        Figure("loss_vs_experts", "Validation loss against the number of experts; dashed: dense "
-               "baselines at 1x, 2x and 4x FLOPs (band: ± SD over seeds).", _loss_vs_experts),
+        Figure("loss_vs_experts", "Left: validation loss against the number of experts at equal "
+               "steps; dashed: dense baselines at 1x, 2x and 4x FLOPs (band: ± SD over seeds). "
+               "Middle: the loss gain over dense, each curve divided by its gain at E=64, beside "
+               "Switch Fig. 4 left (read off the published figure). Right: smoothed training "
+               "cross-entropy at equal training time (the shortest run's; this machine, "
+               "not TPUs).", _loss_vs_experts),
         Figure("curves_steps", "Smoothed training cross-entropy against steps (faint: seeds).",
                _curves("step")),
         Figure("curves_time", "Smoothed training cross-entropy against training seconds.",
