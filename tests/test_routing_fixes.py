@@ -5,6 +5,7 @@ run's config.json back. Runs that use them end to end are in tests/test_routing_
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -40,7 +41,8 @@ def test_expert_dropout_drops_hidden_units_at_its_rate_and_keeps_the_mean():
     hidden = jax.nn.relu(x @ params["wi"])
     # wo = identity on the hidden units shows them: ffn returns the dropped hidden activations.
     eye = {"wi": params["wi"], "wo": jnp.eye(256)}
-    out = experts.ffn(eye, x, "relu", experts.Dropout(0.4, jax.random.key(2)))
+    out = jax.jit(lambda p, x, key: experts.ffn(p, x, "relu", experts.Dropout(0.4, key)))(
+        eye, x, jax.random.key(2))
     active = hidden > 0
     zeroed = float(jnp.mean(out[active] == 0))
     assert 0.36 < zeroed < 0.44, zeroed
@@ -49,41 +51,51 @@ def test_expert_dropout_drops_hidden_units_at_its_rate_and_keeps_the_mean():
     np.testing.assert_array_equal(experts.ffn(eye, x, "relu"), hidden)
 
 
+def apply(params, x, config: MoeConfig, train: bool, rng=None):
+    """`moe.apply`, jitted (one compilation instead of an op-by-op run)."""
+    return jax.jit(functools.partial(moe.apply, config=config, train=train))(params, x, rng=rng)
+
+
 @pytest.mark.parametrize("dispatch", ["gather", "dropless"])
 def test_expert_dropout_acts_in_training_only_and_needs_the_rng(layer, dispatch):
     params, x = layer
     plain = BASE.replace(dispatch=dispatch)
     dropped = plain.replace(expert_dropout=0.4)
-    reference, _ = moe.apply(params, x, plain, train=True)
-    a, _ = moe.apply(params, x, dropped, train=True, rng=jax.random.key(3))
-    b, _ = moe.apply(params, x, dropped, train=True, rng=jax.random.key(4))
+    reference, _ = apply(params, x, plain, True)
+    a, _ = apply(params, x, dropped, True, jax.random.key(3))
+    b, _ = apply(params, x, dropped, True, jax.random.key(4))
     assert not np.allclose(a, reference) and not np.allclose(a, b)
-    evaluated, _ = moe.apply(params, x, dropped, train=False)
-    np.testing.assert_array_equal(evaluated, moe.apply(params, x, plain, train=False)[0])
+    evaluated, _ = apply(params, x, dropped, False)  # capacity factor 2 in both: no jitter
+    np.testing.assert_array_equal(evaluated, reference)
     with pytest.raises(ValueError, match="expert dropout; pass rng"):
-        moe.apply(params, x, dropped, train=True)
+        apply(params, x, dropped, True)
 
 
 def test_expert_dropout_leaves_the_other_random_streams_alone(layer):
     """split(rng, 3)[:2] == split(rng): jitter draws the same noise with expert dropout on."""
     params, x = layer
     jitter = BASE.replace(jitter_eps=0.1)
-    _, aux = moe.apply(params, x, jitter, train=True, rng=jax.random.key(5))
-    _, aux_dropout = moe.apply(params, x, jitter.replace(expert_dropout=0.3), train=True,
-                               rng=jax.random.key(5))
+    _, aux = apply(params, x, jitter, True, jax.random.key(5))
+    _, aux_dropout = apply(params, x, jitter.replace(expert_dropout=0.3), True,
+                           jax.random.key(5))
     np.testing.assert_array_equal(aux["expert_load"], aux_dropout["expert_load"])
 
 
 # --- router temperature ------------------------------------------------------------------------
 
 
+def route(logits, config: MoeConfig, train: bool) -> routing.Routing:
+    return jax.jit(functools.partial(routing.route, config=config, num_groups=1,
+                                     train=train))(logits)
+
+
 def test_temperature_divides_the_logits_before_the_softmax():
     logits = jax.random.normal(jax.random.key(0), (32, 4)) * 3
     hot = BASE.replace(router_temperature=2.0)
-    routed = routing.route(logits, hot, num_groups=1, train=True)
+    routed = route(logits, hot, True)
     np.testing.assert_allclose(routed.tokens.probs, jax.nn.softmax(logits / 2.0), rtol=1e-6)
     np.testing.assert_array_equal(routed.tokens.logits, logits)  # raw logits, re-routable
-    cold = routing.route(logits, BASE, num_groups=1, train=True)
+    cold = route(logits, BASE, True)
     # top-k choices are the same at every temperature (softmax is monotone); gates and
     # entropy are not.
     np.testing.assert_array_equal(routed.tokens.choice.expert_index,
@@ -97,8 +109,8 @@ def test_evaluation_temperature_applies_when_not_training():
     logits = jax.random.normal(jax.random.key(1), (16, 4))
     config = BASE.replace(eval_router_temperature=4.0)
     assert config.temperature(train=True) == 1.0 and config.temperature(train=False) == 4.0
-    train = routing.route(logits, config, num_groups=1, train=True)
-    evaluation = routing.route(logits, config, num_groups=1, train=False)
+    train = route(logits, config, True)
+    evaluation = route(logits, config, False)
     np.testing.assert_allclose(train.tokens.probs, jax.nn.softmax(logits), rtol=1e-6)
     np.testing.assert_allclose(evaluation.tokens.probs, jax.nn.softmax(logits / 4.0), rtol=1e-6)
     with pytest.raises(ValueError, match=r"router_temperature=0.0 must be a finite number > 0"):
@@ -117,14 +129,14 @@ def test_frozen_router_gets_no_update_and_no_weight_decay():
     grads = jax.tree.map(jnp.ones_like, params)
     frozen = TrainConfig(freeze_router=True, warmup_steps=0, weight_decay=0.1)
     optimizer = optim.make_optimizer(frozen)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
     new = optax.apply_updates(params, updates)
     np.testing.assert_array_equal(new["block_1"]["moe"]["router"]["kernel"], 1.0)
     assert not np.allclose(new["block_1"]["moe"]["experts"]["wi"], 1.0)
     assert not np.allclose(new["embedding"], 1.0)
     # the same updates as the unfrozen optimizer everywhere else
     plain = optim.make_optimizer(frozen.replace(freeze_router=False))
-    plain_updates, _ = plain.update(grads, plain.init(params), params)
+    plain_updates, _ = jax.jit(plain.update)(grads, plain.init(params), params)
     np.testing.assert_allclose(updates["embedding"], plain_updates["embedding"], rtol=1e-6)
 
 

@@ -3,7 +3,7 @@
     checkpoints = Checkpoints(workdir + "/checkpoints", max_to_keep=2, async_save=True)
     checkpoints.save(step, state, host_state)             # returns at once when async
     state, host_state = checkpoints.restore(step, abstract_state)
-    state, step = restore_weights(directory, state, abstract_state)  # another run's weights
+    weights, step = restore_weights(directory, abstract_state)  # another run's weights
 
 A checkpoint directory `<step>/` holds two items: "state" (the `TrainState` pytree, including
 the step and the RNG key) and "host" (JSON: the data iterator's position and other host-side
@@ -93,15 +93,15 @@ class Checkpoints:
         self._manager.close()
 
 
-def restore_weights(directory: str, state: Any, abstract_state: Any,
-                    step: int | None = None) -> tuple[Any, int]:
-    """(`state` with the parameters and model state of checkpoint `step` (default the latest)
-    in `directory` (a run's checkpoints/), read into `abstract_state`'s shapes and shardings,
-    the step read). The optimizer state, step and RNG of `state` stay as they are: a fresh
-    start from given weights.
+def restore_weights(directory: str, abstract_state: Any,
+                    step: int | None = None) -> tuple[dict[str, Any], int]:
+    """({"params", "model_state"} of checkpoint `step` (default the latest) in `directory` (a
+    run's checkpoints/), read into `abstract_state`'s shapes and shardings; the step read).
+    `state.replace(**weights)` starts a run from them with its own optimizer state and step.
 
     Raises CheckpointError naming the directory when there is no checkpoint or its parameters
     do not fit this model."""
+    directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory} does not exist; give the workdir of a run that has "
                               "written a checkpoint.")
@@ -130,4 +130,4 @@ def restore_weights(directory: str, state: Any, abstract_state: Any,
                 "capacity and loss settings may differ).") from err
     finally:
         manager.close()
-    return state.replace(params=restored["params"], model_state=restored["model_state"]), step
+    return restored, step

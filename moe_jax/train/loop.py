@@ -231,12 +231,10 @@ class _Run:
         """The latest checkpoint's state (and data position), or a fresh state (with the
         weights of `train.init_from`'s latest checkpoint, when set)."""
         if self.last_good is None:
-            state = self.fns["init"](self.experiment.seed)
-            if self.experiment.train.init_from:
-                state, _ = restore_weights(
-                    os.path.join(self.experiment.train.init_from, CHECKPOINT_DIR), state,
-                    self.fns["abstract_state"])
-            return state
+            init_from = self.experiment.train.init_from
+            weights = (restore_weights(os.path.join(init_from, CHECKPOINT_DIR),
+                                       self.fns["abstract_state"])[0] if init_from else {})
+            return self.fns["init"](self.experiment.seed).replace(**weights)
         step = self.last_good
         state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
         try:

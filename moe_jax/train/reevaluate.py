@@ -54,8 +54,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None,
     optimizer = optim.make_optimizer(experiment.train)
     abstract = jax.eval_shape(lambda key: init_train_state(key, model, optimizer,
                                                            seq_len=seq_len), jax.random.key(0))
-    state, step = restore_weights(os.path.join(workdir, CHECKPOINT_DIR), abstract, abstract,
-                                  step)
+    weights, step = restore_weights(os.path.join(workdir, CHECKPOINT_DIR), abstract, step)
     source, domains = None, train_input.domain_names(experiment.data)
     if eval_data is not None:
         source, domains = sources.read_labelled_documents(eval_data)
@@ -66,6 +65,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None,
         model, experiment.model, experiment.moe, num_domains=len(domains),
         objective_name=experiment.train.objective, mask_rate=experiment.train.mask_rate,
         seed=experiment.seed))
-    totals = evaluate.evaluate_batches(eval_step, state.params, state.model_state, batches)
+    totals = evaluate.evaluate_batches(eval_step, weights["params"], weights["model_state"],
+                                       batches)
     return (evaluate.summarize(totals, experiment.model, domains),
             profiles.from_totals(totals, experiment.model, experiment.moe, domains, step=step))
