@@ -15,12 +15,12 @@ every evaluation of a training run writes, or computed from the run's checkpoint
   --steps=s1,s2    the workdir's profiles of steps s1 ("before") and s2
   neither          the workdir's earliest and latest saved profiles (one profile: no drift)
 
-It prints, per MoE layer, the domain-by-expert assignment shares, entropy and drops, the
-Jensen-Shannon divergence between domains, and for a pair the drift (JS divergence of the
-shares, overall and per domain), the experts whose share moved most and a verdict against
---drift_thresholds (bits; default `profiles.DRIFT_THRESHOLDS`); it writes the heatmaps to
-<out>/routing_report.png and the numbers to <out>/routing_report.json (default out:
-<workdir>/routing_report).
+It prints, per MoE layer, the domain-by-expert assignment shares, entropy, drops and mean top-1
+gate (from the gate histogram), the Jensen-Shannon divergence between domains, and for a pair
+the drift (JS divergence of the shares, overall and per domain), the experts whose share moved
+most and a verdict against --drift_thresholds (bits; default `profiles.DRIFT_THRESHOLDS`); it
+writes the heatmaps to <out>/routing_report.png and the numbers to <out>/routing_report.json
+(default out: <workdir>/routing_report).
 """
 
 from __future__ import annotations
@@ -112,6 +112,15 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def mean_gate(histogram: Sequence[float] | None) -> float | None:
+    """The mean top-1 gate from its histogram over [0, 1] (bin centres)."""
+    if histogram is None:
+        return None
+    counts = np.asarray(histogram, np.float64)
+    centres = (np.arange(counts.size) + 0.5) / counts.size
+    return float(counts @ centres / max(counts.sum(), 1e-300))
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The report as text: one block per profile and layer, then the drift lines."""
     lines = []
@@ -127,7 +136,7 @@ def format_report(result: dict[str, Any]) -> str:
             per_domain = p["per_layer"][str(layer)]
             lines.append(f"layer {layer}: assignment share per expert (uniform {1 / e:.3f})")
             lines.append("  " + "domain".ljust(10) + "".join(f"e{i}".rjust(7) for i in range(e))
-                         + "  entropy  dropped  tokens")
+                         + "  entropy  dropped  top-1 gate  tokens")
             for name in p["domains"]:
                 d = per_domain.get(name)
                 if d is None:
@@ -135,6 +144,7 @@ def format_report(result: dict[str, Any]) -> str:
                 lines.append("  " + name[:10].ljust(10)
                              + "".join(f"{s:7.3f}" for s in d["share"])
                              + f"  {_number(d['entropy']):>7}  {_number(d['dropped']):>7}"
+                             + f"  {_number(mean_gate(d['top1_gate'])):>10}"
                              + f"  {d['tokens']:>6.0f}")
             divergence = entry["layers"][str(layer)]
             names, matrix = divergence["domains"], np.asarray(divergence["domain_js"])

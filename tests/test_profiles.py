@@ -91,4 +91,5 @@ def test_report_text_has_the_shares_the_domain_divergence_and_the_verdict():
     assert "code-math 1.0000" in text  # the domains' JS before
     assert "layer 1: shifted" in text and "by domain code 0.0000, math 0.3113" in text, text
     assert "moved most: e0 0.250->0.375" in text
-
+    assert "top-1 gate" in text and routing_report.mean_gate([0.5, 0.5]) == 0.5
+    assert routing_report.mean_gate([1.0, 0.0]) == 0.25 and routing_report.mean_gate(None) is None

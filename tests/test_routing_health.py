@@ -69,11 +69,12 @@ def test_a_healthy_run_raises_no_alarm_and_logs_every_layer(healthy):
 
 
 def test_no_balance_loss_and_a_high_learning_rate_collapse_experts(data_dir, tmp_path):
+    # MaxVio <= E - 1 = 3 with 4 experts: the default bound (3) cannot fire, 1.5 can.
     train(data_dir, tmp_path, **{"moe.load_balance_coef": 0.0, "train.learning_rate": 0.1,
                                  "train.num_train_steps": 12, "train.eval_every": 0,
-                                 "train.checkpoint_every": 0})
+                                 "train.checkpoint_every": 0, "monitor.max_violation": 1.5})
     found = alarms(tmp_path)
-    assert found and {kind for kind, *_ in found} == {"collapse"}, found
+    assert {kind for kind, *_ in found} == {"collapse", "imbalance"}, found
     assert all(layer == 1 and expert is not None for _, _, layer, expert in found)
     assert min(step for _, step, *_ in found) >= 3  # patience: 3 consecutive logs
 
