@@ -1,8 +1,9 @@
 """Routing health in real (tiny) training runs: the monitor's alarms provoked by no balance loss
 with a high learning rate (collapse), capacity 0.25 (drops) and a scaled-up router init
 (instability), a healthy run that raises none, the routing profiles saved at every evaluation,
-`python -m moe_jax.routing_report` on them, and a fine-tuning run started from another run's
-weights (`train.init_from`) with a frozen router, expert dropout and one training domain.
+`python -m moe_jax.routing_report` on them and on labelled documents of the user's, and a
+fine-tuning run started from another run's weights (`train.init_from`) with a frozen router,
+expert dropout and one training domain.
 
 All runs share one model shape (4 experts, top-1, block 1 sparse) on the tiny corpus.
 """
@@ -126,6 +127,21 @@ def test_routing_report_on_a_run(healthy, tmp_path, capsys):
         routing_report.main([f"--workdir={healthy}", "--steps=4,8", f"--compare={healthy}"])
     with pytest.raises(SystemExit, match="no saved routing profile of step 5"):
         routing_report.main([f"--workdir={healthy}", "--steps=4,5", f"--out={tmp_path}"])
+
+
+def test_routing_report_on_your_own_labelled_documents(healthy, tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text * 8, "domain": domain}) + "\n" for text, domain
+                            in (("def f(x):\n    return x\n", "python"),
+                                ("Dear Sir, thank you. ", "letters"))))
+    result = routing_report.main([f"--workdir={healthy}", "--steps=4,8",
+                                  f"--eval_data={docs}", f"--out={tmp_path / 'report'}"])
+    text = capsys.readouterr().out
+    assert [p["profile"]["domains"] for p in result["profiles"]] == [["python", "letters"]] * 2
+    assert "python-letters" in text and "by domain python" in text, text
+    assert [p["step"] for p in result["profiles"]] == [4, 8]
+    assert all(p["profile"]["per_layer"]["1"][d]["tokens"] > 0
+               for p in result["profiles"] for d in ("python", "letters"))
 
 
 @ORBAX_LEFTOVERS
