@@ -97,6 +97,14 @@ def test_capacity_and_router_init_raise_drops_and_instability_and_stop(data_dir,
                       for f in glob.glob(str(tmp_path / "tensorboard" / "*")))
     assert b"alerts/drops" in events and b"alerts/instability" in events
 
+    # Resumed from step 2 without stop_on: the history continues (drops still fires at step 3,
+    # not 3 logs later) and the alarms of the re-run step 3 are not written twice.
+    train(data_dir, tmp_path, **{"moe.capacity_factor": 0.25, "moe.init_scale": 1e4,
+                                 "train.checkpoint_every": 2})
+    resumed = alarms(tmp_path)
+    assert resumed[:len(found)] == found, resumed
+    assert [a for a in resumed if a[0] == "drops"] == [("drops", 3, 1, None)], resumed
+
 
 def test_every_evaluation_saves_a_routing_profile(healthy):
     assert profiles.steps(healthy) == [4, 8]

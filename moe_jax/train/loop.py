@@ -41,6 +41,7 @@ from moe_jax.train import evaluate, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import CheckpointError, Checkpoints, restore_weights
 from moe_jax.train.metrics import (
+    METRICS_FILE,
     MetricsWriter,
     ProgressBar,
     is_logging_process,
@@ -269,6 +270,14 @@ class _Run:
         self.bar = ProgressBar(train.num_train_steps, start_step, enabled=train.progress_bar)
         self.monitor = monitor.Monitor(self.experiment.monitor, self.workdir, self.writer,
                                        self.bar.write)
+        if start_step and os.path.exists(os.path.join(self.workdir, METRICS_FILE)):
+            earlier = sorted(read_metrics(self.workdir).items())
+        else:  # a new run (or one restarted from step 0)
+            earlier = []
+        self.monitor.resume(start_step, [
+            {"step": step, **{k[len("train/"):]: v for k, v in m.items()
+                              if k.startswith("train/")}}
+            for step, m in earlier if "train/loss" in m])
         pending: list[tuple[int, dict[str, jax.Array]]] = []
         last_train: dict[str, float] = {}
         last_eval: dict[str, Any] = {}

@@ -220,6 +220,18 @@ class Monitor:
         self.echo = echo
         self.history: list[Record] = []
 
+    def resume(self, start_step: int, logged: Sequence[Record]) -> None:
+        """Continues a run restarted at `start_step`: its earlier logged records (`logged`,
+        e.g. metrics.jsonl's train records without the "train/" prefix) become the history, and
+        the alarms of steps after `start_step`, which the restarted steps raise again, leave
+        alerts.jsonl. A resumed run's alarms are then those of an uninterrupted one."""
+        self.history = [dict(r) for r in logged if r["step"] <= start_step]
+        del self.history[:-(self.config.patience + self.config.growth_window + 1)]
+        kept = [a for a in read_alerts(os.path.dirname(self.path)) if a["step"] <= start_step]
+        if is_logging_process() and os.path.exists(self.path):
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(a, allow_nan=True) + "\n" for a in kept)
+
     def observe(self, step: int, logged: Mapping[str, Any]) -> list[Alarm]:
         """Adds one log's metrics; reports and returns the alarms they raise."""
         if not self.config.enabled:
