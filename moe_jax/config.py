@@ -52,8 +52,9 @@ class MoeConfig:
     dispatch: str = "gather"
     # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
     # (jax.lax.ragged_dot), "blocked" (per-expert row blocks in XLA; XLA:CPU computes
-    # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS) or
-    # "auto" (blas on CPU, ragged_dot elsewhere).
+    # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS; only on
+    # a tested jaxlib, see cpu_ffi.TESTED) or "auto" (blas on CPU, or blocked with a
+    # warning on an untested jaxlib; ragged_dot elsewhere).
     grouped_matmul: str = "auto"
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert
