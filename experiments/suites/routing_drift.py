@@ -187,7 +187,7 @@ SUITE = Suite(
               "83.7 vs 83.7, SuperGLUE 73.0 vs 73.0 (higher is better)",
               lambda r: _paired(r, lambda a: _loss(a, "expert_dropout", "math")
                                 - _loss(a, "plain", "math"), "negative",
-                                "math loss(expert_dropout) - math loss(plain)")),
+                                "math loss(expert_dropout) - math loss(plain)", digits=4)),
         Claim("finetuning_gains_target",
               "Plain fine-tuning on math lowers the math held-out loss.",
               "(this suite's premise)", "no paper number",
