@@ -230,8 +230,9 @@ SUITE = Suite(
              "tokens_per_second", "params_total", "train_flops"),
     notes=(
         "The paper trains for 100k-500k steps at 2^20 tokens per batch; tiny runs see 0.2M "
-        "tokens and cpu runs 1.2M. Its speed-ups are measured at a far lower loss, where more experts have had "
-        "time to pay off. On CPU a sparse step costs more wall-clock than a dense one with the "
-        "same FLOPs (routing, gather/scatter, small expert matmuls), and the machine is shared, "
-        "so the time-basis claims measure this implementation on this machine, not TPUs."),
+        "tokens and cpu runs 1.2M. Its speed-ups are measured at a far lower loss, where more "
+        "experts have had time to pay off. On CPU a sparse step costs more wall-clock than a "
+        "dense one with the same FLOPs (routing, gather/scatter, small expert matmuls), and the"
+        " machine is shared, so the time-basis claims measure this implementation on this "
+        "machine, not TPUs."),
 )
