@@ -88,3 +88,46 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where a run's parameters start: a fresh random init (the default), or a checkpoint's.
+
+    Used only when the run's workdir has no checkpoint of its own: the run then starts at step 0
+    with the checkpoint's parameters and model state, a fresh optimizer state and a fresh data
+    order; once it has saved a checkpoint, a restart resumes from that, never from `checkpoint`.
+    """
+
+    # A run's workdir (its newest checkpoint), a directory written by `python -m moe_jax.convert`
+    # or `python -m moe_jax.upcycle`, or one checkpoint directory <workdir>/checkpoints/<step>.
+    # Only the parameters and model state are read (not the optimizer state).
+    checkpoint: str | None = None
+    # Sparse upcycling (Komatsuzaki et al. 2022, Sec. 3.1): `checkpoint` is a dense model of this
+    # run's widths; each sparse block's experts start as copies of that block's dense FFN (so
+    # moe.d_ff = model.d_ff and moe.activation = model.activation), its router from this run's
+    # random init, and every other parameter is copied.
+    upcycle: bool = False
+    # Upcycled experts: each weight plus expert_noise * std(weight) * N(0, 1), drawn
+    # independently per expert, so experts differ from the start (0 = exact copies).
+    expert_noise: float = 0.0
+    # Drop-Upcycling (Nakamura et al. 2025, Sec. 3): in each expert this share of the hidden
+    # units (columns of wi / wi_gate, rows of wo) is re-drawn from N(mean, std^2) of the dense
+    # matrix; the paper's best setting is 0.5 (0 = plain copies).
+    reinit_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        validation.text(self, "checkpoint", optional=True,
+                        fix="None starts from a random init")
+        validation.boolean(self, "upcycle")
+        validation.number(self, "expert_noise", at_least=0)
+        validation.number(self, "reinit_fraction", at_least=0, at_most=1)
+        if self.upcycle and self.checkpoint is None:
+            validation.fail(self, "upcycle", "needs a dense checkpoint to upcycle",
+                            "set init.checkpoint to the dense run's workdir")
+        if (self.expert_noise or self.reinit_fraction) and not self.upcycle:
+            validation.fail(self, "expert_noise" if self.expert_noise else "reinit_fraction",
+                            "only applies to upcycled experts", "set init.upcycle=True or 0")
+
+    def replace(self, **changes) -> InitConfig:
+        return dataclasses.replace(self, **changes)

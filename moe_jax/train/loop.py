@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax import flops, routing, schema, sharding
 from moe_jax.models import Transformer
-from moe_jax.train import evaluate, optim, placement
+from moe_jax.train import evaluate, init_from, optim, placement
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import CheckpointError, Checkpoints
 from moe_jax.train.metrics import (
@@ -219,10 +219,23 @@ class _Run:
         return self.elapsed_before + time.perf_counter() - self.wall_start
 
     def restore_or_init(self) -> TrainState:
-        """The latest checkpoint's state (and data position), or a fresh state."""
+        """The latest checkpoint's state (and data position), or a fresh state (with the
+        parameters of `init.checkpoint`, when set)."""
         if self.last_good is None:
-            return self.fns["init"](self.experiment.seed)
+            state = self.fns["init"](self.experiment.seed)
+            if self.experiment.init.checkpoint:
+                state = init_from.initial_state(state, self.experiment,
+                                                self.fns["state_shardings"],
+                                                optim.make_optimizer(self.experiment.train))
+            return state
         step = self.last_good
+        if self.checkpoints.is_initial(step):
+            raise CheckpointError(
+                f"{self.workdir} holds the initial parameters written by moe_jax.convert or "
+                "moe_jax.upcycle, a starting point rather than a run to resume; train in a new "
+                f"workdir that starts from them: --config.init.checkpoint={self.workdir} "
+                "--workdir=runs/NAME (its config.json already sets init.checkpoint). Nothing "
+                "was changed.")
         state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
         try:
             self.data.train.set_state(_iterator_state(host))
