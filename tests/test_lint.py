@@ -39,8 +39,9 @@ LAYERS = (
     ("objective",),
     ("schema",),
     ("flops",),
+    ("interop.*",),
     ("train.*",),
-    ("main", "demo"),
+    ("main", "demo", "convert", "upcycle"),
 )
 
 
