@@ -17,11 +17,13 @@ from experiments.suites import (
     routing_analysis,
     stability,
     switch_scaling,
+    upcycling,
 )
 from experiments.suites.base import Suite
 
 SUITES: dict[str, Suite] = {module.SUITE.name: module.SUITE for module in (
-    switch_scaling, capacity, balance, stability, routers, granularity, routing_analysis)}
+    switch_scaling, capacity, balance, stability, routers, granularity, routing_analysis,
+    upcycling)}
 
 
 def get(name: str) -> Suite:
