@@ -18,7 +18,7 @@ suite order):
                   dense pretraining compute, with the dense pretraining recipe.
 
 Compute is `moe_jax.flops` training FLOPs per token x tokens (same batch and length for all);
-step counts are rounded. B in {0.25, 1}: a small and a large extra budget.
+step counts are rounded. B in {0.25, 0.5}.
 
 Statistics (fixed before the runs): each claim compares final validation losses of two members
 paired by seed (`checks.lower`: the mean of the per-seed differences and its standard error over
@@ -38,12 +38,17 @@ from experiments.suites.results import Results, history_values
 from moe_jax import flops, schema
 from moe_jax.main import apply_settings
 
-BUDGETS = (0.25, 1.0)  # extra compute, as a multiple of the dense pretraining compute
+# Extra compute, as a multiple of the dense pretraining compute (the paper's abstract: upcycled
+# models win "using only ~50% of the initial dense pretraining sunk cost").
+BUDGETS = (0.25, 0.5)
 DENSE = "dense"
 # The upcycled sparse model: E=8, top-2, every other block, experts of the dense FFN's width.
 SPARSE = {"model.moe_every": 2, "moe.num_experts": 8, "moe.top_k": 2,
           "moe.renormalize_gates": True, "moe.dispatch": "dropless", "moe.router": "top_k",
-          "moe.load_balance_coef": 1e-2, "moe.z_loss_coef": 1e-3}
+          "moe.load_balance_coef": 1e-2, "moe.z_loss_coef": 1e-3,
+          # per-expert row blocks in XLA (the same function): on the heavily shared 2-core
+          # machine of these runs it was much faster than the host-BLAS default
+          "moe.grouped_matmul": "blocked"}
 PRETRAIN_STEPS = {"tiny": 200, "small": 2000, "paper": 100_000}
 PRETRAIN_WARMUP = {"tiny": 20, "small": 200, "paper": 10_000}
 # Continued runs (dense continuation and upcycled): a fresh optimizer, a short warmup and a
@@ -130,22 +135,22 @@ def _loss_vs_budget(results: Results, path: str) -> None:
 
 
 def _claims() -> tuple[Claim, ...]:
-    small, large = (_name("upcycled", b) for b in BUDGETS)
+    small, half = (_name("upcycled", b) for b in BUDGETS)
     return (
-        Claim("upcycled_beats_dense_small",
+        Claim("upcycled_beats_dense_quarter",
               f"At an extra budget of {BUDGETS[0]:g} x the dense pretraining compute, the "
               "upcycled model reaches a lower validation loss than the continued dense model.",
               "Komatsuzaki et al. 2022, abstract and Sec. 4 (vs dense continuation)",
               "upcycled T5 Base/Large/XL 'significantly outperform their dense counterparts ... "
               "using only ~50% of the initial dense pretraining sunk cost' (abstract)",
               lambda r: checks.lower(r, small, _name("dense_cont", BUDGETS[0]))),
-        Claim("upcycled_beats_dense_large",
+        Claim("upcycled_beats_dense_half",
               f"The same at an extra budget of {BUDGETS[1]:g} x.",
               "Komatsuzaki et al. 2022, abstract and Sec. 4 (vs dense continuation)",
-              "as above: upcycled models beat dense continuation at extra budgets of ~50% of "
-              "the dense pretraining and beyond",
-              lambda r: checks.lower(r, large, _name("dense_cont", BUDGETS[1]))),
-        Claim("upcycled_beats_scratch_small",
+              "as above: upcycled models beat their dense counterparts with ~50% of the dense "
+              "pretraining compute as extra budget",
+              lambda r: checks.lower(r, half, _name("dense_cont", BUDGETS[1]))),
+        Claim("upcycled_beats_scratch_quarter",
               f"At an extra budget of {BUDGETS[0]:g} x, upcycling beats an MoE trained from "
               "scratch on the whole budget (dense pretraining + extra).",
               "Komatsuzaki et al. 2022, abstract and Sec. 4 (vs MoE from scratch)",
@@ -172,14 +177,15 @@ SUITE = Suite(
         Figure("upcycling", "Left: final validation loss against the extra compute (x dense "
                "pretraining; mean ± SD over seeds, seeds as dots); dashed: the dense model "
                "after pretraining. Right: training curves of the largest budget against total "
-               "compute, the dense pretraining included for the continued arms.",
+               "compute (x dense pretraining), the dense pretraining included for the "
+               "continued arms.",
                _loss_vs_budget),
     ),
     columns=("eval_loss", "train_ce", "params_total", "params_active", "train_flops",
              "tokens_per_second"),
     notes=(
-        "The paper upcycles T5 Base/Large/XL and ViT models pretrained for ~1M steps and "
-        "continues for up to ~100% more compute; here a 4-block byte-level model pretrained "
+        "The paper upcycles T5 Base/Large/XL and ViT models after their full pretraining and "
+        "continues for a fraction of that compute; here a 4-block byte-level model pretrained "
         "for 200 steps. Continued runs restart the data order of their seed, so their first "
         "batches are ones the dense model saw (the same for both continued arms); validation "
         "batches are never trained on. The upcycled model starts at the dense model's "
