@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from moe_jax import interop, schema
 from moe_jax.train import checkpoint
@@ -173,6 +173,8 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}.")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every read and write at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         written = run(flags.FLAGS)
     except (interop.UnsupportedModelError, interop.CheckpointMismatchError, FileExistsError,

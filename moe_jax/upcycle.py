@@ -30,7 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app, flags, logging
 
 from moe_jax import convert, interop, schema
 from moe_jax.models import Transformer, upcycling
@@ -87,6 +87,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}.")
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every read and write at INFO
+        logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     if not (f["from"].value and f.config is not None and f.workdir):
         raise app.UsageError("use --from=DENSE --config=SPARSE_CONFIG --workdir=OUT.")

@@ -206,3 +206,30 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
         np.testing.assert_array_equal(value, original[name], err_msg=name)
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert.export_hf(out, back)
+
+
+@pytest.mark.slow
+def test_a_converted_model_fine_tunes_analyses_and_exports(tmp_path, data_dir):
+    """The README's commands: convert, fine-tune with moe_jax.main, route the validation
+    batches (routing analysis), export the fine-tuned run."""
+    from experiments.suites import routing_stats
+    from moe_jax.main import run_from_argv
+
+    out, run_dir, back = (str(tmp_path / n) for n in ("converted", "ft", "back"))
+    convert.import_hf(os.path.join(FIXTURES, "mixtral"), out)
+    (_, _, summary), = run_from_argv([
+        "moe_jax.main", f"--config={out}/config.json", f"--workdir={run_dir}",
+        "--config.data.name=embedded_tiny", f"--config.data.data_dir={data_dir}",
+        "--config.data.eval_batches=1", "--config.train.num_train_steps=2",
+        "--config.train.warmup_steps=1", "--config.train.batch_size=2",
+        "--config.train.seq_len=32", "--config.train.progress_bar=False"])
+    assert summary["steps"] == 2 and np.isfinite(summary["eval_loss"])
+    analysis = routing_stats.route_batches(run_dir, max_batches=1)
+    assert analysis["num_experts"] == 4 and analysis["layers"] == [0, 1]
+    assert convert.export_hf(run_dir, back)["family"] == "mixtral"
+    tuned = checkpoint.read_variables(run_dir)["params"]
+    again = interop.load(back).variables["params"]
+    jax.tree.map(np.testing.assert_array_equal, again, tuned)
+    start = _imported("mixtral").variables["params"]
+    assert not np.array_equal(tuned["block_0"]["moe"]["router"]["kernel"],
+                              start["block_0"]["moe"]["router"]["kernel"])

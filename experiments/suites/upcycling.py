@@ -49,11 +49,11 @@ SPARSE = {"model.moe_every": 2, "moe.num_experts": 8, "moe.top_k": 2,
           # per-expert row blocks in XLA (the same function): on the heavily shared 2-core
           # machine of these runs it was much faster than the host-BLAS default
           "moe.grouped_matmul": "blocked"}
-PRETRAIN_STEPS = {"tiny": 200, "small": 2000, "paper": 100_000}
-PRETRAIN_WARMUP = {"tiny": 20, "small": 200, "paper": 10_000}
+PRETRAIN_STEPS = {"tiny": 100, "small": 2000, "paper": 100_000}
+PRETRAIN_WARMUP = {"tiny": 10, "small": 200, "paper": 10_000}
 # Continued runs (dense continuation and upcycled): a fresh optimizer, a short warmup and a
 # cosine schedule from a third of the pretraining peak learning rate.
-CONTINUE = {"tiny": {"train.learning_rate": 1e-3, "train.warmup_steps": 10},
+CONTINUE = {"tiny": {"train.learning_rate": 1e-3, "train.warmup_steps": 5},
             "small": {"train.learning_rate": 3e-4, "train.warmup_steps": 50},
             "paper": {"train.learning_rate": 3e-3, "train.warmup_steps": 1000}}
 
@@ -186,7 +186,7 @@ SUITE = Suite(
     notes=(
         "The paper upcycles T5 Base/Large/XL and ViT models after their full pretraining and "
         "continues for a fraction of that compute; here a 4-block byte-level model pretrained "
-        "for 200 steps. Continued runs restart the data order of their seed, so their first "
+        "for 100 steps. Continued runs restart the data order of their seed, so their first "
         "batches are ones the dense model saw (the same for both continued arms); validation "
         "batches are never trained on. The upcycled model starts at the dense model's "
         "function (tested in tests/test_upcycle.py), but its fresh optimizer and warmup move it "

@@ -242,8 +242,8 @@ def hf_config(experiment: Any, family: Family, base: dict[str, Any] | None = Non
     check_exportable(experiment, family)
     m, e = experiment.model, experiment.moe
     hf = dict(base or {})
-    for key in ("rope_scaling", "torch_dtype"):
-        hf.pop(key, None)
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or m.param_dtype
+    hf.pop("rope_scaling", None)
     hf.update({
         "model_type": family.model_type, "architectures": [family.architecture],
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers,
@@ -252,7 +252,7 @@ def hf_config(experiment: Any, family: Family, base: dict[str, Any] | None = Non
         "rms_norm_eps": m.norm_eps, "max_position_embeddings": m.max_seq_len,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
         "rope_theta": m.rope_base, "tie_word_embeddings": bool(hf.get("tie_word_embeddings")),
-        "dtype": hf.get("dtype") or hf.get("torch_dtype") or m.param_dtype,
+        "dtype": dtype, "torch_dtype": dtype,  # transformers 5.x and 4.x spellings
     })
     if isinstance(family.qkv_bias, str):
         hf[family.qkv_bias] = m.qkv_bias

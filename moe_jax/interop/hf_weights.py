@@ -181,6 +181,8 @@ def read(directory: str, table: list[Tensor], shapes: dict[str, Any], *,
                 problems.append(f"{name}: shape {list(found)} in {os.path.basename(files[name])}"
                                 f", config.json implies {list(t.hf_shape)}")
     expected = {name for t in table for name in t.names}
+    if tied:  # some tied checkpoints also store the (identical) output matrix
+        expected.add("lm_head.weight")
     extra = sorted(n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES))
     if extra:
         problems.append(f"tensors the config does not use: {extra[:10]}"
