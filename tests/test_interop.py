@@ -17,7 +17,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from moe_jax import convert, interop, layers, schema
+from moe_jax import convert, flops, interop, layers, schema
 from moe_jax.interop import hf_weights
 from moe_jax.models import Transformer
 from moe_jax.train import checkpoint, evaluate
@@ -86,6 +86,15 @@ def test_the_families_exercise_every_option():
     for family, e in models.items():
         assert e.model.rope_base == 50000.0 and e.model.norm_eps == 1e-5, family
         assert e.model.vocab_size == 300 and e.model.padded_vocab_size == 300, family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flops_counts_every_parameter_of_the_families(family):
+    """QK-norm scales and the shared experts' output gate are counted (moe_jax.flops)."""
+    experiment = schema.parse_config(_imported(family).config)
+    params = _imported(family).variables["params"]
+    count = flops.count_model(experiment.model, experiment.moe)
+    assert count.total_params == sum(int(np.size(x)) for x in jax.tree.leaves(params))
 
 
 def _tensors(directory: str) -> dict[str, np.ndarray]:
