@@ -273,5 +273,10 @@ def test_an_upcycled_run_starts_at_the_dense_function(tmp_path):
     from moe_jax.main import run_from_argv
     from moe_jax.train.checkpoint import CheckpointError
 
+    with open(os.path.join(out, "config.json")) as f:
+        written = f.read()
     with pytest.raises(CheckpointError, match="a starting point rather than a run"):
-        run_from_argv(["moe_jax.main", f"--config={out}/config.json", f"--workdir={out}"])
+        run_from_argv(["moe_jax.main", f"--config={out}/config.json", f"--workdir={out}",
+                       "--config.train.num_train_steps=7"])
+    with open(os.path.join(out, "config.json")) as f:
+        assert f.read() == written

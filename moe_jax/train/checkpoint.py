@@ -94,16 +94,26 @@ class Checkpoints:
                 "a new --workdir.") from err
         return restored[STATE_ITEM], restored[HOST_ITEM]
 
-    def is_initial(self, step: int) -> bool:
-        """Whether checkpoint `step` is an initial one (`write_initial`), not a run's."""
-        return INITIAL in read_host(self.step_directory(step))
-
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are written."""
         self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
+
+
+def check_not_initial(workdir: str) -> None:
+    """Raises CheckpointError if `workdir` holds an initial checkpoint (moe_jax.convert or
+    moe_jax.upcycle output): a starting point for runs, never trained in (checkpoint rotation
+    would delete it)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR, "0")
+    if os.path.isdir(os.path.join(directory, HOST_ITEM)) and INITIAL in read_host(directory):
+        raise CheckpointError(
+            f"{workdir} holds the initial parameters written by moe_jax.convert or "
+            "moe_jax.upcycle, a starting point rather than a run to resume; train in a new "
+            f"workdir that starts from them: --config.init.checkpoint={workdir} "
+            "--workdir=runs/NAME (its config.json already sets init.checkpoint). Nothing was "
+            "changed.")
 
 
 def read_host(step_directory: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from moe_jax import flops, routing, schema, sharding
 from moe_jax.models import Transformer
 from moe_jax.train import evaluate, init_from, optim, placement
 from moe_jax.train import inputs as train_input
-from moe_jax.train.checkpoint import CheckpointError, Checkpoints
+from moe_jax.train.checkpoint import CheckpointError, Checkpoints, check_not_initial
 from moe_jax.train.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -170,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     experiment = schema.parse_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    check_not_initial(workdir)
     if is_logging_process():
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -229,13 +230,6 @@ class _Run:
                                                 optim.make_optimizer(self.experiment.train))
             return state
         step = self.last_good
-        if self.checkpoints.is_initial(step):
-            raise CheckpointError(
-                f"{self.workdir} holds the initial parameters written by moe_jax.convert or "
-                "moe_jax.upcycle, a starting point rather than a run to resume; train in a new "
-                f"workdir that starts from them: --config.init.checkpoint={self.workdir} "
-                "--workdir=runs/NAME (its config.json already sets init.checkpoint). Nothing "
-                "was changed.")
         state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
         try:
             self.data.train.set_state(_iterator_state(host))
