@@ -52,10 +52,14 @@ SPARSE = {"model.moe_every": 2, "moe.num_experts": 8, "moe.top_k": 2,
 PRETRAIN_STEPS = {"tiny": 100, "small": 2000, "paper": 100_000}
 PRETRAIN_WARMUP = {"tiny": 10, "small": 200, "paper": 10_000}
 # Continued runs (dense continuation and upcycled): a fresh optimizer, a short warmup and a
-# cosine schedule from a third of the pretraining peak learning rate.
+# cosine schedule from a third of the pretraining peak learning rate, on another shuffle of the
+# training documents than the pretraining's (a run's data order restarts from its seed, so
+# without it both continued arms would re-read the batches the dense model was trained on).
+CONTINUED_DATA_SEED = 1_000_003
 CONTINUE = {"tiny": {"train.learning_rate": 1e-3, "train.warmup_steps": 5},
             "small": {"train.learning_rate": 3e-4, "train.warmup_steps": 50},
             "paper": {"train.learning_rate": 3e-3, "train.warmup_steps": 1000}}
+CONTINUE = {scale: {**v, "data.shuffle_seed": CONTINUED_DATA_SEED} for scale, v in CONTINUE.items()}
 
 
 def _name(arm: str, budget: float) -> str:
@@ -186,9 +190,11 @@ SUITE = Suite(
     notes=(
         "The paper upcycles T5 Base/Large/XL and ViT models after their full pretraining and "
         "continues for a fraction of that compute; here a 4-block byte-level model pretrained "
-        "for 100 steps. Continued runs restart the data order of their seed, so their first "
-        "batches are ones the dense model saw (the same for both continued arms); validation "
-        "batches are never trained on. The upcycled model starts at the dense model's "
-        "function (tested in tests/test_upcycle.py), but its fresh optimizer and warmup move it "
-        "away first, as they move the continued dense model."),
+        "for 100 steps. Continued runs read the training documents in another shuffle "
+        "(data.shuffle_seed) than the pretraining, so most of their batches are new to the "
+        "dense model (the same batches for both continued arms; the scratch MoE reads its "
+        "seed's order from the start); validation batches are never trained on. The upcycled "
+        "model starts at the dense model's function (tested in tests/test_upcycle.py), but its "
+        "fresh optimizer and warmup move it away first, as they move the continued dense "
+        "model."),
 )
