@@ -21,6 +21,7 @@ not a run to resume. `read_variables` reads the parameters and model state of ei
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -146,8 +147,8 @@ def read_variables(path: str) -> dict[str, Any]:
     (see `step_directory`): a run's (its optimizer state is not read) or an initial one."""
     directory = os.path.join(step_directory(path), STATE_ITEM)
     checkpointer = ocp.PyTreeCheckpointer()
-    try:
-        tree = checkpointer.metadata(directory).item_metadata.tree
+    try:  # the handler's metadata: the checkpointer's also looks for a step-level metadata file
+        tree = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(directory)).tree
         target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                      tree.get(name, {})) for name in VARIABLES}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
