@@ -190,6 +190,8 @@ def test_export_refuses_what_a_family_cannot_represent():
         interop.infer_family(dense)
     switch = schema.parse_config(schema.load_config("configs/mixtral.py:e8"))
     assert interop.infer_family(switch).model_type == "mixtral"
+    with pytest.raises(interop.UnsupportedModelError, match="needs shared experts"):
+        interop.hf_config.check_exportable(switch, interop.FAMILIES["qwen2_moe"])
     with pytest.raises(interop.UnsupportedModelError, match="renormalises"):
         interop.hf_config.check_exportable(switch.__class__(**{
             **switch.__dict__, "moe": switch.moe.replace(renormalize_gates=False)}),

@@ -232,6 +232,8 @@ def check_exportable(experiment: Any, family: Family) -> None:
           "it always renormalises the top-k gates (moe.renormalize_gates=True)")
     _must(bool(e.num_shared_experts) == family.shared
           and e.shared_expert_gate == family.shared, family,
+          "it needs shared experts with their sigmoid gate (moe.num_shared_experts > 0, "
+          "moe.shared_expert_gate=True)" if family.shared else
           "shared experts with their sigmoid gate go with qwen2_moe only")
 
 
