@@ -119,6 +119,9 @@ def test_a_mismatched_dense_checkpoint_is_refused_naming_the_parameters():
     with pytest.raises(ValueError, match=r"block_1/ffn/wi: the checkpoint has shape \(32, 64\), "
                        r"this model expects \(32, 32\)"):
         upcycling.upcycle(dense, init(jax.random.key(1)), SPARSE, key=jax.random.key(2))
+    with pytest.raises(ValueError, match=r"already sparse \(\['block_1'\]"):
+        upcycling.upcycle(init(jax.random.key(1)), init(jax.random.key(1)), SPARSE,
+                          key=jax.random.key(2))
     init3, _ = _model(DENSE.replace(num_layers=1, moe_layers=(0,)), TOP2)
     with pytest.raises(ValueError, match=r"no place for: .*block_1"):
         upcycling.upcycle(dense, init3(jax.random.key(1)), DENSE.replace(

@@ -128,6 +128,11 @@ def upcycle(dense: dict[str, Any], fresh: dict[str, Any], config: ModelConfig, *
     if not sparse:
         raise ValueError("upcycling needs a sparse target: set model.moe_every or "
                          "model.moe_layers (the blocks whose FFN becomes E experts).")
+    already = sorted(k for k, v in dense.items() if isinstance(v, dict) and MOE_NAME in v)
+    if already:
+        raise ValueError(f"cannot upcycle: the checkpoint is already sparse ({already} hold MoE "
+                         "layers); upcycling takes a dense one. To train this model further, "
+                         "start a run from it with --config.init.checkpoint=<its directory>.")
     copier = _Copier(dense)
     out = {}
     for name, subtree in fresh.items():
