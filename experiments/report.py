@@ -92,7 +92,8 @@ def flops_table(suite: Suite, scale: str) -> str:
     settings = SCALES[scale]
     rows = []
     for member in suite.member_list(scale):
-        config = apply_settings(schema.load_config(member.config), member.overrides)
+        overrides = {k: v for k, v in member.overrides.items() if not k.startswith("init.")}
+        config = apply_settings(schema.load_config(member.config), overrides)  # FLOPs only
         tokens = settings.get("train.batch_size", 1) * config.model.max_seq_len
         rows.append(flops.table_row(member.name, config, tokens_per_group=tokens))
     return flops.format_table(rows)

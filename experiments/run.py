@@ -124,7 +124,7 @@ def launch(spec: RunSpec, workdir: str, *, python: str = sys.executable,
     leaves request.json, run_info.json and, if it diverged, diverged.json in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, REQUEST_FILE), _request(spec))
-    command = [python, "-m", "moe_jax.main", *spec.flags(), f"--workdir={workdir}"]
+    command = [python, "-m", "moe_jax.main", *spec.flags(workdir), f"--workdir={workdir}"]
     start = time.perf_counter()
     with open(os.path.join(workdir, LOG_FILE), "a") as log:
         log.write(f"\n$ {' '.join(command)}\n")

@@ -59,6 +59,10 @@ class MoeConfig:
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert
     num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active; each of width d_ff
+    # Scale the shared experts' output per token by sigmoid(x @ output_gate), output_gate [d, 1]
+    # (Qwen1.5-MoE / Qwen2-MoE: Yang et al. 2024, Sec. 2.2.2, and the released models'
+    # `shared_expert_gate`).
+    shared_expert_gate: bool = False
     load_balance_coef: float = 1e-2
     z_loss_coef: float = 1e-3
     jitter_eps: float = 0.0  # Switch: multiply router input by U[1 - eps, 1 + eps] in training
@@ -94,6 +98,9 @@ class MoeConfig:
         validation.integer(self, "group_size", minimum=1, optional=True,
                            fix="None routes all tokens of a call as one group")
         validation.integer(self, "num_shared_experts", minimum=0)
+        if self.shared_expert_gate and not self.num_shared_experts:
+            validation.fail(self, "shared_expert_gate", "needs shared experts to gate",
+                            "set num_shared_experts >= 1 or shared_expert_gate=False")
         for name in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
             validation.number(self, name, at_least=0)
         validation.number(self, "jitter_eps", at_least=0, below=1)
@@ -114,6 +121,7 @@ class MoeConfig:
         validation.one_of(self, "router_dtype", ROUTER_DTYPES)
         validation.boolean(self, "renormalize_gates")
         validation.boolean(self, "allow_non_causal")
+        validation.boolean(self, "shared_expert_gate")
         if self.second_expert_policy == "random" and (self.router != "top_k" or self.top_k != 2):
             validation.fail(self, "second_expert_policy",
                             "is GShard's top-2 rule and needs router='top_k' and top_k=2 (got "

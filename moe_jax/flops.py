@@ -9,7 +9,8 @@ costs twice the forward, so training = 3 x forward. Per token and per layer, for
   attention_scores       4 * L * H * h                        (q.k and probs.v over the full
                          L x L matrix, as computed; Chinchilla counts this, Kaplan counts half)
   dense_ffn              2 * m * d * f                        (m = 3 matrices for swiglu, else 2)
-  router                 2 * d * E                            (E * slots for Soft MoE)
+  router                 2 * d * E                            (E * slots for Soft MoE; + 2 * d
+                         for the shared experts' output gate of Qwen2-MoE)
   experts_useful         (k + S) * 2 * m * d * f_e            (k routed + S shared experts;
                          expert choice: E*C/T slots per token; soft: E*slots/T)
   experts_padding        (E*C/T - k) * 2 * m * d * f_e        (capacity slots beyond k, computed
@@ -114,11 +115,14 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
 
     attn_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
     attn_params += (n_q + 2 * n_kv) * h if model.qkv_bias else 0
+    qk_norm_width = {"none": 0, "per_head": 2 * h, "projection": (n_q + n_kv) * h}[model.qk_norm]
+    attn_params += qk_norm_width * (norm_params // d)
     dense_ffn_params = _ffn_matrices(model.activation) * d * model.d_ff
     expert_params = _ffn_matrices(moe.activation) * d * moe.d_ff
     router_cols = moe.num_experts * (moe.slots_per_expert if moe.router == "soft" else 1)
+    shared_gate = d if moe.shared_expert_gate else 0  # Qwen2-MoE's [d, 1] output gate
     moe_params = (d * router_cols + moe.num_experts * expert_params
-                  + moe.num_shared_experts * expert_params)
+                  + moe.num_shared_experts * expert_params + shared_gate)
     computed, useful = _expert_slots_per_token(moe, t, train)
     active_experts = moe.num_experts if moe.router == "soft" else useful
 
@@ -143,7 +147,7 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
                                                            + n_q * h * d),
         "attention_scores": model.num_layers * 4.0 * seq_len * n_q * h,
         "dense_ffn": num_dense * 2.0 * dense_ffn_params,
-        "router": num_sparse * 2.0 * d * router_cols,
+        "router": num_sparse * 2.0 * (d * router_cols + shared_gate),
         "experts_useful": num_sparse * (useful + moe.num_shared_experts) * expert_flops,
         "experts_padding": num_sparse * (computed - useful) * expert_flops,
         "dispatch": num_sparse * dispatch,

@@ -33,6 +33,7 @@ LOGICAL_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("shared", "wi"): ("embed", "mlp"),
     ("shared", "wi_gate"): ("embed", "mlp"),
     ("shared", "wo"): ("mlp", "embed"),
+    ("shared", "output_gate"): ("embed", None),
 }
 
 

@@ -84,10 +84,17 @@ def init_experts(key: Array, config: MoeConfig, d_model: int,
 
 def init_shared(key: Array, config: MoeConfig, d_model: int,
                 dtype: jnp.dtype = jnp.float32) -> experts.Params:
-    """The S shared experts as one FFN: {"wi": [d, S*f], "wo": [S*f, d]} (+ "wi_gate")."""
+    """The S shared experts as one FFN: {"wi": [d, S*f], "wo": [S*f, d]} (+ "wi_gate"), and with
+    `shared_expert_gate` their "output_gate" [d, 1] (truncated normal, fan-in scaled)."""
     c = config
-    return experts.init_ffn(key, d_model, c.num_shared_experts * c.d_ff, c.activation,
-                            scale=c.init_scale, dtype=dtype)
+    if not c.shared_expert_gate:
+        return experts.init_ffn(key, d_model, c.num_shared_experts * c.d_ff, c.activation,
+                                scale=c.init_scale, dtype=dtype)
+    ffn_key, gate_key = jax.random.split(key)
+    init = jax.nn.initializers.variance_scaling(c.init_scale, "fan_in", "truncated_normal")
+    return {**experts.init_ffn(ffn_key, d_model, c.num_shared_experts * c.d_ff, c.activation,
+                               scale=c.init_scale, dtype=dtype),
+            "output_gate": init(gate_key, (d_model, 1), dtype)}
 
 
 # Parameter group -> its initialiser (key, config, d_model, dtype) -> {name: array}.
@@ -206,10 +213,20 @@ def _layer(params: Params, x: Array, rng: Array | None, token_mask: Array | None
     y = _run_experts(params, tokens, routed, config, layout, n // group,
                      dropout).reshape(n, d)
     if "shared" in params:
-        y = y + layout.model_sum(experts.ffn(params["shared"], tokens, config.activation))
+        y = y + shared_experts(params["shared"], tokens, config, layout)
     if mask is not None:  # a select over [N, d]: skipped when every token is real
         y = jnp.where(mask[:, None], y, 0)
     return y.reshape(x.shape).astype(x.dtype), routed
+
+
+def shared_experts(params: experts.Params, tokens: Array, config: MoeConfig,
+                   layout: Layout = LOCAL) -> Array:
+    """The always-active shared experts on tokens [N, d] -> [N, d] (DeepSeekMoE), scaled per
+    token by sigmoid(x @ output_gate) with `shared_expert_gate` (Qwen2-MoE)."""
+    y = layout.model_sum(experts.ffn(params, tokens, config.activation))
+    if config.shared_expert_gate:
+        y = y * jax.nn.sigmoid(tokens @ params["output_gate"].astype(tokens.dtype))
+    return y
 
 
 def _run_experts(params: Params, tokens: Array, routed: routing.Routing, config: MoeConfig,

@@ -22,6 +22,7 @@ import dataclasses
 import importlib.resources
 import importlib.util
 import json
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.sharding import MeshConfig
-from moe_jax.train.config import MonitorConfig, TrainConfig
+from moe_jax.train.config import InitConfig, MonitorConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Experiment:
     data: DataConfig
     mesh: MeshConfig
     monitor: MonitorConfig
+    init: InitConfig
     seed: int = 0
     # The dense config (a config spec, relative to configs/) whose forward FLOPs per token this
     # sparse config matches; "" when it is not a matched config. `flops` reports the mismatch.
@@ -151,22 +153,6 @@ def override(config: ml_collections.ConfigDict,
     return checked(config)
 
 
-def config_from_json(path: str) -> ml_collections.ConfigDict:
-    """The config a run wrote to its workdir (config.json) on today's layout: keys it lacks
-    keep their defaults (a run from before a field existed), unknown keys raise."""
-    with open(path) as f:
-        saved = json.load(f)
-    flat = {}
-    for name, value in saved.items():
-        for key, leaf in (value.items() if isinstance(value, dict) else [("", value)]):
-            flat[f"{name}.{key}" if key else name] = _plain(leaf)
-    try:
-        return override(base_config(), flat)
-    except (AttributeError, KeyError) as err:
-        raise ValueError(f"{path} holds a key this version of moe_jax does not know ({err}); "
-                         "it was written by another version.") from err
-
-
 def checked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validates `config` (see `parse_config`) and returns it; config files end with this."""
     parse_config(config)
@@ -205,8 +191,35 @@ def _import_config_module(path: str) -> types.ModuleType:
     return module
 
 
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to `<workdir>/config.json` (or `moe_jax.convert` / `upcycle`
+    wrote), as a locked ConfigDict: `base_config()` with the file's values (lists become
+    tuples), so sections the file lacks keep their defaults. Not validated here."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found; give the config.json of a run's "
+                                "workdir (or of a directory written by moe_jax.convert).")
+    with open(path) as f:
+        values = json.load(f)
+    config = base_config()
+    for key, value in values.items():
+        if isinstance(value, dict) and key in config:
+            for field, item in value.items():
+                if field not in config[key]:
+                    raise ValueError(f"{path}: unknown key config.{key}.{field}; "
+                                     f"{SECTIONS[key].__name__} has no such field.")
+                config[key][field] = _plain(item)
+        else:
+            if key not in config:
+                raise ValueError(f"{path}: unknown key config.{key}.")
+            config[key] = value
+    return config
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads and validates `path.py` or `path.py:member` (the ml_collections config_flags form)."""
+    """Loads and validates `path.py`, `path.py:member` (the ml_collections config_flags form) or
+    a run's `config.json`."""
+    if spec.endswith(".json"):
+        return checked(config_from_json(spec))
     path, _, arg = spec.partition(":")
     module = _import_config_module(path)
     config = module.get_config(arg) if arg else module.get_config()
@@ -225,6 +238,8 @@ class _InstalledConfigParser(flags.ArgumentParser):
         self._inner = inner
 
     def parse(self, argument: str) -> Any:
+        if argument.endswith(".json"):
+            return config_from_json(argument)
         path, sep, member = argument.partition(":")
         file = resolve_path(path)
         if not file.is_file():
@@ -240,7 +255,8 @@ def define_config_flag(help_string: str, *, flag_values: flags.FlagValues = flag
     """Defines `--config=file.py[:member]` with `--config.<section>.<field>=value` overrides
     (ml_collections `DEFINE_config_file`), the file resolved like `load_config`: a path from
     the working directory, else one of the installed configs (`configs/switch.py:e8` from any
-    directory). `flag_values["config"].config_filename` keeps the argument as given."""
+    directory), or a run's config.json. `flag_values["config"].config_filename` keeps the
+    argument as given."""
     config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values,
                                     lock_config=True,
                                     sys_argv=list(sys_argv) if sys_argv else None)

@@ -39,8 +39,9 @@ LAYERS = (
     ("objective",),
     ("schema",),
     ("flops",),
+    ("interop.*",),
     ("train.*",),
-    ("main", "demo", "routing_report"),
+    ("main", "demo", "routing_report", "convert", "upcycle"),
 )
 
 

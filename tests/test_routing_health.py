@@ -2,7 +2,7 @@
 with a high learning rate (collapse), capacity 0.25 (drops) and a scaled-up router init
 (instability), a healthy run that raises none, the routing profiles saved at every evaluation,
 `python -m moe_jax.routing_report` on them and on labelled documents of the user's, and a
-fine-tuning run started from another run's weights (`train.init_from`) with a frozen router,
+fine-tuning run started from another run's weights (`init.checkpoint`) with a frozen router,
 expert dropout and one training domain.
 
 All runs share one model shape (4 experts, top-1, block 1 sparse) on the tiny corpus.
@@ -156,9 +156,9 @@ def test_routing_report_on_your_own_labelled_documents(healthy, tmp_path, capsys
 def test_finetuning_from_another_run_with_a_frozen_router(healthy, data_dir, tmp_path, capsys,
                                                          monkeypatch):
     workdir = tmp_path / "finetuned"
-    monkeypatch.chdir(os.path.dirname(healthy))  # init_from relative to the working directory
+    monkeypatch.chdir(os.path.dirname(healthy))  # init.checkpoint relative to the working directory
     summary = train(data_dir, workdir, **{
-        "train.init_from": os.path.basename(healthy), "train.freeze_router": True,
+        "init.checkpoint": os.path.basename(healthy), "train.freeze_router": True,
         "moe.expert_dropout": 0.4,
         "model.dropout_rate": 0.1, "data.train_domains": "math", "train.num_train_steps": 4,
         "train.eval_every": 0, "train.checkpoint_every": 0})
@@ -187,8 +187,8 @@ def _params(workdir: str) -> dict:
 
 
 @ORBAX_LEFTOVERS
-def test_init_from_errors_name_the_directory(healthy, data_dir, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-        train(data_dir, tmp_path / "a", **{"train.init_from": str(tmp_path / "nowhere")})
-    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
-        train(data_dir, tmp_path / "b", **{"train.init_from": healthy, "moe.d_ff": 32})
+def test_init_checkpoint_errors_name_the_directory(healthy, data_dir, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+        train(data_dir, tmp_path / "a", **{"init.checkpoint": str(tmp_path / "nowhere")})
+    with pytest.raises(ValueError, match="its parameters do not match this run's model config"):
+        train(data_dir, tmp_path / "b", **{"init.checkpoint": healthy, "moe.d_ff": 32})

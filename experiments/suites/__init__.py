@@ -18,12 +18,13 @@ from experiments.suites import (
     routing_drift,
     stability,
     switch_scaling,
+    upcycling,
 )
 from experiments.suites.base import Suite
 
 SUITES: dict[str, Suite] = {module.SUITE.name: module.SUITE for module in (
     switch_scaling, capacity, balance, stability, routers, granularity, routing_analysis,
-    routing_drift)}
+    routing_drift, upcycling)}
 
 
 def get(name: str) -> Suite:

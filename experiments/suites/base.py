@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -71,6 +72,10 @@ class Member:
     config: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # A member of the same suite whose run of the same seed this member starts from: its
+    # workdir (a sibling, <member>_s<seed>) becomes `init.checkpoint` (see RunSpec.flags). That
+    # member must come earlier in the suite, so the runner has trained it.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,19 +100,31 @@ class RunSpec:
     def num_train_steps(self) -> int:
         return int(self.overrides["train.num_train_steps"])
 
-    def flags(self) -> list[str]:
-        """The moe_jax.main flags of this run, workdir excluded."""
+    def init_workdir(self, workdir: str) -> str | None:
+        """The workdir of the run this one starts from (`Member.init_from`), beside `workdir`."""
+        if not self.member.init_from:
+            return None
+        return os.path.join(os.path.dirname(workdir), f"{self.member.init_from}_s{self.seed}")
+
+    def flags(self, workdir: str | None = None) -> list[str]:
+        """The moe_jax.main flags of this run, workdir excluded (with `workdir`, a member's
+        `init_from` becomes --config.init.checkpoint=<that member's workdir>)."""
+        init = self.init_workdir(workdir) if workdir else None
         return [f"--config=configs/{self.config}"] + [
-            f"--config.{key}={format_value(value)}" for key, value in self.overrides.items()]
+            f"--config.{key}={format_value(value)}" for key, value in self.overrides.items()] + (
+            [f"--config.init.checkpoint={init}"] if init else [])
 
     def command(self, workdir: str) -> str:
-        return shlex.join(["python", "-m", "moe_jax.main", *self.flags(), f"--workdir={workdir}"])
+        return shlex.join(["python", "-m", "moe_jax.main", *self.flags(workdir),
+                           f"--workdir={workdir}"])
 
     def build_config(self) -> ml_collections.ConfigDict:
         """The validated ConfigDict this run trains (raises ValueError naming a bad key)."""
         from moe_jax.main import apply_settings
 
-        return apply_settings(schema.load_config(self.config), self.overrides)
+        init = {"init.checkpoint": f"<{self.member.init_from}_s{self.seed}>"} \
+            if self.member.init_from else {}
+        return apply_settings(schema.load_config(self.config), {**self.overrides, **init})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +191,12 @@ class Suite:
         if not isinstance(seeds, int) or seeds < 1:
             raise ValueError(f"seeds={seeds!r} must be a positive integer (seeds 0..seeds-1).")
         chosen = self.member_list(scale)
+        order = [m.name for m in chosen]
+        for m in chosen:
+            if m.init_from and (m.init_from not in order
+                                or order.index(m.init_from) > order.index(m.name)):
+                raise ValueError(f"suite {self.name!r}: member {m.name!r} starts from "
+                                 f"{m.init_from!r}, which must be an earlier member.")
         if members:
             known = {m.name for m in chosen}
             unknown = [m for m in members if m not in known]

@@ -6,7 +6,7 @@
 For the pretrained run in DIR (trained on code and prose only), each variant of
 `routing_drift.VARIANTS`
 fine-tunes a copy on math (`FINETUNE`: a new run in DIR/finetune/<variant> started from DIR's
-weights with `train.init_from`, a fresh optimizer and step 0), then the fine-tuned checkpoint
+weights with `init.checkpoint`, a fresh optimizer and step 0), then the fine-tuned checkpoint
 is evaluated on the whole validation split of the embedded corpus (every domain). Compared with
 the pretrained run's final evaluation: held-out loss per domain (forgetting of code and prose,
 gain on math), routing drift per MoE layer (`profiles.drift`: JS divergence of the expert
@@ -56,7 +56,7 @@ def finetune_settings(pretrain: schema.Experiment, workdir: str) -> dict[str, An
     """`FINETUNE` with the steps sized from the pretraining run and its weights as the start."""
     steps = max(1, round(pretrain.train.num_train_steps * FINETUNE_FRACTION))
     return {**FINETUNE, "train.num_train_steps": steps, "train.warmup_steps": steps // 10,
-            "train.init_from": os.path.abspath(workdir)}
+            "init.checkpoint": os.path.abspath(workdir)}
 
 
 def routing_summary(profile: profiles.Profile) -> dict[str, dict[str, float]]:

@@ -6,7 +6,7 @@ One member, `pretrain`: switch.py:e8 (top-1 of 8 experts in blocks 1 and 3) trai
 and prose documents of the embedded corpus only (`data.train_domains`). After each pretraining
 run the runner calls `experiments.suites.drift_finetune`, which fine-tunes the run on math in
 four variants (`VARIANTS`: plain, expert dropout 0.4, frozen router, balance loss off; all
-with dropout 0.1 elsewhere) from its weights (`train.init_from`), evaluates each
+with dropout 0.1 elsewhere) from its weights (`init.checkpoint`), evaluates each
 on the whole validation split (code, prose, math), and sweeps the evaluation router
 temperature of the plain fine-tuned model. The numbers live in each run's `analysis`.
 

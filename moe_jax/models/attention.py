@@ -1,4 +1,5 @@
-"""Multi-head attention with grouped-query heads, segment-aware masks, and rotary positions.
+"""Multi-head attention with grouped-query heads, segment-aware masks, rotary positions and an
+optional QK-norm.
 
 Shape letters: B batch, L query length, S key length (= L here), d model width, H query heads,
 K key/value heads (H = K * G), G query heads per key/value head, h head dimension.
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.models.norms import Norm
 from moe_jax.models.positions import apply_rotary
 
 Array = jax.Array
@@ -55,6 +57,9 @@ class Attention(nn.Module):
     Params (logical axes): query [d, H, h] ("embed", "heads", "kv"), key and value [d, K, h]
     ("embed", "kv_heads", "kv"), out [H, h, d] ("heads", "kv", "embed"); with `qkv_bias`, biases
     [H, h] / [K, h]. Kernels: truncated normal with variance 1/fan_in.
+    `qk_norm` (`ModelConfig.qk_norm`) normalises q and k after the projections, before the
+    rotary positions: "per_head" over each head's h dims (query_norm/key_norm scale [h], shared
+    by the heads), "projection" over the whole projection (scale [H*h] and [K*h]).
     """
 
     num_heads: int
@@ -64,6 +69,9 @@ class Attention(nn.Module):
     use_rotary: bool
     rope_base: float = 10000.0
     qkv_bias: bool = False
+    qk_norm: str = "none"
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -89,6 +97,8 @@ class Attention(nn.Module):
         q = project("query", self.num_heads, "heads")
         k = project("key", self.num_kv_heads, "kv_heads")
         v = project("value", self.num_kv_heads, "kv_heads")
+        if self.qk_norm != "none":
+            q, k = self.normalize(q, "query_norm"), self.normalize(k, "key_norm")
         if self.use_rotary:
             q = apply_rotary(q, positions, self.rope_base)
             k = apply_rotary(k, positions, self.rope_base)
@@ -99,3 +109,10 @@ class Attention(nn.Module):
             out_init, ("heads", "kv", "embed")), (self.num_heads, self.head_dim, d_model),
             self.param_dtype)
         return jnp.einsum("blnh,nhd->bld", out, out_kernel.astype(self.dtype))
+
+    def normalize(self, x: Array, name: str) -> Array:
+        """QK-norm of projected queries or keys [B, L, N, h] (see the class docstring)."""
+        norm = Norm(self.norm, self.norm_eps, self.param_dtype, axis=None, name=name)
+        if self.qk_norm == "per_head":
+            return norm(x)
+        return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)

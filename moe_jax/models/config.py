@@ -16,6 +16,7 @@ from moe_jax.config import ACTIVATIONS, MoeConfig
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rotary", "learned")
+QK_NORMS = ("none", "per_head", "projection")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -50,6 +51,12 @@ class ModelConfig:
     # (T5); at init a token's own logit is then ~sqrt(d), a copy-the-input bias training removes.
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen)
+    # QK-norm (Henry et al. 2020; Dehghani et al. 2023, ViT-22B): q and k normalised (`norm`,
+    # `norm_eps`) after the projections, before the rotary positions. "per_head": over each
+    # head's h dims, one [h] scale shared by the heads (Qwen3, Yang et al. 2025, Sec. 2);
+    # "projection": over the whole projection, scales [H*h] and [K*h] (OLMoE, Muennighoff et
+    # al. 2024, as released).
+    qk_norm: str = "none"
     dropout_rate: float = 0.0  # on the embeddings and on each residual branch
     causal: bool = True  # False: bidirectional encoder (masked-LM objective)
     # Sparse blocks. moe_every=n makes block i sparse iff (i + 1) % n == 0: n=1 every block,
@@ -82,6 +89,7 @@ class ModelConfig:
         validation.one_of(self, "activation", ACTIVATIONS)
         validation.one_of(self, "norm", NORMS)
         validation.one_of(self, "positions", POSITIONS)
+        validation.one_of(self, "qk_norm", QK_NORMS)
         validation.one_of(self, "dtype", DTYPES)
         validation.one_of(self, "param_dtype", DTYPES)
         for name in ("norm_eps", "rope_base", "embed_init_std"):

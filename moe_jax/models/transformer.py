@@ -34,6 +34,7 @@ from moe_jax.config import MoeConfig
 from moe_jax.layers import MoeLayer
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
+from moe_jax.models.norms import Norm
 from moe_jax.models.positions import default_positions
 
 Array = jax.Array
@@ -61,41 +62,6 @@ def with_moe_layer_variables(collection: dict[str, Any], config: ModelConfig,
     for layer, value in zip(config.sparse_layers, values, strict=True):
         out[block_name(layer)] = {**out[block_name(layer)], MOE_NAME: value}
     return out
-
-
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    """RMSNorm (Zhang & Sennrich 2019, eq. 4): x / rms(x) * scale, computed in float32."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-    """LayerNorm (Ba et al. 2016): (x - mean) / std * scale + bias, computed in float32."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-class Norm(nn.Module):
-    """RMSNorm or LayerNorm over the last axis; params scale [d] (+ bias [d]), axis "embed"."""
-
-    kind: str
-    eps: float
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (d,), self.param_dtype)
-        if self.kind == "rmsnorm":
-            return rms_norm(x, scale, self.eps)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                          (d,), self.param_dtype)
-        return layer_norm(x, scale, bias, self.eps)
 
 
 class DenseFfn(nn.Module):
@@ -139,7 +105,8 @@ class Block(nn.Module):
         attention = Attention(
             num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
             causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
-            qkv_bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, name="attention")
+            qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
+            dtype=dtype, param_dtype=param_dtype, name="attention")
         h = Norm(c.norm, c.norm_eps, param_dtype, name="attention_norm")(x)
         x = x + dropout(attention(h, segment_ids, positions))
 

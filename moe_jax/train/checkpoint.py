@@ -12,17 +12,28 @@ Orbax writes each checkpoint to a temporary directory and renames it when comple
 killed mid-save leaves the previous checkpoints intact. Restoring never deletes or rewrites
 anything; a checkpoint that cannot be read raises `CheckpointError` naming the step and the
 directory.
+
+An *initial* checkpoint (`write_initial`, used by `moe_jax.convert` and `moe_jax.upcycle`) is
+the same layout with only {"params", "model_state"} as its state and {"initial": {...}} (where
+the parameters came from) as its host item: a starting point for runs (`InitConfig.checkpoint`),
+not a run to resume. `read_variables` reads the parameters and model state of either kind.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 STATE_ITEM = "state"
 HOST_ITEM = "host"
+CHECKPOINT_DIR = "checkpoints"  # <workdir>/checkpoints/<step>/
+INITIAL = "initial"  # host-item key of an initial (parameters-only) checkpoint
+VARIABLES = ("params", "model_state")  # what an initial checkpoint holds, and what runs read
 
 
 class CheckpointError(RuntimeError):
@@ -131,3 +142,72 @@ def restore_weights(directory: str, abstract_state: Any,
     finally:
         manager.close()
     return restored, step
+def check_not_initial(workdir: str) -> None:
+    """Raises CheckpointError if `workdir` holds an initial checkpoint (moe_jax.convert or
+    moe_jax.upcycle output): a starting point for runs, never trained in (checkpoint rotation
+    would delete it)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR, "0")
+    if os.path.isdir(os.path.join(directory, HOST_ITEM)) and INITIAL in read_host(directory):
+        raise CheckpointError(
+            f"{workdir} holds the initial parameters written by moe_jax.convert or "
+            "moe_jax.upcycle, a starting point rather than a run to resume; train in a new "
+            f"workdir that starts from them: --config.init.checkpoint={workdir} "
+            "--workdir=runs/NAME (its config.json already sets init.checkpoint). Nothing was "
+            "changed.")
+
+
+def read_host(step_directory: str) -> dict[str, Any]:
+    """The host item (JSON) of one checkpoint directory."""
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        os.path.join(step_directory, HOST_ITEM))
+
+
+def step_directory(path: str) -> str:
+    """The checkpoint directory `path` names: a workdir (its newest checkpoint), its checkpoints/
+    directory (the newest), or one checkpoints/<step> directory. Raises CheckpointError."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+        return path
+    directory = os.path.join(path, CHECKPOINT_DIR) if os.path.isdir(
+        os.path.join(path, CHECKPOINT_DIR)) else path
+    steps = sorted(int(name) for name in (os.listdir(directory) if os.path.isdir(directory)
+                                          else ()) if name.isdigit()
+                   and os.path.isdir(os.path.join(directory, name, STATE_ITEM)))
+    if not steps:
+        raise CheckpointError(
+            f"no checkpoint in {path}: expected a run's workdir (with checkpoints/<step>/), a "
+            "directory written by moe_jax.convert or moe_jax.upcycle, or one checkpoints/<step> "
+            "directory.")
+    return os.path.join(directory, str(steps[-1]))
+
+
+def read_variables(path: str) -> dict[str, Any]:
+    """{"params": ..., "model_state": ...} as NumPy arrays, from the checkpoint `path` names
+    (see `step_directory`): a run's (its optimizer state is not read) or an initial one."""
+    directory = os.path.join(step_directory(path), STATE_ITEM)
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:  # the handler's metadata: the checkpointer's also looks for a step-level metadata file
+        tree = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(directory)).tree
+        target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                     tree.get(name, {})) for name in VARIABLES}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    except Exception as err:  # orbax raises many types (ValueError, OSError, tensorstore)
+        cause = (str(err).splitlines() or [""])[0][:300]
+        raise CheckpointError(f"could not read the parameters of the checkpoint in "
+                              f"{os.path.dirname(directory)}: {type(err).__name__}: {cause}"
+                              ) from err
+
+
+def write_initial(workdir: str, variables: dict[str, Any], source: dict[str, Any]) -> str:
+    """Saves {"params", "model_state"} as the initial checkpoint <workdir>/checkpoints/0 with
+    `source` (JSON: where the parameters came from) in its host item; returns its directory."""
+    checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=1,
+                              async_save=False)
+    try:
+        checkpoints.save(0, {name: variables[name] for name in VARIABLES}, {INITIAL: source})
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    return checkpoints.step_directory(0)

@@ -59,11 +59,6 @@ class TrainConfig:
     # no weight decay; the sigmoid_bias router's balancing bias still moves unless
     # moe.bias_update_rate=0).
     freeze_router: bool = False
-    # Start a new run from another run's weights: the workdir of a run whose latest checkpoint
-    # holds parameters (and model state) of this model's shapes. They replace the initial ones;
-    # the optimizer state is fresh and the step is 0. Used only when this workdir has no
-    # checkpoint yet (a restarted fine-tuning run resumes from its own checkpoints).
-    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_train_steps", "batch_size", "grad_accum_steps", "log_every",
@@ -92,8 +87,6 @@ class TrainConfig:
                             f"{self.num_train_steps}", "shorten the warmup or train longer")
         for name in ("progress_bar", "async_checkpointing", "freeze_router"):
             validation.boolean(self, name)
-        validation.text(self, "init_from", optional=True,
-                        fix="give the workdir of the run to start from, or None")
 
     @property
     def micro_batch_size(self) -> int:
@@ -151,3 +144,46 @@ class MonitorConfig:
         if not isinstance(self.stop_on, tuple) or any(a not in ALARMS for a in self.stop_on):
             validation.fail(self, "stop_on", "lists an unknown alarm",
                             f"use a tuple of names from {ALARMS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where a run's parameters start: a fresh random init (the default), or a checkpoint's.
+
+    Used only when the run's workdir has no checkpoint of its own: the run then starts at step 0
+    with the checkpoint's parameters and model state, a fresh optimizer state and a fresh data
+    order; once it has saved a checkpoint, a restart resumes from that, never from `checkpoint`.
+    """
+
+    # A run's workdir (its newest checkpoint), a directory written by `python -m moe_jax.convert`
+    # or `python -m moe_jax.upcycle`, or one checkpoint directory <workdir>/checkpoints/<step>.
+    # Only the parameters and model state are read (not the optimizer state).
+    checkpoint: str | None = None
+    # Sparse upcycling (Komatsuzaki et al. 2022, Sec. 3.1): `checkpoint` is a dense model of this
+    # run's widths; each sparse block's experts start as copies of that block's dense FFN (so
+    # moe.d_ff = model.d_ff and moe.activation = model.activation), its router from this run's
+    # random init, and every other parameter is copied.
+    upcycle: bool = False
+    # Upcycled experts: each weight plus expert_noise * std(weight) * N(0, 1), drawn
+    # independently per expert, so experts differ from the start (0 = exact copies).
+    expert_noise: float = 0.0
+    # Drop-Upcycling (Nakamura et al. 2025, Sec. 3): in each expert this share of the hidden
+    # units (columns of wi / wi_gate, rows of wo) is re-drawn from N(mean, std^2) of the dense
+    # matrix; the paper's best setting is 0.5 (0 = plain copies).
+    reinit_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        validation.text(self, "checkpoint", optional=True,
+                        fix="None starts from a random init")
+        validation.boolean(self, "upcycle")
+        validation.number(self, "expert_noise", at_least=0)
+        validation.number(self, "reinit_fraction", at_least=0, at_most=1)
+        if self.upcycle and self.checkpoint is None:
+            validation.fail(self, "upcycle", "needs a dense checkpoint to upcycle",
+                            "set init.checkpoint to the dense run's workdir")
+        if (self.expert_noise or self.reinit_fraction) and not self.upcycle:
+            validation.fail(self, "expert_noise" if self.expert_noise else "reinit_fraction",
+                            "only applies to upcycled experts", "set init.upcycle=True or 0")
+
+    def replace(self, **changes) -> InitConfig:
+        return dataclasses.replace(self, **changes)

@@ -17,8 +17,8 @@ mesh), and only process 0 writes config, metrics and summary files.
 
 A run restarted with the same workdir resumes from its latest checkpoint and continues with the
 same batches and randomness, so its losses equal an uninterrupted run's; a new run with
-`train.init_from` starts from another run's weights. A non-finite loss stops the run with
-`NonFiniteLossError` naming the step, an alarm of `monitor.stop_on` with `RoutingAlarmError`;
+`init.checkpoint` starts from another run's (or a converted model's) parameters. A non-finite
+loss stops the run with `NonFiniteLossError` naming the step, an alarm of `monitor.stop_on` with `RoutingAlarmError`;
 checkpoints are only written after the metrics up to their step were checked, so the last
 checkpoint is always a good one.
 """
@@ -37,9 +37,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax import flops, routing, schema, sharding
 from moe_jax.models import Transformer
-from moe_jax.train import evaluate, monitor, optim, placement, profiles
+from moe_jax.train import evaluate, init_from, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
-from moe_jax.train.checkpoint import CheckpointError, Checkpoints, restore_weights
+from moe_jax.train.checkpoint import CheckpointError, Checkpoints, check_not_initial
 from moe_jax.train.metrics import (
     METRICS_FILE,
     MetricsWriter,
@@ -180,6 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     experiment = schema.parse_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    check_not_initial(workdir)
     if is_logging_process():
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -230,12 +231,14 @@ class _Run:
 
     def restore_or_init(self) -> TrainState:
         """The latest checkpoint's state (and data position), or a fresh state (with the
-        weights of `train.init_from`'s latest checkpoint, when set)."""
+        parameters of `init.checkpoint`, when set)."""
         if self.last_good is None:
-            init_from = self.experiment.train.init_from
-            weights = (restore_weights(os.path.join(init_from, CHECKPOINT_DIR),
-                                       self.fns["abstract_state"])[0] if init_from else {})
-            return self.fns["init"](self.experiment.seed).replace(**weights)
+            state = self.fns["init"](self.experiment.seed)
+            if self.experiment.init.checkpoint:
+                state = init_from.initial_state(state, self.experiment,
+                                                self.fns["state_shardings"],
+                                                optim.make_optimizer(self.experiment.train))
+            return state
         step = self.last_good
         state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
         try:

@@ -1,0 +1,275 @@
+"""Hugging Face `config.json` <-> moe_jax experiment config, one `Family` per supported
+architecture.
+
+    family = family_of(hf)                      # the Family of a config.json dict
+    config = experiment_config(hf, family)      # ml_collections ConfigDict (schema layout)
+    hf = hf_config(experiment, family, base=hf) # back to config.json
+
+Every architectural option of the families maps to a field of `ModelConfig` / `MoeConfig`; the
+numerical conventions were checked against transformers' modeling code (5.x): RMSNorm with eps
+inside the square root in float32; rotary positions on the half-split layout (rotate_half) with
+`rope_theta`; router softmax in float32, top-k, then (`norm_topk_prob`, always for Mixtral) the
+k gates divided by their sum; SwiGLU experts `down(silu(gate(x)) * up(x))`; no capacity
+(dropless). An option moe_jax has no equivalent for (rope scaling, sliding windows in use,
+clipped qkv, output-projection or MLP biases, other activations) is refused with its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from moe_jax import schema
+
+ARCHITECTURE_KEYS = ("model_type", "architectures")
+DEFAULT_TRAIN_SEQ_LEN = 2048  # converted configs train on at most this many tokens per row
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture: how its config keys and tensor names map to moe_jax.
+
+    sparse: an MoE family; moe_prefix: the submodule of a sparse block's MLP
+    ("block_sparse_moe" for Mixtral, else "mlp"); expert_names: HF names of an expert's
+    (wi_gate, wi, wo) = (gate, up, down); experts_keys / width_key: config keys of E and the
+    expert width; renormalize: True (always) or the config key (`norm_topk_prob`); qkv_bias:
+    True/False (fixed) or the config key of q/k/v-only biases; qk_norm: ModelConfig.qk_norm;
+    shared: Qwen2-MoE's gated shared expert; qwen_layers: sparse blocks chosen by
+    `decoder_sparse_step` and `mlp_only_layers` (else every block is sparse); must_be_false:
+    keys of options moe_jax does not implement (biases on the output projection or the MLP).
+    """
+
+    model_type: str
+    architecture: str
+    source: str  # the paper or model card
+    sparse: bool = True
+    moe_prefix: str = "mlp"
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    width_key: str = "moe_intermediate_size"
+    renormalize: bool | str = "norm_topk_prob"
+    qkv_bias: bool | str = False
+    qk_norm: str = "none"
+    shared: bool = False
+    qwen_layers: bool = False
+    must_be_false: tuple[str, ...] = ("attention_bias", "mlp_bias")
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("mixtral", "MixtralForCausalLM", "Jiang et al. 2024, Mixtral of Experts",
+           moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"),
+           experts_keys=("num_local_experts",), width_key="intermediate_size", renormalize=True),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen1.5-MoE model card; Yang et al. 2024, "
+           "Qwen2 Technical Report, Sec. 2.2.2", qkv_bias="qkv_bias", shared=True,
+           qwen_layers=True),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "Yang et al. 2025, Qwen3 Technical Report, "
+           "Sec. 2", qk_norm="per_head", qwen_layers=True),
+    Family("olmoe", "OlmoeForCausalLM", "Muennighoff et al. 2024, OLMoE",
+           width_key="intermediate_size", qk_norm="projection"),
+    Family("llama", "LlamaForCausalLM", "Touvron et al. 2023, LLaMA", sparse=False),
+    Family("qwen2", "Qwen2ForCausalLM", "Yang et al. 2024, Qwen2 Technical Report",
+           sparse=False, qkv_bias=True),
+)}
+
+
+class UnsupportedModelError(ValueError):
+    """A Hugging Face config moe_jax cannot represent exactly."""
+
+
+def supported() -> str:
+    return ", ".join(f"{f.model_type} ({f.architecture})" for f in FAMILIES.values())
+
+
+def family_of(hf: dict[str, Any], where: str = "config.json") -> Family:
+    """The Family of a config.json dict; UnsupportedModelError naming the supported ones."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{where}: model_type={model_type!r} (architectures {hf.get('architectures')}) is "
+            f"not supported; supported: {supported()}.")
+    return FAMILIES[model_type]
+
+
+def _get(hf: dict[str, Any], key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
+    if hf.get(key) is None:
+        if default is dataclasses.MISSING:
+            raise UnsupportedModelError(f"{where} has no {key!r}, which this family needs.")
+        return default
+    return hf[key]
+
+
+def rope_theta(hf: dict[str, Any], where: str) -> float:
+    """`rope_theta` (transformers 4.x) or `rope_parameters.rope_theta` (5.x); any rope scaling
+    is refused (moe_jax implements the original RoPE only)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise UnsupportedModelError(f"{where}: rope scaling {kind!r} is not supported (only the "
+                                    "original RoPE, rope_type 'default').")
+    return float(_get(params, "rope_theta", where) if "rope_theta" in params
+                 else _get(hf, "rope_theta", where))
+
+
+def sparse_layers(hf: dict[str, Any], family: Family, num_layers: int) -> tuple[int, ...]:
+    """Qwen-MoE: block i is sparse iff i is not in mlp_only_layers and (i + 1) is a multiple of
+    decoder_sparse_step (transformers' Qwen2MoeDecoderLayer); other families: every block."""
+    if not family.sparse:
+        return ()
+    if not family.qwen_layers:
+        return tuple(range(num_layers))
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or ())
+    return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+
+
+def _check_supported(hf: dict[str, Any], family: Family, where: str) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported "
+                                    "(SwiGLU with silu only).")
+    for key in family.must_be_false:
+        if hf.get(key):
+            raise UnsupportedModelError(f"{where}: {key}=true is not supported (biases on the "
+                                        "output projection or the MLP).")
+    if hf.get("clip_qkv") is not None:
+        raise UnsupportedModelError(f"{where}: clip_qkv={hf['clip_qkv']} is not supported.")
+    window = hf.get("sliding_window")
+    if window and (hf.get("use_sliding_window", True)) and window < hf.get(
+            "max_position_embeddings", window + 1):
+        raise UnsupportedModelError(f"{where}: sliding_window={window} is not supported "
+                                    "(moe_jax attends to the whole sequence).")
+    if (hf.get("pretraining_tp") or 1) != 1:
+        raise UnsupportedModelError(f"{where}: pretraining_tp={hf['pretraining_tp']} is not "
+                                    "supported.")
+
+
+def experiment_config(hf: dict[str, Any], family: Family,
+                      where: str = "config.json") -> ml_collections.ConfigDict:
+    """The moe_jax experiment config of a Hugging Face config (validated)."""
+    _check_supported(hf, family, where)
+    config = schema.base_config()
+    num_layers = _get(hf, "num_hidden_layers", where)
+    heads = _get(hf, "num_attention_heads", where)
+    d_model = _get(hf, "hidden_size", where)
+    head_dim = hf.get("head_dim") or None
+    model = config.model
+    model.update(dict(
+        vocab_size=_get(hf, "vocab_size", where), vocab_multiple=1, d_model=d_model,
+        num_layers=num_layers, num_heads=heads,
+        num_kv_heads=_get(hf, "num_key_value_heads", where, heads),
+        d_ff=_get(hf, "intermediate_size", where), activation="swiglu", norm="rmsnorm",
+        norm_eps=float(_get(hf, "rms_norm_eps", where)), positions="rotary",
+        rope_base=rope_theta(hf, where), max_seq_len=_get(hf, "max_position_embeddings", where),
+        tie_embeddings=False, qk_norm=family.qk_norm, dropout_rate=0.0, causal=True,
+        qkv_bias=bool(family.qkv_bias if isinstance(family.qkv_bias, bool)
+                      else _get(hf, family.qkv_bias, where, True))))
+    if head_dim is not None and head_dim * heads != d_model:
+        model.head_dim = head_dim
+    layers = sparse_layers(hf, family, num_layers)
+    if layers:
+        model.moe_layers = layers
+    config.train.seq_len = min(model.max_seq_len, DEFAULT_TRAIN_SEQ_LEN)
+    if family.sparse:
+        _moe_section(config.moe, hf, family, len(layers), where)
+    else:  # the dense FFN's shape, so `--config.model.moe_every=...` gives upcyclable experts
+        config.moe.update(dict(activation="swiglu", d_ff=model.d_ff))
+    return schema.checked(config)
+
+
+def _moe_section(moe: ml_collections.ConfigDict, hf: dict[str, Any], family: Family,
+                 num_sparse: int, where: str) -> None:
+    num_experts = next((hf[k] for k in family.experts_keys if hf.get(k)), None)
+    if num_experts is None:
+        raise UnsupportedModelError(f"{where} has none of {family.experts_keys}.")
+    top_k = _get(hf, "num_experts_per_tok", where)
+    width = _get(hf, family.width_key, where)
+    renormalize = family.renormalize if isinstance(family.renormalize, bool) else bool(
+        hf.get(family.renormalize, False))
+    moe.update(dict(
+        num_experts=num_experts, top_k=top_k, d_ff=width, activation="swiglu", router="top_k",
+        renormalize_gates=renormalize, dispatch="dropless", router_dtype="float32",
+        jitter_eps=0.0, z_loss_coef=0.0,
+        # transformers' balance loss is E * sum_e f_e P_e with f over all layers' T*k
+        # assignments (summing to k); ours sums per-layer losses whose f sums to 1.
+        load_balance_coef=float(hf.get("router_aux_loss_coef") or 0.0) * top_k
+        / max(num_sparse, 1)))
+    if family.shared:
+        shared = _get(hf, "shared_expert_intermediate_size", where)
+        if shared % width:
+            raise UnsupportedModelError(
+                f"{where}: shared_expert_intermediate_size={shared} is not a multiple of "
+                f"{family.width_key}={width}; moe_jax's shared experts are "
+                "num_shared_experts x d_ff wide.")
+        moe.update(dict(num_shared_experts=shared // width, shared_expert_gate=True))
+
+
+def _must(condition: bool, family: Family, problem: str) -> None:
+    if not condition:
+        raise UnsupportedModelError(f"this model cannot be written as {family.model_type} "
+                                    f"({family.architecture}): {problem}.")
+
+
+def check_exportable(experiment: Any, family: Family) -> None:
+    """Raises UnsupportedModelError naming what `family` cannot represent."""
+    m, e = experiment.model, experiment.moe
+    _must(m.activation == "swiglu" and m.norm == "rmsnorm" and m.positions == "rotary"
+          and m.causal, family, "it needs a causal LM with SwiGLU, RMSNorm and rotary positions")
+    _must(m.qk_norm == family.qk_norm, family, f"model.qk_norm must be {family.qk_norm!r}")
+    fixed = family.qkv_bias
+    _must(isinstance(fixed, str) or m.qkv_bias == fixed, family,
+          f"its q/k/v projections {'always' if fixed else 'never'} have biases")
+    _must(bool(m.sparse_layers) == family.sparse, family,
+          "it is " + ("an MoE" if family.sparse else "a dense") + " architecture")
+    if not family.sparse:
+        return
+    _must(family.qwen_layers or len(m.sparse_layers) == m.num_layers, family,
+          "every block must be sparse")
+    _must(e.router == "top_k" and e.activation == "swiglu", family,
+          "its router is softmax top-k over SwiGLU experts")
+    _must(family.renormalize is not True or e.renormalize_gates, family,
+          "it always renormalises the top-k gates (moe.renormalize_gates=True)")
+    _must(bool(e.num_shared_experts) == family.shared
+          and e.shared_expert_gate == family.shared, family,
+          "it needs shared experts with their sigmoid gate (moe.num_shared_experts > 0, "
+          "moe.shared_expert_gate=True)" if family.shared else
+          "shared experts with their sigmoid gate go with qwen2_moe only")
+
+
+def hf_config(experiment: Any, family: Family, base: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    """config.json of `experiment` as `family` (keys of `base`, e.g. the original config.json,
+    are kept unless the experiment sets them)."""
+    check_exportable(experiment, family)
+    m, e = experiment.model, experiment.moe
+    hf = dict(base or {})
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or m.param_dtype
+    hf.pop("rope_scaling", None)
+    hf.update({
+        "model_type": family.model_type, "architectures": [family.architecture],
+        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_size, "intermediate_size": m.d_ff, "hidden_act": "silu",
+        "rms_norm_eps": m.norm_eps, "max_position_embeddings": m.max_seq_len,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
+        "rope_theta": m.rope_base, "tie_word_embeddings": bool(hf.get("tie_word_embeddings")),
+        "dtype": dtype, "torch_dtype": dtype,  # transformers 5.x and 4.x spellings
+    })
+    if isinstance(family.qkv_bias, str):
+        hf[family.qkv_bias] = m.qkv_bias
+    for key in family.must_be_false:
+        hf[key] = False
+    if family.sparse:
+        num_sparse = len(m.sparse_layers)
+        hf.update({family.experts_keys[0]: e.num_experts, "num_experts_per_tok": e.top_k,
+                   family.width_key: e.d_ff,
+                   "router_aux_loss_coef": e.load_balance_coef * num_sparse / e.top_k})
+        if isinstance(family.renormalize, str):
+            hf[family.renormalize] = e.renormalize_gates
+        if family.qwen_layers:
+            hf["decoder_sparse_step"] = 1
+            hf["mlp_only_layers"] = [i for i in range(m.num_layers) if i not in m.sparse_layers]
+        if family.shared:
+            hf["shared_expert_intermediate_size"] = e.num_shared_experts * e.d_ff
+    return hf
