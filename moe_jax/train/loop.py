@@ -18,9 +18,9 @@ mesh), and only process 0 writes config, metrics and summary files.
 A run restarted with the same workdir resumes from its latest checkpoint and continues with the
 same batches and randomness, so its losses equal an uninterrupted run's; a new run with
 `init.checkpoint` starts from another run's (or a converted model's) parameters. A non-finite
-loss stops the run with `NonFiniteLossError` naming the step, an alarm of `monitor.stop_on` with `RoutingAlarmError`;
-checkpoints are only written after the metrics up to their step were checked, so the last
-checkpoint is always a good one.
+loss stops the run with `NonFiniteLossError` naming the step, an alarm of `monitor.stop_on`
+with `RoutingAlarmError`; checkpoints are only written after the metrics up to their step were
+checked, so the last checkpoint is always a good one.
 """
 
 from __future__ import annotations
