@@ -40,7 +40,7 @@ LAYERS = (
     ("schema",),
     ("flops",),
     ("train.*",),
-    ("main", "demo"),
+    ("main", "demo", "sample"),
 )
 
 

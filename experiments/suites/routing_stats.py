@@ -3,7 +3,7 @@ expert use by domain and by byte class, consecutive-token repetition vs chance, 
 
     python -m experiments.suites.routing_stats --workdir=experiments/results/.../mixtral_e8_s0
 
-restores the run's last checkpoint (its config is rebuilt from the runner's request.json),
+restores the run's last checkpoint (its config is rebuilt from the config.json it wrote),
 routes the validation batches the training loop evaluates on, and writes DIR/analysis.json:
 
   num_experts, top_k, layers, domains, byte_classes, chance_repeat_first (1/E),
@@ -24,7 +24,6 @@ experts each token chose before capacity, and the entropy of its routing distrib
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -184,36 +183,14 @@ def layer_statistics(expert_index: np.ndarray, entropy: np.ndarray, inputs: np.n
 # --- the model part --------------------------------------------------------------------------
 
 def restore(workdir: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(experiment, model, params, model_state) of the run in `workdir` at its last checkpoint."""
-    import jax
-
-    from moe_jax import schema
-    from moe_jax.main import apply_settings
+    """(experiment, model, params, model_state) of the run in `workdir` at its last checkpoint
+    (`moe_jax.train.restore.restore_run`)."""
     from moe_jax.models import Transformer
-    from moe_jax.train import optim
-    from moe_jax.train.checkpoint import Checkpoints
-    from moe_jax.train.state import init_train_state
+    from moe_jax.train.restore import restore_run
 
-    request_path = os.path.join(workdir, "request.json")
-    if not os.path.exists(request_path):
-        raise FileNotFoundError(f"{request_path} is missing: analyse runs made by "
-                                "experiments.run (it records the config and overrides there).")
-    with open(request_path) as f:
-        request = json.load(f)
-    config = apply_settings(schema.load_config(request["config"]), request["overrides"])
-    experiment = schema.parse_config(config)
-    model = Transformer(experiment.model, experiment.moe)
-    seq_len = experiment.train.seq_len or experiment.model.max_seq_len
-    init = functools.partial(init_train_state, model=model,
-                             optimizer=optim.make_optimizer(experiment.train), seq_len=seq_len)
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=1,
-                              async_save=False)
-    step = checkpoints.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train the run first.")
-    state, _ = checkpoints.restore(step, jax.eval_shape(init, jax.random.key(0)))
-    checkpoints.close()
-    return experiment, model, state.params, state.model_state
+    run = restore_run(workdir)
+    model = Transformer(run.experiment.model, run.experiment.moe)
+    return run.experiment, model, run.params, run.model_state
 
 
 def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any]:
