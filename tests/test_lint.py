@@ -38,7 +38,7 @@ LAYERS = (
     ("data.*",),
     ("objective",),
     ("schema",),
-    ("flops",),
+    ("flops", "memory"),
     ("train.*",),
     ("main", "demo", "sample"),
 )
