@@ -34,6 +34,7 @@ LAYERS = (
     ("moe",),
     ("layers",),
     ("models.*",),
+    ("quantize",),
     ("sharding",),
     ("data.*",),
     ("objective",),
