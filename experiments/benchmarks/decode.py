@@ -179,7 +179,8 @@ def trained_distinct(workdir: str, batch_sizes: tuple[int, ...], steps: int = 8
                      ) -> dict[int, float] | None:
     """Distinct experts per MoE block per step of a trained run decoding validation text (B
     prompts of 8 bytes from the validation rows, greedy); None if the run is absent."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
+            os.path.join(workdir, "checkpoints")):
         return None
     from moe_jax.train import inputs as train_inputs
     from moe_jax.train.restore import restore_run
