@@ -203,8 +203,8 @@ def trained_distinct(workdir: str, batch_sizes: tuple[int, ...], steps: int = 8
     return out
 
 
-def rows_for(models: list[Model], timings: dict[int, dict], bandwidth: float,
-             peak: float) -> list[dict[str, Any]]:
+def rows_for(models: list[Model], timings: dict[int, dict], ceilings: dict[str, float]
+             ) -> list[dict[str, Any]]:
     """One row per (model, batch): time, tokens/s, bytes per token, roofline."""
     rows = []
     for batch, by_model in timings.items():
@@ -213,20 +213,15 @@ def rows_for(models: list[Model], timings: dict[int, dict], bandwidth: float,
             distinct = t["distinct"] if m.sparse else 0.0
             weights = m.weight_bytes_read(distinct) if m.sparse else 4.0 * m.total_params
             kv = m.kv_bytes_read(batch)
-            step_flops = m.flops_per_token * batch
-            floor = max((weights + kv) / bandwidth, step_flops / peak)
-            rows.append({
+            rows.append(roofline({
                 "model": m.name, "batch": batch, "step_ms": t["step_s"] * 1e3,
                 "median_ms": t["median_s"] * 1e3,
                 "tokens_per_s": batch / t["step_s"], "distinct_experts": t["distinct"],
                 "weight_bytes_per_token": weights / batch, "kv_bytes_per_step": kv,
                 "gbytes_per_s": (weights + kv) / t["step_s"] / 1e9,
-                "gflops_per_s": step_flops / t["step_s"] / 1e9,
-                "bound": "memory" if (weights + kv) / bandwidth > step_flops / peak
-                else "compute",
-                "floor_ms": floor * 1e3, "of_floor": floor / t["step_s"],
+                "gflops_per_s": m.flops_per_token * batch / t["step_s"] / 1e9,
                 "stored_weight_bytes": m.stored_bytes, "params_total": m.total_params,
-                "params_active": m.active_params})
+                "params_active": m.active_params}, ceilings))
     return rows
 
 
@@ -309,6 +304,27 @@ def plot(rows: list[dict], experts: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def measure_ceilings(quick: bool = False) -> dict[str, float]:
+    """Stream bandwidth (bytes/s, read + write) and float32 matmul FLOP/s of this machine, from
+    the fastest of the `layer` suite's timed runs (like the steps: least disturbed by load)."""
+    bandwidth = layer.memory_bandwidth(64 if quick else 512)
+    size = 1024 if quick else 2048
+    peak = layer.ceiling(size)[0]
+    return {"bandwidth": 2.0 * bandwidth["bytes"] / bandwidth["timing"]["min_s"],
+            "peak": 2.0 * size**3 / peak["timing"]["min_s"]}
+
+
+def roofline(row: dict[str, Any], ceilings: dict[str, float]) -> dict[str, Any]:
+    """The row's roofline fields from its bytes, FLOPs and best step time."""
+    seconds = row["step_ms"] / 1e3
+    moved = row["weight_bytes_per_token"] * row["batch"] + row["kv_bytes_per_step"]
+    step_flops = row["gflops_per_s"] * 1e9 * seconds
+    floor = max(moved / ceilings["bandwidth"], step_flops / ceilings["peak"])
+    bound = "memory" if moved / ceilings["bandwidth"] > step_flops / ceilings["peak"] \
+        else "compute"
+    return {**row, "bound": bound, "floor_ms": floor * 1e3, "of_floor": floor / seconds}
+
+
 TRAINED_RUNS = {"e8k2": "mixtral_e8", "e64k8": "fine_grained_e64k8s0"}
 
 
@@ -322,13 +338,18 @@ def add_trained(path: str, runs: str) -> None:
         trained = trained_distinct(os.path.join(runs, run), batches)
         experts[key]["trained"] = trained
         experts[key]["trained_run"] = run
+    results["ceilings"] = measure_ceilings()
+    results["ceilings_measured"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results["rows"] = [roofline(r, results["ceilings"]) for r in results["rows"]]
     for key in TRAINED_RUNS:  # JSON turned the batch keys into strings
         for field in ("expected", "uniform", "random_router"):
             experts[key][field] = {int(b): v for b, v in experts[key][field].items()}
         if experts[key]["trained"]:
             experts[key]["trained"] = {int(b): v for b, v in experts[key]["trained"].items()}
     stem = pathlib.Path(path).with_suffix("")
-    header = stem.with_suffix(".md").read_text().split("\n")[0]
+    header = stem.with_suffix(".md").read_text().split("\n")[0].split(" Ceilings re-")[0]
+    header += (f" Ceilings re-measured {results['ceilings_measured']} (best of 5), load "
+               f"average {os.getloadavg()[0]:.2f}.")
     stem.with_suffix(".md").write_text(markdown(results["rows"], experts, results["ceilings"],
                                                 header))
     pathlib.Path(path).write_text(json.dumps(results, indent=1))
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timed_batch_sizes", default=",".join(map(str, TIMED_BATCH_SIZES)))
     parser.add_argument("--trained_only", default=None, metavar="RESULTS_JSON",
                         help="add the trained routers' expert counts to a finished run's "
-                        "results (rewrites its .md and .png)")
+                        "results and re-measure the ceilings (rewrites its .md and .png)")
     args = parser.parse_args(argv)
     if args.trained_only:
         add_trained(args.trained_only, args.runs)
@@ -354,16 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     rounds, steps = (1, 2) if args.quick else (ROUNDS, STEPS)
     configs = model_configs(64, 128) if args.quick else model_configs()
     models = [Model(name, *spec) for name, spec in configs.items()]
-    bandwidth_row = layer.memory_bandwidth(64 if args.quick else 512)
-    peak_row = layer.ceiling(1024 if args.quick else 2048)[0]
-    ceilings = {"bandwidth": bandwidth_row["gbytes_per_s"] * 1e9,
-                "peak": peak_row["gflops_per_s"] * 1e9}
+    ceilings = measure_ceilings(args.quick)
     timings = {}
     for batch in timed:
         timings[batch] = time_batch(models, batch, rounds, steps)
         print(batch, {k: round(v["step_s"] * 1e3, 2) for k, v in timings[batch].items()},
               flush=True)
-    rows = rows_for(models, timings, ceilings["bandwidth"], ceilings["peak"])
+    rows = rows_for(models, timings, ceilings)
     experts: dict[str, Any] = {"batches": list(batch_sizes)}
     for key, (e, k) in {"e8k2": (8, 2), "e64k8": (64, 8)}.items():
         run = TRAINED_RUNS[key]
