@@ -133,6 +133,10 @@ def plan(experiment: schema.Experiment | Any, axis_sizes: Mapping[str, int] | No
     mesh = experiment.mesh
     if axis_sizes is None:
         axis_sizes = {a: max(getattr(mesh, a), 1) for a in sharding.MESH_AXES}
+    unknown = sorted(set(axis_sizes) - set(sharding.MESH_AXES) - {FSDP_AXIS})
+    if unknown:
+        raise ValueError(f"axis_sizes names {unknown}: not mesh axes; use "
+                         f"{', '.join((*sharding.MESH_AXES, FSDP_AXIS))}.")
     bad = {a: s for a, s in axis_sizes.items() if not isinstance(s, int) or s < 1}
     if bad:
         raise ValueError(f"axis_sizes {bad}: every mesh axis needs a positive shard count.")

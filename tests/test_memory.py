@@ -106,6 +106,8 @@ def test_fsdp_divides_parameters_and_optimizer_state():
         one.per_device["training_state"] / 4, rel=1e-3)
     with pytest.raises(ValueError, match="positive shard count"):
         memory.plan(experiment, {"expert": 0})
+    with pytest.raises(ValueError, match="not mesh axes"):
+        memory.plan(experiment, {"experts": 8})
     with pytest.raises(ValueError, match="axis=size"):
         memory.parse_axis_sizes("expert=two")
 
