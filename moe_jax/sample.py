@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from moe_jax.data import pipeline
 from moe_jax.models import decode
@@ -77,6 +77,8 @@ def run(workdir: str, prompts: Sequence[str], *, max_new_tokens: int,
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass flags only.")
+    if not FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                   top_p=FLAGS.top_p)
