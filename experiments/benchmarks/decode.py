@@ -29,7 +29,8 @@ simulated), against the expectation E * (1 - (1 - k/E)^B) of B independent unifo
 Weight bytes read per step: every non-expert parameter plus the touched experts (at their
 stored precision); per token: divided by B. Roofline: the step's time floor
 max(bytes / bandwidth, FLOPs / matmul peak) with the bandwidth and float32 matmul ceiling
-measured in the same run (`layer.memory_bandwidth`, `layer.ceiling`).
+measured in the same run (`read_bandwidth`: a matrix-vector product over 256 MB, the weight-read
+pattern of a decode step; `layer.ceiling`). `--trained_only` re-measures them.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import numpy as np
 
 from experiments.benchmarks import layer
 from experiments.benchmarks.run import RESULTS
-from experiments.benchmarks.timing import machine_info, measured_line
+from experiments.benchmarks.timing import machine_info, measure, measured_line
 from moe_jax import flops, quantize
 from moe_jax.config import MoeConfig
 from moe_jax.models import ModelConfig, decode
@@ -229,8 +230,11 @@ def markdown(rows: list[dict], experts: dict[str, Any], ceilings: dict[str, floa
              header: str) -> str:
     """The results file: the step table, ratios to the matched dense models, expert counts."""
     lines = [header, "",
-             f"Ceilings from this run: memory bandwidth {ceilings['bandwidth'] / 1e9:.1f} GB/s "
-             f"(read + write), float32 matmul {ceilings['peak'] / 1e9:.0f} GFLOP/s.", "",
+             "Ceilings from this run: weight-read bandwidth "
+             f"{ceilings['bandwidth'] / 1e9:.1f} GB/s (matrix-vector product; the roofline's), "
+             "stream bandwidth "
+             f"{ceilings.get('stream_bandwidth', 0) / 1e9:.1f} GB/s (y = 2x, read + write), "
+             f"float32 matmul {ceilings['peak'] / 1e9:.0f} GFLOP/s.", "",
              "| model | B | step ms (best) | median | tokens/s | distinct experts / block | "
              "weight MB read / token | GB/s | GFLOP/s | bound | floor ms | of floor |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -304,13 +308,27 @@ def plot(rows: list[dict], experts: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def read_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict[str, Any]:
+    """Weight-read bandwidth: a float32 matrix-vector product over a matrix larger than the
+    caches, the access pattern of a decode step at B=1 (each weight read once, nothing large
+    written; `layer.memory_bandwidth`'s y = 2x also writes, and faults in, a fresh output)."""
+    cols = 4096
+    w = jnp.ones((megabytes * 2**20 // (4 * cols), cols), jnp.float32)
+    timing = measure(lambda w, v: w @ v, w, jnp.ones((cols,), jnp.float32),
+                           repeats=repeats)
+    return {"bytes": w.nbytes, "timing": timing.as_dict()}
+
+
 def measure_ceilings(quick: bool = False) -> dict[str, float]:
-    """Stream bandwidth (bytes/s, read + write) and float32 matmul FLOP/s of this machine, from
-    the fastest of the `layer` suite's timed runs (like the steps: least disturbed by load)."""
-    bandwidth = layer.memory_bandwidth(64 if quick else 512)
+    """This machine's weight-read bandwidth (bytes/s, `read_bandwidth`), stream bandwidth (read +
+    write, `layer.memory_bandwidth`) and float32 matmul FLOP/s, each from the fastest of its
+    timed runs (like the steps: least disturbed by load). The roofline uses the read bandwidth."""
+    read = read_bandwidth(32 if quick else 256)
+    stream = layer.memory_bandwidth(64 if quick else 512)
     size = 1024 if quick else 2048
     peak = layer.ceiling(size)[0]
-    return {"bandwidth": 2.0 * bandwidth["bytes"] / bandwidth["timing"]["min_s"],
+    return {"bandwidth": read["bytes"] / read["timing"]["min_s"],
+            "stream_bandwidth": 2.0 * stream["bytes"] / stream["timing"]["min_s"],
             "peak": 2.0 * size**3 / peak["timing"]["min_s"]}
 
 
