@@ -164,7 +164,9 @@ def test_bad_input_gets_a_clear_error(tmp_path):
 
     with open(tmp_path / "config.json", "w") as f:
         f.write(schema.base_config().to_json_best_effort())
-    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+    from moe_jax.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checkpoint"):
         restore_run(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json"]  # nothing written
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
