@@ -76,17 +76,21 @@ def _grouped(x: Array, w: Array, group_sizes: Array, transpose_w: bool,
     offsets = jnp.cumsum(group_sizes) - group_sizes
 
     def per_expert(e, out):
-        w_e = w[e].astype(x.dtype)
+        def rows_of_expert(out):
+            w_e = w[e].astype(x.dtype)
 
-        def body(out, window, size, row_mask):
-            x_block = jax.lax.dynamic_slice_in_dim(x, window, size)
-            y = jax.lax.dot_general(x_block, w_e, (((1,), (contract,)), ((), ())))
-            if row_mask is not None:  # rows of the window outside the block keep their values
-                y = jnp.where(row_mask, y, jax.lax.dynamic_slice_in_dim(out, window, size))
-            return jax.lax.dynamic_update_slice_in_dim(out, y, window, axis=0)
+            def body(out, window, size, row_mask):
+                x_block = jax.lax.dynamic_slice_in_dim(x, window, size)
+                y = jax.lax.dot_general(x_block, w_e, (((1,), (contract,)), ((), ())))
+                if row_mask is not None:  # rows of the window outside the block keep theirs
+                    y = jnp.where(row_mask, y, jax.lax.dynamic_slice_in_dim(out, window, size))
+                return jax.lax.dynamic_update_slice_in_dim(out, y, window, axis=0)
 
-        return _for_blocks(offsets[e], offsets[e] + group_sizes[e], block_sizes, num_rows,
-                           body, out)
+            return _for_blocks(offsets[e], offsets[e] + group_sizes[e], block_sizes, num_rows,
+                               body, out)
+
+        # An expert without rows is skipped, its weights never read (decoding touches few).
+        return jax.lax.cond(group_sizes[e] > 0, rows_of_expert, lambda out: out, out)
 
     return jax.lax.fori_loop(0, w.shape[0], per_expert, out)
 

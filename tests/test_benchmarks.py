@@ -157,3 +157,14 @@ def test_measure_refuses_a_function_that_needs_more_memory_than_allowed():
         measure(lambda x: (x @ x) @ x, x, repeats=1, memory_limit=1024)
     assert measure(lambda x: x @ x, x, repeats=1, memory_limit=2**30).median_s > 0
     assert available_host_memory() > 0
+
+
+def test_decode_benchmark_expert_counts_follow_the_expectation():
+    """Uniform top-k routing of B tokens touches E * (1 - (1 - k/E)^B) experts on average."""
+    from experiments.benchmarks import decode
+
+    assert decode.expected_distinct(8, 2, 1) == 2
+    assert decode.expected_distinct(64, 8, 1) == 8
+    for e, k, b in [(8, 2, 4), (64, 8, 16), (8, 2, 64)]:
+        assert decode.uniform_distinct(e, k, b) == pytest.approx(
+            decode.expected_distinct(e, k, b), rel=0.03)

@@ -34,14 +34,15 @@ LAYERS = (
     ("moe",),
     ("layers",),
     ("models.*",),
+    ("quantize",),
     ("sharding",),
     ("data.*",),
     ("objective",),
     ("schema",),
-    ("flops",),
+    ("flops", "memory"),
     ("interop.*",),
     ("train.*",),
-    ("main", "demo", "routing_report", "convert", "upcycle"),
+    ("main", "demo", "routing_report", "convert", "upcycle", "sample"),
 )
 
 

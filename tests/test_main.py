@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from moe_jax import main
@@ -89,3 +90,27 @@ def test_python_dash_m_runs_and_resumes(data_dir, tmp_path):
         assert "| val loss |" in result.stdout
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["steps"] == 2
+
+
+def test_sample_restores_a_trained_run_and_prints_its_text(data_dir, tmp_path, capsys):
+    """`python -m moe_jax.sample`'s code path on a 3-step run (the config of the override test,
+    so the training compilations are shared): restore_run rebuilds the config and state, and
+    the continuation of each prompt is printed with the speed and the experts chosen."""
+    from moe_jax import sample
+    from moe_jax.models.sampling import SamplingConfig
+    from moe_jax.train.restore import restore_run
+
+    workdir = str(tmp_path / "run")
+    (_, _, summary), = main.run_from_argv([
+        "moe_jax.main", "--config=configs/dense.py:tiny", f"--workdir={workdir}", *TINY_FLAGS,
+        f"--config.data.data_dir={data_dir}", "--config.train.num_train_steps=3",
+        "--config.seed=7"])
+    run = restore_run(workdir)
+    assert run.step == 3 and run.experiment.seed == 7
+    assert sum(x.size for x in jax.tree.leaves(run.params)) == summary["params_total"]
+    assert "moe_state" in run.model_state  # the sigmoid_bias router's bias comes back too
+    texts = sample.run(workdir, ["ab", "x"], max_new_tokens=5,
+                       sampling=SamplingConfig(temperature=0.8), seed=0)
+    assert texts[0].startswith("ab") and texts[1].startswith("x")
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "block 1 experts chosen by the new tokens" in out

@@ -3,8 +3,8 @@ expert use by domain and by byte class, consecutive-token repetition vs chance, 
 
     python -m experiments.suites.routing_stats --workdir=experiments/results/.../mixtral_e8_s0
 
-restores the run's last checkpoint (its config is rebuilt from the runner's request.json, or
-read from the workdir's config.json, e.g. of a model converted by `python -m moe_jax.convert`),
+restores the run's last checkpoint (its config from the workdir's config.json: a training run's,
+or a model's converted by `python -m moe_jax.convert`),
 routes the validation batches the training loop evaluates on, and writes DIR/analysis.json:
 
   num_experts, top_k, layers, domains, byte_classes, chance_repeat_first (1/E),
@@ -184,32 +184,14 @@ def layer_statistics(expert_index: np.ndarray, entropy: np.ndarray, inputs: np.n
 # --- the model part --------------------------------------------------------------------------
 
 def restore(workdir: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(experiment, model, params, model_state) of the run in `workdir` at its last checkpoint:
-    a runner's run (its config rebuilt from request.json) or any workdir with a config.json (a
-    training run, or a directory written by moe_jax.convert or moe_jax.upcycle)."""
-    import jax
-
-    from moe_jax import schema
-    from moe_jax.main import apply_settings
+    """(experiment, model, params, model_state) of the run in `workdir` at its last checkpoint
+    (`moe_jax.train.restore.restore_run`)."""
     from moe_jax.models import Transformer
-    from moe_jax.train import checkpoint
+    from moe_jax.train.restore import restore_run
 
-    request_path = os.path.join(workdir, "request.json")
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(request_path):
-        with open(request_path) as f:
-            request = json.load(f)
-        config = apply_settings(schema.load_config(request["config"]), request["overrides"])
-    elif os.path.exists(config_path):
-        config = schema.load_config(config_path)
-    else:
-        raise FileNotFoundError(f"{workdir} has neither request.json (runs made by "
-                                "experiments.run) nor config.json (any training run or "
-                                "converted model); nothing to analyse.")
-    experiment = schema.parse_config(config)
-    model = Transformer(experiment.model, experiment.moe)
-    variables = jax.tree.map(jax.numpy.asarray, checkpoint.read_variables(workdir))
-    return experiment, model, variables["params"], variables["model_state"]
+    run = restore_run(workdir)
+    model = Transformer(run.experiment.model, run.experiment.moe)
+    return run.experiment, model, run.params, run.model_state
 
 
 def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any]:

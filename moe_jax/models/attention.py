@@ -1,8 +1,13 @@
 """Multi-head attention with grouped-query heads, segment-aware masks, rotary positions and an
 optional QK-norm.
 
-Shape letters: B batch, L query length, S key length (= L here), d model width, H query heads,
-K key/value heads (H = K * G), G query heads per key/value head, h head dimension.
+Shape letters: B batch, L query length, S key length (= L, or the cache's slots when decoding),
+d model width, H query heads, K key/value heads (H = K * G), G query heads per key/value head,
+h head dimension.
+
+Decoding (`moe_jax.models.decode`): when the caller makes the `CACHE` collection mutable, each
+attention block keeps a key/value cache of S slots there, writes the call's keys and values into
+it, and attends to the cached ones (`cached_keys_values`, `cache_mask`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from moe_jax.models.positions import apply_rotary
 
 Array = jax.Array
 
+# The variable collection of the decoding key/value cache.
+CACHE = "cache"
+
 
 def attention_mask(segment_ids: Array, *, causal: bool) -> Array:
     """[B, L, L] bool: query i may attend to key j.
@@ -31,6 +39,39 @@ def attention_mask(segment_ids: Array, *, causal: bool) -> Array:
         length = segment_ids.shape[1]
         mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
     return mask
+
+
+def cached_keys_values(cache: dict[str, Array], k: Array, v: Array, positions: Array,
+                       segment_ids: Array) -> dict[str, Array]:
+    """The cache with this call's keys and values written: the token at position p goes to slot
+    p mod S (a rolling buffer of the last S positions, Mistral 7B's rolling buffer cache, Jiang
+    et al. 2023, Sec. 2); padding (segment 0) is not written.
+
+    cache: key, value [B, S, K, h], positions [B, S] int32, filled [B, S] bool (all zeros: empty).
+    k, v: [B, L, K, h] (rotated); positions, segment_ids: [B, L]. L <= S, and L > 1 only while
+    no slot is overwritten (the prefill), so every query still finds its keys.
+    """
+    slots = cache["key"].shape[1]
+    slot = jnp.where(segment_ids > 0, positions % slots, slots)  # slot S is out of range: dropped
+    rows = jnp.arange(k.shape[0])[:, None]
+
+    def write(buffer: Array, values: Array) -> Array:
+        return buffer.at[rows, slot].set(values.astype(buffer.dtype), mode="drop")
+
+    return {"key": write(cache["key"], k), "value": write(cache["value"], v),
+            "positions": write(cache["positions"], positions),
+            "filled": write(cache["filled"], jnp.ones_like(segment_ids, bool))}
+
+
+def cache_mask(query_positions: Array, cache: dict[str, Array]) -> Array:
+    """[B, L, S] bool: the query at position p sees the filled slots holding positions q with
+    p - S < q <= p (causal, within the window of the cache's S slots).
+
+    query_positions: [B, L]; cache: as `cached_keys_values` returns it.
+    """
+    p = query_positions[:, :, None]
+    q = cache["positions"][:, None, :]
+    return cache["filled"][:, None, :] & (q <= p) & (p - q < cache["positions"].shape[1])
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -60,6 +101,9 @@ class Attention(nn.Module):
     `qk_norm` (`ModelConfig.qk_norm`) normalises q and k after the projections, before the
     rotary positions: "per_head" over each head's h dims (query_norm/key_norm scale [h], shared
     by the heads), "projection" over the whole projection (scale [H*h] and [K*h]).
+    With the `CACHE` collection mutable (decoding, causal only), the keys and values go through
+    the cache `CACHE`/{key, value, positions, filled} (see `cached_keys_values`); a call that
+    finds no cache creates an empty one of S = L slots (how `decode.init_cache` sizes it).
     """
 
     num_heads: int
@@ -102,7 +146,18 @@ class Attention(nn.Module):
         if self.use_rotary:
             q = apply_rotary(q, positions, self.rope_base)
             k = apply_rotary(k, positions, self.rope_base)
-        out = dot_product_attention(q, k, v, attention_mask(segment_ids, causal=self.causal))
+        if self.is_mutable_collection(CACHE) and not self.is_initializing():
+            empty = {"key": k, "value": v, "positions": positions, "filled": segment_ids > 0}
+            cache = {name: self.variable(CACHE, name, jnp.zeros_like, value)
+                     for name, value in empty.items()}
+            updated = cached_keys_values({n: c.value for n, c in cache.items()}, k, v, positions,
+                                         segment_ids)
+            for name, value in updated.items():
+                cache[name].value = value
+            k, v, mask = updated["key"], updated["value"], cache_mask(positions, updated)
+        else:
+            mask = attention_mask(segment_ids, causal=self.causal)
+        out = dot_product_attention(q, k, v, mask)
         out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                     in_axis=(0, 1), out_axis=2)
         out_kernel = self.param("out", nn.with_logical_partitioning(

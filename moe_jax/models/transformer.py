@@ -28,10 +28,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import experts
+from moe_jax import experts, routing
 from moe_jax import moe as moe_lib
 from moe_jax.config import MoeConfig
-from moe_jax.layers import MoeLayer
+from moe_jax.layers import ROUTING, MoeLayer
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.models.norms import Norm
@@ -52,6 +52,14 @@ def moe_layer_variables(collection: dict[str, Any], config: ModelConfig) -> list
     """The variables of each sparse block's MoE layer in one collection (e.g. the "moe_state"
     or "routing" collection of `model.apply`), in block order (the order of the stacked aux)."""
     return [collection[block_name(i)][MOE_NAME] for i in config.sparse_layers]
+
+
+def layer_routing(collections: dict[str, Any], config: ModelConfig) -> list[routing.TokenRouting]:
+    """Each sparse block's per-token routing ([B * L, ...], block order) from the collections of
+    `model.apply(..., mutable=[layers.ROUTING])` (what the MoE layers sowed); [] when dense."""
+    if not config.sparse_layers:
+        return []
+    return [v[ROUTING][0] for v in moe_layer_variables(collections[ROUTING], config)]
 
 
 def with_moe_layer_variables(collection: dict[str, Any], config: ModelConfig,

@@ -30,8 +30,8 @@ import numpy as np
 
 from moe_jax import layers, objective, routing
 from moe_jax.config import MoeConfig
-from moe_jax.models import transformer
 from moe_jax.models.config import ModelConfig
+from moe_jax.models.transformer import layer_routing
 from moe_jax.train.step import model_inputs
 
 Array = jax.Array
@@ -52,14 +52,6 @@ def eval_mask_key(seed: int, batch_index: Array | int) -> Array:
     EVAL_MASK_STREAM), batch_index). The same for every evaluation of a run and of its resumes."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), EVAL_MASK_STREAM),
                               batch_index)
-
-
-def layer_routing(collections: dict[str, Any], model_config: ModelConfig
-                  ) -> list[routing.TokenRouting]:
-    """Each sparse block's per-token routing ([B * L, ...], block order) from the collections of
-    `model.apply(..., mutable=[layers.ROUTING])`."""
-    return [v[layers.ROUTING][0] for v in
-            transformer.moe_layer_variables(collections[layers.ROUTING], model_config)]
 
 
 def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeConfig, *,

@@ -1,0 +1,83 @@
+"""Weight-only int8 / int4 expert weights (`moe_jax.quantize`, qwix) on trained runs: the memory
+of the expert weights measured from the arrays, and the validation loss before and after.
+
+    python -m experiments.benchmarks.quantized_experts runs/main_job/switch runs/mixtral_e8 ...
+
+restores each run's newest checkpoint, evaluates it on its validation batches as the training
+loop does (`evaluate.make_eval_step`: the training config's dispatch and eval capacity) with
+float32 experts, then with the experts quantized and dequantized, and writes
+results/quantized-experts-<platform>-<date>.md. The float32 row reproduces the run's
+summary.json eval_loss (a check that the evaluation is the loop's).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+
+from experiments.benchmarks.run import RESULTS
+from experiments.benchmarks.timing import machine_info, measured_line
+from moe_jax import quantize
+from moe_jax.models import Transformer
+from moe_jax.train import evaluate
+from moe_jax.train import inputs as train_inputs
+from moe_jax.train.restore import restore_run
+
+
+def expert_bytes(params, model_config) -> int:
+    """Bytes of every MoE block's expert weights (QArrays: values and scales)."""
+    from moe_jax.models import transformer
+
+    return sum(quantize.array_bytes({n: layer["experts"][n] for n in layer["experts"]})
+               for layer in transformer.moe_layer_variables(params, model_config))
+
+
+def evaluate_run(workdir: str) -> list[dict]:
+    """Rows (precision, expert MB, model MB, val loss) of one run."""
+    run = restore_run(workdir)
+    e = run.experiment
+    model = Transformer(e.model, e.moe)
+    domains = train_inputs.domain_names(e.data)
+    step = jax.jit(evaluate.make_eval_step(model, e.model, e.moe, num_domains=len(domains),
+                                           seed=e.seed, objective_name=e.train.objective))
+    data = train_inputs.make_inputs(e.data, e.model, batch_size=e.train.batch_size,
+                                    seq_len=e.train.seq_len or e.model.max_seq_len, seed=e.seed)
+    batches = list(data.eval_batches())
+    rows = []
+    for precision in ("float32", "int8", "int4"):
+        stored = run.params if precision == "float32" else quantize.quantize_experts(
+            run.params, e.model, precision)
+        params = quantize.dequantize_experts(stored, e.model) if precision != "float32" \
+            else stored
+        sums = evaluate.EvalSums()
+        for i, batch in enumerate(batches):
+            sums.add(step(params, run.model_state, batch, np.int32(i)))
+        metrics = evaluate.summarize(sums.totals, e.model, domains)
+        rows.append({"run": workdir, "precision": precision,
+                     "expert_bytes": expert_bytes(stored, e.model),
+                     "model_bytes": quantize.array_bytes(stored),
+                     "val_loss": metrics["loss"]})
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    rows = [row for workdir in argv for row in evaluate_run(workdir)]
+    lines = ["| run | experts | expert MB | model MB | val loss | change |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        base = next(r for r in rows if r["run"] == row["run"] and r["precision"] == "float32")
+        lines.append(f"| {row['run']} | {row['precision']} | {row['expert_bytes'] / 1e6:.2f} | "
+                     f"{row['model_bytes'] / 1e6:.2f} | {row['val_loss']:.4f} | "
+                     f"{row['val_loss'] - base['val_loss']:+.4f} |")
+    m = machine_info()
+    command = "python -m experiments.benchmarks.quantized_experts " + " ".join(argv)
+    out = RESULTS / f"quantized-experts-{m['platform']}-{m['date'][:10]}.md"
+    out.write_text("\n".join([measured_line(m, command), "", *lines]) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

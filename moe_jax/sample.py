@@ -1,0 +1,104 @@
+"""Generate text from a trained run: `python -m moe_jax.sample --workdir=runs/main_job/switch`.
+
+    python -m moe_jax.sample --workdir=runs/main_job/switch --prompt="def " --max_new_tokens=200
+    python -m moe_jax.sample --workdir=runs/main_job/switch --prompt="import " --prompt="The " \
+        --temperature=0.8 --top_p=0.95 --seed=1
+
+restores the run's newest checkpoint (`moe_jax.train.restore.restore_run`), encodes each prompt
+with the run's tokenizer after a BOS token (as the training data starts every document),
+decodes with the key/value cache (`moe_jax.models.decode`; MoE blocks dropless) and prints
+each continuation (bytes that are not valid UTF-8 print as U+FFFD) and the decoding speed:
+new tokens per second of the compiled generation, compilation excluded. For MoE models it also
+prints how often each expert of each MoE block was chosen for the new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from moe_jax.data import pipeline
+from moe_jax.models import decode
+from moe_jax.models.sampling import SamplingConfig
+from moe_jax.train.checkpoint import CheckpointError
+from moe_jax.train.restore import restore_run
+
+FLAGS = flags.FLAGS
+
+
+def expert_counts(generation: decode.Generation) -> list[np.ndarray]:
+    """Per MoE block, [E] how many of the new tokens (up to each row's stop) chose each expert
+    (any of their k choices)."""
+    n = generation.tokens.shape[1]
+    valid = np.arange(n)[:, None] < np.asarray(generation.lengths)[None, :]  # [N, B]
+    counts = []
+    for routed in generation.routing:
+        index = np.asarray(routed.choice.expert_index)[valid]  # [tokens, K]
+        counts.append(np.bincount(index.reshape(-1), minlength=routed.num_experts))
+    return counts
+
+
+def run(workdir: str, prompts: Sequence[str], *, max_new_tokens: int,
+        sampling: SamplingConfig, seed: int, step: int | None = None) -> list[str]:
+    """Generates a continuation of each prompt; prints them and the speed; returns them."""
+    restored = restore_run(workdir, step)
+    experiment = restored.experiment
+    model = decode.decoding_model(experiment.model, experiment.moe)
+    tokenizer = pipeline.get_tokenizer(experiment.data)
+    encoded = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in prompts]
+    tokens, lengths = decode.pad_prompts(encoded, tokenizer.pad_id)
+    kwargs = dict(key=jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
+                  stop_token=tokenizer.eos_id, pad_token=tokenizer.pad_id)
+    jax.block_until_ready(decode.generate(model, restored.variables, tokens, lengths, **kwargs))
+    start = time.perf_counter()  # the second call runs the compiled generation
+    out = jax.block_until_ready(decode.generate(model, restored.variables, tokens, lengths,
+                                                **kwargs))
+    seconds = time.perf_counter() - start
+    texts = []
+    for prompt, row, n in zip(prompts, np.asarray(out.tokens), np.asarray(out.lengths),
+                              strict=True):
+        text = prompt + tokenizer.decode(row[:n])
+        texts.append(text)
+        print(text)
+        print("-" * 72)
+    new_tokens = len(prompts) * max_new_tokens
+    print(f"{new_tokens} tokens in {seconds:.3f} s: {new_tokens / seconds:.1f} tokens/s "
+          f"(batch {len(prompts)}, prefill included, compilation excluded; checkpoint step "
+          f"{restored.step} of {workdir})")
+    for layer, counts in zip(experiment.model.sparse_layers, expert_counts(out), strict=True):
+        print(f"block {layer} experts chosen by the new tokens: {counts.tolist()}")
+    return texts
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; pass flags only.")
+    if not FLAGS["verbosity"].present:  # orbax logs every restore step at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:
+        sampling = SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                  top_p=FLAGS.top_p)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
+    try:
+        run(FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+            sampling=sampling, seed=FLAGS.seed, step=FLAGS.step)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A run directory written by moe_jax.main.",
+                        required=True)
+    flags.DEFINE_multi_string("prompt", ["def "], "Prompt text; repeat for a batch of prompts.")
+    flags.DEFINE_integer("max_new_tokens", 200, "New tokens per prompt.")
+    flags.DEFINE_float("temperature", 0.8, "0 = greedy; else logits / temperature.")
+    flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (1 = all).")
+    flags.DEFINE_integer("seed", 0, "Sampling key.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    app.run(main)
