@@ -116,6 +116,19 @@ def _runtime_line(results: Results) -> str:
             f"({np.mean(seconds):.0f} s per run on average, including start-up and compilation)")
 
 
+def _missing_lines(results: Results) -> list[str]:
+    """A line naming the runs not done yet (a partial suite), or none."""
+    missing = {}
+    for run in results.runs:
+        if run["status"] == MISSING:
+            missing.setdefault(run["member"], []).append(str(run["seed"]))
+    if not missing:
+        return []
+    listed = "; ".join(f"{m} (seed {', '.join(s)})" for m, s in missing.items())
+    return ["", f"**Partial suite**: not run yet: {listed}. Tables and verdicts use the "
+            "finished runs only."]
+
+
 def build(suite: Suite, results: Results, out_dir: str, figures: bool = True) -> str:
     """Writes the figures and returns the Markdown report."""
     scale = results.scale
@@ -128,7 +141,8 @@ def build(suite: Suite, results: Results, out_dir: str, figures: bool = True) ->
              f"CPU cores{', GPU ' + machine['gpu'] if machine.get('gpu') else ''} "
              f"(1-min load average {machine.get('load_average_1m', math.nan):.1f} when collected).",
              "", f"Runs: {', '.join(f'{n} {s}' for s, n in counts.items() if n)}. "
-             f"Settings: {_settings_line(results)}. Time: {_runtime_line(results)}.", "",
+             f"Settings: {_settings_line(results)}. Time: {_runtime_line(results)}.",
+             *_missing_lines(results), "",
              "References:", *(f"- {ref}" for ref in suite.references), "",
              "## Results", "", "Mean ± SD over finished seeds.", "",
              results_table(results, suite.columns or BASE_COLUMNS), ""]

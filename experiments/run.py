@@ -34,7 +34,9 @@ from typing import Any
 
 from experiments import suites
 from experiments.suites import results as results_lib
+from experiments.suites import stats
 from experiments.suites.base import RunSpec, Suite
+from moe_jax.train.metrics import write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_ROOT = os.path.join(REPO_ROOT, "experiments", "results")
@@ -66,12 +68,6 @@ def _read_json(path: str) -> Any:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
-    os.replace(path + ".tmp", path)
 
 
 def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -127,7 +123,7 @@ def launch(spec: RunSpec, workdir: str, *, python: str = sys.executable,
     """Trains one run in a subprocess (output in workdir/run.log); returns its status and
     leaves request.json, run_info.json and, if it diverged, diverged.json in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, REQUEST_FILE), _request(spec))
+    write_json(os.path.join(workdir, REQUEST_FILE), _request(spec))
     command = [python, "-m", "moe_jax.main", *spec.flags(), f"--workdir={workdir}"]
     start = time.perf_counter()
     with open(os.path.join(workdir, LOG_FILE), "a") as log:
@@ -140,8 +136,8 @@ def launch(spec: RunSpec, workdir: str, *, python: str = sys.executable,
     status, step = classify(returncode, tail, _read_json(os.path.join(workdir, SUMMARY_FILE)),
                             spec.num_train_steps)
     if status == results_lib.DIVERGED:
-        _write_json(os.path.join(workdir, DIVERGED_FILE), {"step": step, "log_tail": tail})
-    _write_json(os.path.join(workdir, RUN_INFO_FILE),
+        write_json(os.path.join(workdir, DIVERGED_FILE), {"step": step, "log_tail": tail})
+    write_json(os.path.join(workdir, RUN_INFO_FILE),
                 {"status": status, "returncode": returncode, "runner_seconds": seconds})
     return status
 
@@ -187,6 +183,7 @@ def collect_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
         "runner_seconds": info.get("runner_seconds") if present else None,
         "analysis": (_read_json(os.path.join(workdir, ANALYSIS_FILE))
                      if status == results_lib.FINISHED else None),
+        "machine": machine_info() if present else None,
     }
 
 
@@ -206,15 +203,26 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(), "load_average_1m": os.getloadavg()[0]}
 
 
-def collect(suite: Suite, runs: Sequence[RunSpec], workdir_root: str,
-            path: str) -> dict[str, Any]:
-    """Writes the results file (JSON + CSV) of `runs` and returns its content."""
-    data = {"suite": suite.name, "scale": runs[0].scale if runs else "",
-            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine_info(),
-            "runs": [collect_run(spec, workdir_of(spec, workdir_root)) for spec in runs]}
+def placeholder(spec: RunSpec, workdir: str) -> dict[str, Any]:
+    """The results-file entry of a run not done yet."""
+    return {"member": spec.member.name, "seed": spec.seed, "config": spec.config,
+            "overrides": dict(spec.overrides), "tags": dict(spec.member.tags),
+            "status": results_lib.MISSING, "workdir": os.path.relpath(workdir, REPO_ROOT),
+            "command": spec.command(workdir), "summary": None, "history": [],
+            "diverged_step": None, "error": None, "runner_seconds": None, "analysis": None,
+            "machine": None}
+
+
+def save(data: dict[str, Any], path: str, expected: Sequence[dict[str, Any]],
+         log: Callable[[str], None] = print) -> None:
+    """Writes the results file (JSON + CSV) laid out for `expected` (`results.arrange`)."""
+    moved = results_lib.arrange(data, expected)
+    if moved:
+        log(f"note: {len(moved)} recorded runs have other settings than this invocation's; "
+            f"they are kept under other_runs in {path}.")
+    data["created"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    data["machine"] = machine_info()
     results_lib.write(data, path)
-    return data
 
 
 def workdir_of(spec: RunSpec, workdir_root: str) -> str:
@@ -232,10 +240,18 @@ def _environment() -> dict[str, str]:
 def run_suite(suite: Suite, scale: str = "tiny", seeds: int = 3, members: Sequence[str] = (),
               *, workdir_root: str | None = None, results_dir: str | None = None,
               extra: Mapping[str, Any] | None = None, dry_run: bool = False,
-              collect_only: bool = False, retry_diverged: bool = False,
+              collect_only: bool = False, retry_diverged: bool = False, replace: bool = False,
               python: str = sys.executable, log: Callable[[str], None] = print) -> str:
-    """Runs (or, with dry_run, prints) the missing runs of `suite`, then writes the results file
-    of all its members x seeds and returns its path. `members` restricts what is *run*."""
+    """Runs (or, with dry_run, prints) the runs of `suite` its results file does not hold yet,
+    recording each in the file as soon as it finishes; returns the file's path.
+
+    members: restrict what is *run*. A run the results file already holds (same member, seed
+    and settings) is skipped, unless `replace` (then it is run again, in a run directory that
+    does not hold it yet, and its new entry replaces the recorded one) or `retry_diverged` (for
+    diverged runs). A run directory that holds a finished run is collected, not rerun; one
+    killed midway resumes from its checkpoint. collect_only: record what the run directories
+    hold and run nothing.
+    """
     if suite.precheck is not None and not collect_only:
         suite.precheck()
     all_runs = suite.expand(scale, seeds, extra=extra)
@@ -244,38 +260,25 @@ def run_suite(suite: Suite, scale: str = "tiny", seeds: int = 3, members: Sequen
         spec.build_config()
     root = os.path.abspath(workdir_root or default_workdir_root(suite.name))
     path = results_path(suite.name, scale, results_dir)
+    data = results_lib.load_or_new(path, suite.name, scale, stats.SEED_PAIRED)
+    expected = [placeholder(spec, workdir_of(spec, root)) for spec in all_runs]
     env = _environment()
-    todo = []
-    for spec in selected:
-        workdir = workdir_of(spec, root)
-        check_request(spec, workdir)
-        status = run_status(spec, workdir)
-        if status == results_lib.FINISHED and suite.analysis and not dry_run and not \
-                os.path.exists(os.path.join(workdir, ANALYSIS_FILE)):
-            log(f"analysing {spec.workdir_name}")
-            if not run_analysis(suite.analysis, workdir, python=python, env=env):
-                log(f"  analysis failed: see {workdir}/analysis.log")
-        if status == results_lib.FINISHED or (status == results_lib.DIVERGED
-                                              and not retry_diverged):
-            log(f"skip {spec.workdir_name}: {status} in {workdir}")
-            continue
-        todo.append(spec)
+    todo = _plan(suite, selected, data, root, replace=replace, retry_diverged=retry_diverged,
+                 analyse=not dry_run, python=python, env=env, log=log)
     if dry_run:
         for spec in todo:
             log(spec.command(workdir_of(spec, root)))
-        log(f"{len(todo)} of {len(selected)} runs to do (dry run: nothing was run).")
+        log(f"{len(todo)} of {len(selected)} runs to do (dry run: nothing was run or written).")
         return path
+    save(data, path, expected, log)
     start = time.perf_counter()
     for i, spec in enumerate([] if collect_only else todo):
         workdir = workdir_of(spec, root)
-        if retry_diverged and os.path.exists(os.path.join(workdir, DIVERGED_FILE)):
-            os.remove(os.path.join(workdir, DIVERGED_FILE))
         run_start = time.perf_counter()
-        status = launch(spec, workdir, python=python, env=env)
-        if (status == results_lib.FINISHED and suite.analysis
-                and not os.path.exists(os.path.join(workdir, ANALYSIS_FILE))
-                and not run_analysis(suite.analysis, workdir, python=python, env=env)):
-            log(f"  analysis failed: see {workdir}/analysis.log")
+        status = _train(suite, spec, workdir, retry_diverged=retry_diverged, python=python,
+                        env=env, log=log)
+        results_lib.record(data, collect_run(spec, workdir))
+        save(data, path, expected, log)
         elapsed = time.perf_counter() - start
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
         summary = _read_json(os.path.join(workdir, SUMMARY_FILE)) or {}
@@ -284,12 +287,63 @@ def run_suite(suite: Suite, scale: str = "tiny", seeds: int = 3, members: Sequen
             f"{time.perf_counter() - run_start:.0f} s"
             + (f", val loss {loss:.4f}" if loss is not None else "")
             + (f" (log: {workdir}/{LOG_FILE})" if status == results_lib.FAILED else "")
-            + f"; ETA {eta / 60:.1f} min")
-    data = collect(suite, all_runs, root, path)
+            + f"; recorded in {os.path.relpath(path, REPO_ROOT)}; ETA {eta / 60:.1f} min")
     counts = {s: sum(r["status"] == s for r in data["runs"]) for s in (
         results_lib.FINISHED, results_lib.DIVERGED, results_lib.FAILED, results_lib.MISSING)}
     log(f"results: {path} ({', '.join(f'{n} {s}' for s, n in counts.items() if n)})")
     return path
+
+
+def _plan(suite: Suite, selected: Sequence[RunSpec], data: dict[str, Any], root: str, *,
+          replace: bool, retry_diverged: bool, analyse: bool, python: str,
+          env: Mapping[str, str], log: Callable[[str], None]) -> list[RunSpec]:
+    """The runs to train: `selected` minus those the results file holds and those whose run
+    directory holds a result (recorded into `data` here, analysed first if the suite asks)."""
+    todo = []
+    for spec in selected:
+        workdir = workdir_of(spec, root)
+        entry = {"member": spec.member.name, "seed": spec.seed, "config": spec.config,
+                 "overrides": dict(spec.overrides)}
+        held = results_lib.recorded(data, entry)
+        keep = held is not None and not replace and not (
+            retry_diverged and held["status"] == results_lib.DIVERGED)
+        if keep and held["status"] in (results_lib.FINISHED, results_lib.DIVERGED):
+            log(f"skip {spec.workdir_name}: {held['status']} in the results file (to check it, "
+                "rerun it with --results_dir=DIR for a separate file, or with --replace and a "
+                "new --workdir_root to replace the recorded result)")
+            continue
+        check_request(spec, workdir)
+        status = run_status(spec, workdir)
+        if status == results_lib.FINISHED or (status == results_lib.DIVERGED
+                                              and not retry_diverged):
+            if analyse and status == results_lib.FINISHED:
+                _analyse(suite, workdir, python=python, env=env, log=log)
+            if analyse:
+                results_lib.record(data, collect_run(spec, workdir))
+            log(f"collected {spec.workdir_name}: {status} in {workdir}")
+            continue
+        todo.append(spec)
+    return todo
+
+
+def _analyse(suite: Suite, workdir: str, *, python: str, env: Mapping[str, str],
+             log: Callable[[str], None]) -> None:
+    """Runs the suite's analysis of a finished run once (if it has one)."""
+    if suite.analysis and not os.path.exists(os.path.join(workdir, ANALYSIS_FILE)):
+        log(f"analysing {os.path.basename(workdir)}")
+        if not run_analysis(suite.analysis, workdir, python=python, env=env):
+            log(f"  analysis failed: see {workdir}/analysis.log")
+
+
+def _train(suite: Suite, spec: RunSpec, workdir: str, *, retry_diverged: bool, python: str,
+           env: Mapping[str, str], log: Callable[[str], None]) -> str:
+    """Trains one run (resuming its checkpoint if the directory has one) and analyses it."""
+    if retry_diverged and os.path.exists(os.path.join(workdir, DIVERGED_FILE)):
+        os.remove(os.path.join(workdir, DIVERGED_FILE))
+    status = launch(spec, workdir, python=python, env=env)
+    if status == results_lib.FINISHED:
+        _analyse(suite, workdir, python=python, env=env, log=log)
+    return status
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -318,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     parser.add_argument("--collect_only", action="store_true", help="only write the results")
     parser.add_argument("--retry_diverged", action="store_true", help="rerun diverged runs")
+    parser.add_argument("--replace", action="store_true",
+                        help="rerun runs the results file holds and replace their entries")
     args = parser.parse_args(argv)
     if args.scale == "paper":
         raise SystemExit("the paper scale is not run here; `python -m experiments.report "
@@ -326,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               [m for m in args.members.split(",") if m], workdir_root=args.workdir_root,
               results_dir=args.results_dir, extra=dict(parse_setting(s) for s in args.set),
               dry_run=args.dry_run, collect_only=args.collect_only,
-              retry_diverged=args.retry_diverged)
+              retry_diverged=args.retry_diverged, replace=args.replace)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import math
 
 import jax.numpy as jnp
 
+from moe_jax import validation
+
 ROUTERS = ("top_k", "expert_choice", "soft", "sigmoid_bias")
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
@@ -22,11 +24,6 @@ ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
 # Routers that mix information across the tokens of a group (a token's output depends on later
 # tokens), so they leak the future in a causal model.
 NON_CAUSAL_ROUTERS = ("expert_choice", "soft")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"MoeConfig.{name}={value!r} is not supported; use one of {allowed}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,73 +67,64 @@ class MoeConfig:
     init_scale: float = 1.0  # variance-scaling factor of all MoE weights (Switch Table 3: 0.1)
     slots_per_expert: int = 1  # Soft MoE slots per expert (Puigcerver et al. 2023)
     bias_update_rate: float = 1e-3  # DeepSeek-V3 aux-loss-free bias step gamma (sigmoid_bias)
-    # Expert choice and soft routing mix tokens of a group: refuse them in causal models unless
-    # the caller sets this (the model issue's encoder sets it; a causal LM must not).
+    # Expert choice and soft routing mix the tokens of a group: `check_causal` refuses them in
+    # causal models unless this is set.
     allow_non_causal: bool = False
 
     def __post_init__(self) -> None:
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MoeConfig.{name}={value!r} must be a positive integer.")
-
         for name in ("num_experts", "top_k", "d_ff", "slots_per_expert"):
-            positive_int(name)
+            validation.integer(self, name, minimum=1)
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"MoeConfig.top_k={self.top_k} is larger than num_experts={self.num_experts}; "
-                "set top_k <= num_experts."
-            )
+            validation.fail(self, "top_k", f"is larger than num_experts={self.num_experts}",
+                            "set top_k <= num_experts")
         for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(
-                    f"MoeConfig.{name}={value!r} must be a finite number > 0 "
-                    "(1.0 = exactly enough slots for perfectly balanced routing)."
-                )
-        if self.expert_capacity is not None:
-            positive_int("expert_capacity")
-        if self.group_size is not None:
-            positive_int("group_size")
-        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-            raise ValueError(
-                f"MoeConfig.num_shared_experts={self.num_shared_experts!r} must be an int >= 0."
-            )
-        for name in ("load_balance_coef", "z_loss_coef", "jitter_eps", "bias_update_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"MoeConfig.{name}={value!r} must be a finite number >= 0.")
-        if self.jitter_eps >= 1:
-            raise ValueError(f"MoeConfig.jitter_eps={self.jitter_eps} must be < 1.")
-        if not (isinstance(self.init_scale, int | float) and self.init_scale > 0):
-            raise ValueError(f"MoeConfig.init_scale={self.init_scale!r} must be > 0.")
-        _choice("router", self.router, ROUTERS)
-        _choice("drop_priority", self.drop_priority, DROP_PRIORITIES)
-        _choice("dispatch", self.dispatch, DISPATCHES)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
-        _choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
-        _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+            validation.number(self, name, above=0, fix="1.0 = exactly enough slots for "
+                              "perfectly balanced routing")
+        validation.integer(self, "expert_capacity", minimum=1, optional=True)
+        validation.integer(self, "group_size", minimum=1, optional=True,
+                           fix="None routes all tokens of a call as one group")
+        validation.integer(self, "num_shared_experts", minimum=0)
+        for name in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
+            validation.number(self, name, at_least=0)
+        validation.number(self, "jitter_eps", at_least=0, below=1)
+        validation.number(self, "init_scale", above=0)
+        validation.one_of(self, "router", ROUTERS)
+        validation.one_of(self, "drop_priority", DROP_PRIORITIES)
+        validation.one_of(self, "dispatch", DISPATCHES)
+        validation.one_of(self, "activation", ACTIVATIONS)
+        validation.one_of(self, "grouped_matmul", GROUPED_MATMULS)
+        validation.one_of(self, "second_expert_policy", SECOND_EXPERT_POLICIES)
+        validation.one_of(self, "router_dtype", ROUTER_DTYPES)
+        validation.boolean(self, "renormalize_gates")
+        validation.boolean(self, "allow_non_causal")
         if self.second_expert_policy == "random" and (self.router != "top_k" or self.top_k != 2):
-            raise ValueError(
-                "MoeConfig.second_expert_policy='random' is GShard's top-2 rule; it needs "
-                f"router='top_k' and top_k=2 (got router={self.router!r}, top_k={self.top_k})."
-            )
+            validation.fail(self, "second_expert_policy",
+                            "is GShard's top-2 rule and needs router='top_k' and top_k=2 (got "
+                            f"router={self.router!r}, top_k={self.top_k})",
+                            "set second_expert_policy='all' or use top-2 routing")
         if self.router == "soft" and self.dispatch != "einsum":
-            raise ValueError(
-                f"MoeConfig.dispatch={self.dispatch!r} does not apply to router='soft': Soft MoE "
-                "mixes all tokens into every slot, which is a dense einsum; set dispatch='einsum'."
-            )
+            validation.fail(self, "dispatch", "does not apply to router='soft': Soft MoE mixes "
+                            "all tokens into every slot, which is a dense einsum",
+                            "set dispatch='einsum'")
         if self.router == "expert_choice" and self.dispatch == "dropless":
-            raise ValueError(
-                "MoeConfig.dispatch='dropless' needs token-choice routing; expert_choice has a "
-                "fixed capacity by construction: use dispatch='gather' or 'einsum'."
-            )
+            validation.fail(self, "dispatch", "needs token-choice routing, and expert_choice "
+                            "has a fixed capacity by construction",
+                            "use dispatch='gather' or 'einsum'")
 
     @property
     def is_causal_safe(self) -> bool:
         """Whether a token's output depends only on that token (no mixing across the group)."""
         return self.router not in NON_CAUSAL_ROUTERS
+
+    def check_causal(self, causal: bool) -> None:
+        """Refuses a router that mixes tokens (expert choice, Soft MoE: a token's output depends
+        on later tokens of its group) in a causal model, unless `allow_non_causal` is set."""
+        if causal and not self.is_causal_safe and not self.allow_non_causal:
+            raise ValueError(
+                f"MoeConfig.router={self.router!r} mixes tokens across the sequence and leaks "
+                "future tokens in a causal model; use a token-choice router ('top_k', "
+                "'sigmoid_bias'), a bidirectional encoder (model.causal=False, with the "
+                "masked-LM objective), or set allow_non_causal=True if you accept the leak.")
 
     @property
     def router_jnp_dtype(self) -> jnp.dtype:

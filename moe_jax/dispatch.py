@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import experts
-from moe_jax.routing import Slots, TokenChoice
+from moe_jax.routing import Slots, TokenChoice, map_groups
 
 Array = jax.Array
 
@@ -65,8 +65,8 @@ CAPACITY_STRATEGIES: dict[str, tuple[Callable[..., Array], Callable[..., Array]]
 }
 
 
-# Runs the experts on buffers [G, E, C, d] -> [G, E, C, d]; sharding.py swaps in an
-# all-to-all version for explicit expert parallelism.
+# Runs the experts on buffers [G, E, C, d] -> [G, E, C, d] (`moe.Layout.expert_stage`: on a
+# mesh, with the expert exchange).
 ExpertStage = Callable[[Array], Array]
 
 
@@ -80,17 +80,6 @@ def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: st
     buffers = map_groups(dispatch, x, slots)  # [G, E, C, d]
     return map_groups(functools.partial(combine, num_tokens=x.shape[1]), expert_stage(buffers),
                       slots)
-
-
-def map_groups(fn: Callable, *args):
-    """fn vmapped over the leading group axis G of every array in `args` (pytrees).
-
-    A single group is squeezed out instead of vmapped: XLA:CPU (jax 0.10) runs reductions over
-    arrays with a size-1 axis ~30x slower (1.5 vs 45 ms to sum [8192, 512] and [1, 8192, 512]
-    over d), and the combine's gate gradient is such a reduction (experiments/benchmarks/)."""
-    if jax.tree.leaves(args)[0].shape[0] == 1:
-        return jax.tree.map(lambda a: a[None], fn(*jax.tree.map(lambda a: a[0], args)))
-    return jax.vmap(fn)(*args)
 
 
 def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,

@@ -40,8 +40,8 @@ def expert_ffn(params: Params, x: Array, activation: str, *, expert_axis: int = 
     `expert_axis`, e.g. [E, N, d] or [G, E, C, d] (expert_axis=1). Returns x's shape.
 
     The experts' matmuls always run on [E, rows, d] (E leading, the other dims merged): batching
-    over a non-leading axis makes XLA:CPU transpose the [.., f] intermediates, which measured
-    1.75x slower for the forward+backward pass (experiments/benchmarks/README.md).
+    over a non-leading axis makes XLA:CPU transpose the [.., f] intermediates, which is slower
+    (experiments/benchmarks/README.md has the measurement).
     """
     leading = jnp.moveaxis(x, expert_axis, 0)
     rows = leading.reshape(leading.shape[0], -1, leading.shape[-1])

@@ -225,7 +225,10 @@ def match_flops(dense: ml_collections.ConfigDict, *, num_experts: int, top_k: in
     return FlopMatch(config=schema.checked(config), dense_flops=target, sparse_flops=sparse_flops)
 
 
-def _human(value: float) -> str:
+def human(value: float | None) -> str:
+    """A count with three significant digits and a T/G/M/k suffix ("-" for None)."""
+    if value is None:
+        return "-"
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{unit}"
@@ -246,9 +249,9 @@ def table_row(name: str, config: ml_collections.ConfigDict,
     if config.matched_to:
         dense = count(schema.load_config(config.matched_to)).useful_forward_flops_per_token
         mismatch = f"{c.useful_forward_flops_per_token / dense - 1:+.2%} ({config.matched_to})"
-    return (name, _human(c.total_params), _human(c.active_params), _human(c.non_embedding_params),
-            _human(c.forward_flops_per_token), f"{overhead / c.forward_flops_per_token:.1%}",
-            _human(c.training_flops_per_token), mismatch)
+    return (name, human(c.total_params), human(c.active_params), human(c.non_embedding_params),
+            human(c.forward_flops_per_token), f"{overhead / c.forward_flops_per_token:.1%}",
+            human(c.training_flops_per_token), mismatch)
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
@@ -269,10 +272,10 @@ def format_parts(config: ml_collections.ConfigDict, tokens_per_group: int | None
     lines = [f"forward FLOPs per token at seq_len={c.seq_len}:"]
     for part in PARTS:
         value = c.forward_flops[part]
-        lines.append(f"  {part:<22} {_human(value):>8}  {value / total:6.1%}")
-    lines.append(f"  {'total':<22} {_human(total):>8}   (training = 3x = "
-                 f"{_human(c.training_flops_per_token)}; Kaplan's 6N = "
-                 f"{_human(6 * c.active_params)})")
+        lines.append(f"  {part:<22} {human(value):>8}  {value / total:6.1%}")
+    lines.append(f"  {'total':<22} {human(total):>8}   (training = 3x = "
+                 f"{human(c.training_flops_per_token)}; Kaplan's 6N = "
+                 f"{human(6 * c.active_params)})")
     return "\n".join(lines)
 
 
@@ -301,10 +304,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file[:member].",
-                                    lock_config=True)
+    schema.define_config_flag("Experiment config file[:member].")
     flags.DEFINE_string("family", None, "Config family file: print every member in MEMBERS.")
     flags.DEFINE_integer("tokens_per_group", None, "Routing group size T for the capacity when "
                          "moe.group_size is None (the whole batch); default one sequence.")

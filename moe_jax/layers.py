@@ -5,17 +5,24 @@ Parameters carry logical axis names (see `LOGICAL_AXES`) that `moe_jax.sharding`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import experts, moe
+from moe_jax import moe
 from moe_jax.config import MoeConfig
-from moe_jax.sharding import MoeSharding
 
 Array = jax.Array
+
+# The variable collection of non-trainable layer state, and the sigmoid_bias router's bias in it
+# (moved by the train step with `routing.update_score_bias`, never by the optimizer).
+STATE = "moe_state"
+SCORE_BIAS = "score_bias"
+# The collection (and name) of the per-token routing each call sows.
+ROUTING = "routing"
 
 # Logical axis names of every MoE parameter, by (group, name).
 LOGICAL_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
@@ -45,52 +52,41 @@ class MoeLayer(nn.Module):
 
     Attributes:
       config: the layer's MoeConfig.
-      causal: whether the caller is autoregressive. Expert-choice and soft routing mix the tokens
-        of a group (a token's output depends on later tokens) and are refused when causal=True
-        unless `config.allow_non_causal` is set.
+      causal: whether the caller is autoregressive (`MoeConfig.check_causal`).
       dtype: activation dtype (e.g. bfloat16); the router always runs in `config.router_dtype`.
       param_dtype: parameter dtype.
-      sharding: expert parallelism on a mesh (`moe_jax.sharding.MoeSharding`); None: no mesh.
+      sharding: the layer's `moe.Layout` on a mesh (`moe_jax.sharding.MoeSharding`); None: no
+        mesh.
     Randomness (jitter, GShard random second expert) comes from the "router" rng stream.
-    The sigmoid_bias router's bias is the variable "score_bias" of collection "moe_state".
+    The sigmoid_bias router's bias is the variable `SCORE_BIAS` of collection `STATE`. Each
+    call sows its per-token routing (`routing.TokenRouting`) as `ROUTING` in the collection
+    `ROUTING` (kept only when the caller makes that collection mutable).
     """
 
     config: MoeConfig
     causal: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    sharding: MoeSharding | None = None
+    sharding: moe.Layout | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, token_mask: Array | None = None
                  ) -> tuple[Array, dict[str, Array]]:
         c = self.config
-        if self.causal and not c.is_causal_safe and not c.allow_non_causal:
-            raise ValueError(
-                f"MoeConfig.router={c.router!r} mixes tokens across the sequence, which leaks "
-                "future tokens in a causal model; use a token-choice router ('top_k', "
-                "'sigmoid_bias'), a bidirectional encoder (causal=False), or set "
-                "allow_non_causal=True if you accept the leak."
-            )
+        c.check_causal(self.causal)
         d_model = x.shape[-1]
-        router_params = self.param(
-            "router", _boxed("router", lambda k: {"kernel": moe.init_router(
-                k, c, d_model, self.param_dtype)["kernel"]}))
-        params = {
-            "router": dict(router_params),
-            "experts": self.param("experts", _boxed("experts", lambda k: experts.init_ffn(
-                k, d_model, c.d_ff, c.activation, scale=c.init_scale, batch=(c.num_experts,),
-                dtype=self.param_dtype))),
-        }
-        if c.num_shared_experts:
-            params["shared"] = self.param("shared", _boxed("shared", lambda k: experts.init_ffn(
-                k, d_model, c.num_shared_experts * c.d_ff, c.activation, scale=c.init_scale,
-                dtype=self.param_dtype)))
+        params = {group: dict(self.param(group, _boxed(
+            group, functools.partial(moe.PARAM_INITS[group], config=c, d_model=d_model,
+                                     dtype=self.param_dtype))))
+            for group in moe.param_groups(c)}
         if c.router == "sigmoid_bias":
-            bias = self.variable("moe_state", "score_bias", jnp.zeros, (c.num_experts,),
-                                 jnp.float32)
-            params["router"]["score_bias"] = bias.value
+            bias = self.variable(STATE, SCORE_BIAS, jnp.zeros, (c.num_experts,), jnp.float32)
+            params["router"][SCORE_BIAS] = bias.value
         needs_rng = train and (c.jitter_eps > 0 or c.second_expert_policy == "random")
         rng = self.make_rng("router") if needs_rng else None
-        return moe.apply(params, x.astype(self.dtype), c, train=train, rng=rng,
-                         token_mask=token_mask, sharding=self.sharding)
+        y, aux, tokens = moe.apply_with_routing(params, x.astype(self.dtype), c, train=train,
+                                                rng=rng, token_mask=token_mask,
+                                                sharding=self.sharding)
+        if self.is_mutable_collection(ROUTING) and not self.is_initializing():
+            self.sow(ROUTING, ROUTING, tokens)
+        return y, aux

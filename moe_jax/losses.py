@@ -46,11 +46,13 @@ def router_z_loss(logits: Array, weights: Array | None = None) -> Array:
     return token_mean(jnp.square(z), weights)
 
 
-def router_entropy(probs: Array, weights: Array | None = None) -> Array:
-    """Mean over tokens of the entropy (nats) of the routing distribution. probs: [T, E].
-
-    ln E for uniform routing, 0 for one-hot routing.
-    """
+def token_entropy(probs: Array) -> Array:
+    """[T] entropy (nats) of each token's routing distribution probs [T, E] (0 log 0 = 0): ln E
+    for uniform routing, 0 for one-hot routing."""
     p = probs.astype(jnp.float32)
-    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
-    return token_mean(entropy, weights)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
+
+
+def router_entropy(probs: Array, weights: Array | None = None) -> Array:
+    """Mean over tokens of `token_entropy`. probs: [T, E]."""
+    return token_mean(token_entropy(probs), weights)

@@ -30,13 +30,12 @@ from typing import Any
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from moe_jax import schema, sharding
+from moe_jax import flops, schema, sharding
 
 DEFAULT_RUNS_DIR = "runs"
 MAIN_JOB = (("dense", "dense.py:tiny"), ("switch", "switch.py:e8"))
-# Sized for 2 CPU cores: both models together in well under 10 minutes (README: measured).
+# Sized for 2 CPU cores: both models together in a few minutes (the README gives the time).
 MAIN_JOB_SETTINGS: dict[str, Any] = {
     "data.name": "embedded",
     "data.eval_batches": 16,
@@ -55,9 +54,9 @@ COLUMNS = ("model", "config", "steps", "val loss", "bits/byte", "params total", 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                  sys_argv: Sequence[str] | None = None) -> None:
-    config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file[:member]; omit for the dense-vs-Switch main job.",
-        flag_values=flag_values, lock_config=True, sys_argv=list(sys_argv) if sys_argv else None)
+    schema.define_config_flag(
+        "Experiment config file[:member]; omit for the dense-vs-Switch main job.",
+        flag_values=flag_values, sys_argv=sys_argv)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary.json); "
                         f"default {DEFAULT_RUNS_DIR}/<config name>.", flag_values=flag_values)
     flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distributed) before "
@@ -92,15 +91,6 @@ def apply_settings(config: Any, settings: Mapping[str, Any]) -> Any:
     return schema.checked(config)
 
 
-def _human(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
-
-
 def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -108,9 +98,9 @@ def _number(value: float | None, digits: int = 4) -> str:
 def comparison_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]]) -> str:
     """Markdown table of (name, config spec, summary) rows, one per run."""
     cells = [(name, spec, str(s["steps"]), _number(s["eval_loss"]),
-              _number(s["eval_bits_per_byte"]), _human(s["params_total"]),
-              _human(s["params_active"]), _human(s["forward_flops_per_token"]),
-              _human(s["tokens_per_second"]), f"{s['wall_time_seconds']:.0f} s")
+              _number(s["eval_bits_per_byte"]), flops.human(s["params_total"]),
+              flops.human(s["params_active"]), flops.human(s["forward_flops_per_token"]),
+              flops.human(s["tokens_per_second"]), f"{s['wall_time_seconds']:.0f} s")
              for name, spec, s in rows]
     widths = [max(len(r[i]) for r in [COLUMNS, *cells]) for i in range(len(COLUMNS))]
 

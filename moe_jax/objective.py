@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moe_jax import routing
 from moe_jax.config import MoeConfig
 from moe_jax.models.config import ModelConfig
 
@@ -77,10 +78,9 @@ def compute_loss(logits: Array, batch: Batch, aux: dict[str, Array],
         num_bytes = jnp.sum(batch["target_bytes"].astype(jnp.float32) * weights)
         metrics["num_bytes"] = num_bytes
         metrics["bits_per_byte"] = nll_sum / math.log(2) / jnp.maximum(num_bytes, 1e-8)
-    if aux:
-        metrics["dropped_fraction"] = jnp.mean(aux["dropped_fraction"])
-        metrics["router_entropy"] = jnp.mean(aux["router_entropy"])
-        metrics["max_router_logit"] = jnp.max(aux["max_router_logit"])
+    for name in ("dropped_fraction", "router_entropy", "max_router_logit") if aux else ():
+        over_layers = jnp.max if routing.reduction(name) == "max" else jnp.mean
+        metrics[name] = over_layers(aux[name])
     return loss, metrics
 
 

@@ -1,23 +1,55 @@
-"""Routing math on one group of tokens: who goes to which expert, with which weight.
+"""Routing: which expert each token goes to, with which weight, and the router's statistics.
 
-Shape letters: T tokens in the group, E experts, K choices per token (top_k), C expert capacity.
+Shape letters: N tokens in a call, G routing groups of T tokens (N = G * T), E experts, K choices
+per token (top_k), C expert capacity, S Soft MoE slots.
 
-Everything here is pure and works on router *probabilities* (or scores), so it can be tested
-with hand-made numbers. Two result types:
+`route(logits, config, ...)` is the one entry point: the MoE layer, evaluation and the routing
+analyses all call it (through the layer) and read its `Routing`:
 
-- `TokenChoice` (`[T, K]`): each token's chosen experts and gates, before capacity.
-- `Slots` (`[E, C]`): which token sits in each expert slot and its combine weight, after
-  capacity. Both the gather and the einsum dispatch read this one table.
+- `TokenRouting` (`[N, ...]`): per token, the routing distribution and, for token-choice routers,
+  the chosen experts, their gates and whether each choice was computed.
+- `Slots` (`[G, E, C]`): which token sits in each expert slot, after capacity. The gather and
+  einsum dispatches read this one table.
+- `statistics`: the router's losses and load statistics (`STATISTICS` says how each combines over
+  devices, micro-batches and evaluation batches).
+
+The per-group functions below `route` are pure and work on router *probabilities* (or scores),
+so they can be tested with hand-made numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from moe_jax import losses
+from moe_jax.config import MoeConfig
+
 Array = jax.Array
+
+# The statistics of `route`, and how measurements of one statistic on several parts (devices,
+# micro-batches, logged steps, evaluation batches, layers) combine: "mean" (weighted by the parts'
+# tokens) or "max".
+STATISTICS: dict[str, str] = {
+    "load_balancing_loss": "mean",  # Switch eq. 4 generalised to K (0 for expert_choice, soft)
+    "router_z_loss": "mean",  # ST-MoE eq. 5
+    "dropped_fraction": "mean",  # dropped assignments / (N*K); expert choice: unchosen tokens / N
+    "expert_load": "mean",  # [E] kept assignments of each expert / (N*K)
+    "assignment_fraction": "mean",  # [E] share of assignments before drops (bias balancing)
+    "router_entropy": "mean",  # mean entropy (nats) of the routing distribution
+    "max_router_logit": "max",  # largest router logit (no gradient)
+}
+
+
+def reduction(name: str) -> str:
+    """How statistic `name` combines over parts: "max" or "mean". `name` may carry a prefix
+    ("train/", "layer/"); names that are not routing statistics are means."""
+    return STATISTICS.get(name.rsplit("/", 1)[-1], "mean")
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +83,183 @@ class Slots:
     gate: Array
     kept: Array
 
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenRouting:
+    """The routing of each of N tokens by one router: what evaluation and analysis read.
+
+    logits: [N, E] the router logits the routing was computed from (soft: [N, S]); `route` on
+      them with another config (capacity, say) routes the same tokens again.
+    probs: [N, E] routing distribution (router dtype): softmax over experts (sigmoid_bias: the
+      sigmoid scores normalised over experts); soft: [N, S] combine weights over the slots.
+    choice: token-choice routers only (None for expert_choice and soft, where a token does not
+      choose): [N, K] chosen experts and gates, with `keep` True where the assignment was
+      computed (not discarded by a routing policy, dropped by capacity, or a masked token).
+    num_experts: E (static).
+    """
+
+    logits: Array
+    probs: Array
+    choice: TokenChoice | None
+    num_experts: int = dataclasses.field(metadata={"static": True})
+
+    def expert_share(self) -> Array:
+        """[N, E] how each token's routing splits over experts (rows sum to 1): 1/K for each of
+        the K chosen experts, before capacity (a dropped choice still counts); where tokens do
+        not choose (expert_choice, soft), the routing distribution summed per expert."""
+        n = self.probs.shape[0]
+        if self.choice is None:
+            return self.probs.reshape(n, self.num_experts, -1).sum(-1)
+        index = self.choice.expert_index
+        one_hot = jax.nn.one_hot(index, self.num_experts, dtype=jnp.float32)
+        return jnp.sum(one_hot, axis=1) / index.shape[1]
+
+    def entropy(self) -> Array:
+        """[N] entropy (nats) of each token's routing distribution; `router_entropy` is its
+        mean over the unmasked tokens."""
+        return losses.token_entropy(self.probs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Everything `route` decides for the N tokens of one call.
+
+    tokens: per-token routing (`TokenRouting`).
+    slots: [G, E, C] slot tables for the capacity dispatches and expert choice; None for
+      dropless and soft.
+    soft_weights: Soft MoE's (dispatch, combine) weights, each [G, T, S]; None otherwise.
+    statistics: `STATISTICS` as float32 arrays, means over the unmasked tokens.
+    num_tokens: float32 [], the unmasked tokens: the weight of `statistics` when parts combine.
+    """
+
+    tokens: TokenRouting
+    slots: Slots | None
+    soft_weights: tuple[Array, Array] | None
+    statistics: dict[str, Array]
+    num_tokens: Array
+
+
+def route(logits: Array, config: MoeConfig, *, num_groups: int, train: bool,
+          token_mask: Array | None = None, score_bias: Array | None = None,
+          rng: Array | None = None) -> Routing:
+    """Routes N tokens in `num_groups` groups of T = N / G consecutive tokens.
+
+    logits: [N, E] router logits (Soft MoE: [N, S]); token_mask: [N] bool, False tokens
+    (padding) take no slot and count in no statistic; score_bias: [E], the sigmoid_bias
+    router's balancing bias; rng: GShard's random second expert (training only).
+    Capacity (`MoeConfig.capacity`) and the balance loss are per group.
+    """
+    n = logits.shape[0]
+    mask = jnp.ones((n,), bool) if token_mask is None else token_mask
+    weights = mask.astype(jnp.float32)
+    max_logit = jnp.max(jnp.where(mask[:, None], logits, -jnp.inf).astype(jnp.float32))
+    statistics = {"router_z_loss": losses.router_z_loss(logits, weights),
+                  "max_router_logit": jax.lax.stop_gradient(max_logit)}
+    groups = functools.partial(_per_group, num_groups=num_groups)
+    slots = soft = None
+    if config.router == "soft":
+        dispatch_w, combine_w = map_groups(soft_weights, groups(logits), groups(mask))
+        soft = (dispatch_w, combine_w)
+        tokens = TokenRouting(logits, combine_w.reshape(n, -1), None, config.num_experts)
+        statistics |= _mixing_statistics(tokens, None, weights, config.top_k)
+    elif config.router == "expert_choice":
+        probs = jax.nn.softmax(logits, axis=-1)
+        capacity = min(config.capacity(n // num_groups, train=train), n // num_groups)
+        slots = map_groups(lambda p, m: route_expert_choice(p, capacity, m), groups(probs),
+                           groups(mask))
+        tokens = TokenRouting(logits, probs, None, config.num_experts)
+        statistics |= _mixing_statistics(tokens, slots, weights, config.top_k)
+    else:
+        choice, probs = _choose(logits, config, train=train, rng=rng, score_bias=score_bias)
+        choice = dataclasses.replace(choice, keep=choice.keep & mask[:, None])
+        if config.dispatch != "dropless":
+            capacity = config.capacity(n // num_groups, train=train)
+            slots = map_groups(
+                lambda ch, p: assign_slots(ch, capacity, config.num_experts,
+                                           config.drop_priority, p),
+                jax.tree.map(groups, choice), groups(jnp.max(probs, axis=-1)))
+            choice = dataclasses.replace(choice, keep=slots.kept.reshape(n, config.top_k))
+        tokens = TokenRouting(logits, probs, choice, config.num_experts)
+        statistics |= _token_choice_statistics(tokens, weights, num_groups)
+    return Routing(tokens, slots, soft, statistics, jnp.sum(weights))
+
+
+def _per_group(a: Array, num_groups: int) -> Array:
+    """[N, ...] -> [G, T, ...]."""
+    return a.reshape(num_groups, -1, *a.shape[1:])
+
+
+def map_groups(fn: Callable, *args: Any) -> Any:
+    """fn vmapped over the leading group axis G of every array in `args` (pytrees).
+
+    A single group is squeezed out instead of vmapped: XLA:CPU runs reductions over arrays with
+    a size-1 axis far slower than the same reductions without it, and the combine's gate
+    gradient is such a reduction (experiments/benchmarks/README.md)."""
+    if jax.tree.leaves(args)[0].shape[0] == 1:
+        return jax.tree.map(lambda a: a[None], fn(*jax.tree.map(lambda a: a[0], args)))
+    return jax.vmap(fn)(*args)
+
+
+def _choose(logits: Array, config: MoeConfig, *, train: bool, rng: Array | None,
+            score_bias: Array | None) -> tuple[TokenChoice, Array]:
+    """Token choice before capacity: ([N, K] choice, [N, E] routing distribution)."""
+    k = config.top_k
+    if config.router == "sigmoid_bias":
+        scores = jax.nn.sigmoid(logits)
+        bias = jnp.zeros((config.num_experts,), scores.dtype) if score_bias is None else score_bias
+        choice = route_sigmoid_bias(scores, bias, k)
+        return choice, scores / jnp.sum(scores, axis=-1, keepdims=True)
+    probs = jax.nn.softmax(logits, axis=-1)
+    choice = route_top_k(probs, k, renormalize=config.renormalize_gates)
+    if train and config.second_expert_policy == "random":
+        choice = random_second_expert(choice, jax.random.uniform(rng, (logits.shape[0],)))
+    return choice, probs
+
+
+def _token_choice_statistics(tokens: TokenRouting, weights: Array,
+                             num_groups: int) -> dict[str, Array]:
+    """Balance loss (per group, then averaged over groups weighted by their tokens), load, drops
+    and entropy of token-choice routing. weights: [N], 0 for masked tokens."""
+    probs, choice, num_experts = tokens.probs, tokens.choice, tokens.num_experts
+    k = choice.expert_index.shape[1]
+    kept_one_hot = jax.nn.one_hot(choice.expert_index, num_experts) * choice.keep[..., None]
+    load = jnp.sum(kept_one_hot, axis=(0, 1)) / jnp.maximum(jnp.sum(weights) * k, 1.0)
+    group_weights = _per_group(weights, num_groups)
+    balance = map_groups(losses.load_balancing_loss, _per_group(probs, num_groups),
+                         _per_group(choice.expert_index, num_groups), group_weights)
+    group_tokens = jnp.sum(group_weights, axis=1)
+    return {"load_balancing_loss": jnp.sum(balance * group_tokens)
+            / jnp.maximum(jnp.sum(group_tokens), 1.0),
+            "dropped_fraction": 1.0 - jnp.sum(load), "expert_load": load,
+            "assignment_fraction": losses.assignment_fraction(choice.expert_index, num_experts,
+                                                              weights),
+            "router_entropy": losses.router_entropy(probs, weights)}
+
+
+def _mixing_statistics(tokens: TokenRouting, slots: Slots | None, weights: Array,
+                       top_k: int) -> dict[str, Array]:
+    """Statistics of the routers that mix a group's tokens (expert choice with its `slots`, Soft
+    MoE without): no balance loss; expert choice drops the tokens no expert chose, and its load
+    counts N * top_k assignments (top_k: the average experts per token)."""
+    zero = jnp.zeros((), jnp.float32)
+    entropy = losses.router_entropy(tokens.probs, weights)
+    if slots is None:  # soft: every token reaches every slot
+        load = losses.token_mean(tokens.expert_share(), weights)
+        return {"load_balancing_loss": zero, "dropped_fraction": zero, "expert_load": load,
+                "assignment_fraction": load, "router_entropy": entropy}
+    group = slots.kept.shape[1]
+    filled = jnp.sum(slots.token < group, axis=(0, 2)).astype(jnp.float32)  # [E]
+    num_valid = jnp.sum(weights)
+    return {"load_balancing_loss": zero,
+            "dropped_fraction": 1.0 - losses.token_mean(slots.kept.reshape(-1), weights),
+            "expert_load": filled / jnp.maximum(num_valid * top_k, 1.0),
+            "assignment_fraction": filled / jnp.maximum(jnp.sum(filled), 1.0),
+            "router_entropy": entropy}
+
+
+# --- per-group routing functions ----------------------------------------------------------------
 
 def route_top_k(probs: Array, k: int, *, renormalize: bool) -> TokenChoice:
     """Top-k token choice (Shazeer et al. 2017; Switch k=1; GShard/Mixtral k=2).

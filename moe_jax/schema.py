@@ -18,14 +18,17 @@ Config files (`configs/*.py`) define `get_config(arg=None)`; family files take a
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import importlib.util
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
@@ -33,26 +36,32 @@ from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.sharding import MeshConfig
 from moe_jax.train.config import TrainConfig
 
-# Section name -> the frozen dataclass it is parsed into.
-SECTIONS: dict[str, type] = {"model": ModelConfig, "moe": MoeConfig, "train": TrainConfig,
-                             "data": DataConfig, "mesh": MeshConfig}
-# Top-level scalar keys and their defaults.
-TOP_LEVEL: dict[str, Any] = {
-    "seed": 0,
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A parsed experiment config: one attribute per section, plus the top-level keys."""
+
+    model: ModelConfig
+    moe: MoeConfig
+    train: TrainConfig
+    data: DataConfig
+    mesh: MeshConfig
+    seed: int = 0
     # The dense config (a config spec, relative to configs/) whose forward FLOPs per token this
     # sparse config matches; "" when it is not a matched config. `flops` reports the mismatch.
-    "matched_to": "",
-}
+    matched_to: str = ""
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-Experiment = dataclasses.make_dataclass(
-    "Experiment",
-    [(name, cls) for name, cls in SECTIONS.items()]
-    + [(name, type(value), dataclasses.field(default=value)) for name, value in TOP_LEVEL.items()],
-    frozen=True,
-)
-Experiment.__doc__ = "A parsed experiment config: one attribute per section and top-level key."
+# Section name -> the frozen dataclass it is parsed into (the dataclass-typed fields).
+SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(Experiment).items()
+                             if dataclasses.is_dataclass(hint)}
+# Top-level scalar keys and their defaults.
+TOP_LEVEL: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Experiment)
+                             if f.name not in SECTIONS}
+
+# The experiment config files: the repository's configs/, installed as the package
+# `moe_jax.configs` (setup.cfg maps it), so they are found from any directory.
+CONFIGS_DIR = Path(importlib.resources.files("moe_jax.configs"))
 
 
 def _optional_inner(hint: Any) -> type:
@@ -107,7 +116,7 @@ def _parse_section(config: ml_collections.ConfigDict, name: str, cls: type) -> A
         raise ValueError(message) from err
 
 
-def parse_config(config: ml_collections.ConfigDict) -> Any:
+def parse_config(config: ml_collections.ConfigDict) -> Experiment:
     """ConfigDict -> `Experiment` (frozen). Raises ValueError naming the offending key."""
     allowed = list(SECTIONS) + list(TOP_LEVEL)
     unknown = sorted(set(config.keys()) - set(allowed))
@@ -133,17 +142,31 @@ def checked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def resolve_path(path: str) -> Path:
-    """A config file path as given, else relative to the repository's configs/ directory."""
+    """A config file: the path as given (absolute, or relative to the working directory), else
+    one of the installed configs, relative to `CONFIGS_DIR` with or without a leading
+    "configs/" (so `configs/switch.py` works from any directory)."""
     candidate = Path(path)
     if candidate.exists() or candidate.is_absolute():
         return candidate
-    return CONFIGS_DIR / path
+    if candidate.parts[:1] == ("configs",):
+        candidate = Path(*candidate.parts[1:])
+    return CONFIGS_DIR / candidate
+
+
+def config_files() -> list[str]:
+    """The installed config files, relative to `CONFIGS_DIR` (e.g. "published/mixtral_8x7b.py")."""
+    return sorted(p.relative_to(CONFIGS_DIR).as_posix() for p in CONFIGS_DIR.rglob("*.py")
+                  if p.name != "__init__.py")
 
 
 def _import_config_module(path: str) -> types.ModuleType:
     file = resolve_path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} not found (also looked in {CONFIGS_DIR}).")
+        raise FileNotFoundError(
+            f"config file {path!r} not found: it is not a file relative to the working directory "
+            f"({Path.cwd()}) nor one of the installed configs in {CONFIGS_DIR} "
+            f"({', '.join(config_files())}). Give a path to your own config file, or one of "
+            "those names (e.g. configs/switch.py:e8).")
     spec = importlib.util.spec_from_file_location(f"_moe_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -161,3 +184,32 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def family_members(path: str) -> tuple[str, ...]:
     """The member names a family config file lists in `MEMBERS` (() for a single config)."""
     return tuple(getattr(_import_config_module(path), "MEMBERS", ()))
+
+
+class _InstalledConfigParser(flags.ArgumentParser):
+    """ml_collections' config-file parser, with the file resolved by `resolve_path` first."""
+
+    def __init__(self, inner: flags.ArgumentParser) -> None:
+        self._inner = inner
+
+    def parse(self, argument: str) -> Any:
+        path, sep, member = argument.partition(":")
+        file = resolve_path(path)
+        if not file.is_file():
+            _import_config_module(path)  # raises FileNotFoundError naming both places
+        return self._inner.parse(f"{file}{sep}{member}")
+
+    def flag_type(self) -> str:
+        return self._inner.flag_type()
+
+
+def define_config_flag(help_string: str, *, flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv: Sequence[str] | None = None) -> None:
+    """Defines `--config=file.py[:member]` with `--config.<section>.<field>=value` overrides
+    (ml_collections `DEFINE_config_file`), the file resolved like `load_config`: a path from
+    the working directory, else one of the installed configs (`configs/switch.py:e8` from any
+    directory). `flag_values["config"].config_filename` keeps the argument as given."""
+    config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values,
+                                    lock_config=True,
+                                    sys_argv=list(sys_argv) if sys_argv else None)
+    flag_values["config"].parser = _InstalledConfigParser(flag_values["config"].parser)

@@ -23,12 +23,15 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moe_jax import dispatch, experts, moe, routing, validation
+from moe_jax.config import MoeConfig
 
 MESH_AXES = ("data", "expert", "model")
 EXPERT_PARALLEL_FORMS = ("gspmd", "explicit")
@@ -92,20 +95,19 @@ class MeshConfig:
     def __post_init__(self) -> None:
         sizes = {name: getattr(self, name) for name in MESH_AXES}
         for name, size in sizes.items():
-            if not isinstance(size, int) or (size < 1 and size != -1):
-                raise ValueError(f"MeshConfig.{name}={size!r} must be a positive int or -1.")
+            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+                validation.fail(self, name, "must be a positive integer or -1 (inferred)")
         if list(sizes.values()).count(-1) > 1:
-            raise ValueError(f"MeshConfig {sizes}: at most one axis may be -1 (inferred).")
-        if self.expert_parallel not in EXPERT_PARALLEL_FORMS:
-            raise ValueError(f"MeshConfig.expert_parallel={self.expert_parallel!r}; use one of "
-                             f"{EXPERT_PARALLEL_FORMS}.")
+            validation.fail(self, "data", f"and the other sizes {sizes} set more than one axis "
+                            "to -1", "infer at most one axis (-1); give the others")
+        validation.one_of(self, "expert_parallel", EXPERT_PARALLEL_FORMS)
         if not isinstance(self.rules, str):
-            raise ValueError(f"MeshConfig.rules={self.rules!r} must be a string such as "
-                             "'batch=data+expert,mlp=model'.")
+            validation.fail(self, "rules", "must be a string",
+                            "write e.g. 'batch=data+expert,mlp=model' ('' keeps the defaults)")
         try:
             parse_rules(self.rules)
         except ValueError as err:
-            raise ValueError(f"MeshConfig.rules={self.rules!r}: {err}") from err
+            validation.fail(self, "rules", f"is not a rule list: {err}".rstrip("."))
 
     def logical_rules(self) -> Rules:
         """`DEFAULT_RULES` with this config's overrides in place of the same logical names."""
@@ -193,8 +195,10 @@ def logical_to_spec(names: Sequence[str | None],
 
 
 @dataclasses.dataclass(frozen=True)
-class MoeSharding:
-    """How one MoE layer is laid out on a mesh (static: hashable, usable as a jit static arg)."""
+class MoeSharding(moe.Layout):
+    """How one MoE layer is laid out on a mesh: the `moe.Layout` of expert parallelism (static:
+    hashable, usable as a jit static arg). The layer calls the four `Layout` methods; only this
+    class knows which form they take."""
 
     mesh: Mesh
     form: str = "gspmd"
@@ -212,13 +216,13 @@ class MoeSharding:
                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> MoeSharding:
         """The layout that `rules` give: tokens over the "batch" axes, experts over the one
         "expert" axis, expert hidden units over the "mlp" axis (if any)."""
-        experts, hidden = mesh_axes("expert", rules), mesh_axes("mlp", rules)
-        if len(experts) != 1 or len(hidden) > 1:
-            raise ValueError(f"mesh rules map 'expert' to {experts} and 'mlp' to {hidden}; "
+        experts_axes, hidden = mesh_axes("expert", rules), mesh_axes("mlp", rules)
+        if len(experts_axes) != 1 or len(hidden) > 1:
+            raise ValueError(f"mesh rules map 'expert' to {experts_axes} and 'mlp' to {hidden}; "
                              "expert parallelism needs exactly one mesh axis for 'expert' and at "
                              "most one for 'mlp' (e.g. rules 'expert=expert,mlp=model').")
         return cls(mesh, form=form, batch_axes=mesh_axes("batch", rules),
-                   expert_axis=experts[0], model_axis=hidden[0] if hidden else None)
+                   expert_axis=experts_axes[0], model_axis=hidden[0] if hidden else None)
 
     def axis_size(self, axis: str | None) -> int:
         return self.mesh.shape[axis] if axis else 1
@@ -238,6 +242,94 @@ class MoeSharding:
     def constrain(self, x: jax.Array, spec: PartitionSpec) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
+    @property
+    def _uses_model_axis(self) -> bool:
+        return self.model_axis is not None and self.axis_size(self.model_axis) > 1
+
+    # --- moe.Layout ---
+
+    def run(self, layer: moe.LayerFn, params: moe.Params, x: jax.Array, rng: jax.Array | None,
+            token_mask: jax.Array | None, config: MoeConfig
+            ) -> tuple[jax.Array, dict[str, jax.Array], routing.TokenRouting]:
+        """gspmd: the layer on the global arrays. explicit: the layer per device under
+        `jax.shard_map`; devices' statistics (means over their unmasked tokens) combine by
+        `routing.reduction`, weighted by their tokens, so they equal the unsharded ones."""
+        if self.form == "gspmd":
+            return super().run(layer, params, x, rng, token_mask, config)
+        self._check_explicit(x, config)
+
+        def per_device(params: moe.Params, x: jax.Array, rng: jax.Array | None,
+                       token_mask: jax.Array | None):
+            if rng is not None:  # independent noise per batch shard
+                rng = jax.random.fold_in(rng, jax.lax.axis_index(self.batch_axes))
+            y, routed = layer(params, x, rng, token_mask)
+            num = routed.num_tokens
+            total = jax.lax.psum(num, self.batch_axes)
+            statistics = {
+                k: (jax.lax.pmax(v, self.batch_axes) if routing.reduction(k) == "max"
+                    else jax.lax.psum(v * num, self.batch_axes) / jax.numpy.maximum(total, 1.0))
+                for k, v in routed.statistics.items()}
+            return y, statistics, routed.tokens
+
+        param_specs = expert_param_specs(params, self)
+        rng_spec = None if rng is None else PartitionSpec()
+        mask_spec = None if token_mask is None else self.token_spec
+        fn = jax.shard_map(
+            per_device, mesh=self.mesh,
+            in_specs=(param_specs, self.token_spec, rng_spec, mask_spec),
+            out_specs=(self.token_spec, PartitionSpec(), PartitionSpec(self.batch_axes)),
+            check_vma=False)
+        return fn(params, x, rng, token_mask)
+
+    def constrain_tokens(self, grouped: jax.Array) -> jax.Array:
+        return self.constrain(grouped, self.token_spec) if self.form == "gspmd" else grouped
+
+    def expert_stage(self, expert_params: experts.Params, activation: str
+                     ) -> dispatch.ExpertStage:
+        """gspmd: the experts between sharding constraints that put buffers [G, E, C, d] on
+        (groups, experts), so XLA inserts the all-to-all (GShard Sec. 3). explicit: this
+        device's buffers exchanged over the expert axis, its local experts run, and back."""
+        def gspmd(buffers: jax.Array) -> jax.Array:
+            buffers = self.constrain(buffers, self.buffer_spec)
+            out = experts.expert_ffn(expert_params, buffers, activation, expert_axis=1)
+            return self.constrain(out, self.buffer_spec)
+
+        def explicit(buffers: jax.Array) -> jax.Array:  # local groups, all experts
+            received = jax.lax.all_to_all(buffers, self.expert_axis, 1, 0,
+                                          tiled=True)  # [G*n, E/n, C, d]
+            out = experts.expert_ffn(expert_params, received, activation, expert_axis=1)
+            return jax.lax.all_to_all(self.model_sum(out), self.expert_axis, 0, 1, tiled=True)
+
+        return gspmd if self.form == "gspmd" else explicit
+
+    def model_sum(self, y: jax.Array) -> jax.Array:
+        if self.form == "explicit" and self._uses_model_axis:
+            return jax.lax.psum(y, self.model_axis)
+        return y
+
+    def _check_explicit(self, x: jax.Array, config: MoeConfig) -> None:
+        """Refuses what the explicit form cannot run, naming the numbers and the fix."""
+        if config.dispatch == "dropless":
+            raise ValueError(
+                "dispatch='dropless' cannot use the explicit expert-parallel form: it needs a "
+                "ragged all-to-all (unimplemented on XLA:CPU); use dispatch='gather' or "
+                "'einsum' with fixed capacity, or the 'gspmd' form.")
+        n_expert = self.axis_size(self.expert_axis)
+        if config.num_experts % n_expert:
+            raise ValueError(f"num_experts={config.num_experts} does not divide over the expert "
+                             f"axis of size {n_expert}; use a multiple of {n_expert} experts.")
+        batch_shards = math.prod(self.mesh.shape[a] for a in self.batch_axes)
+        if x.shape[0] % batch_shards:
+            raise ValueError(f"the leading dimension of x.shape={x.shape} does not divide over "
+                             f"the {batch_shards} devices of batch axes {self.batch_axes}; use a "
+                             f"batch divisible by {batch_shards}.")
+        tokens_per_device = math.prod(x.shape[:-1]) // batch_shards
+        if config.group_size and tokens_per_device % config.group_size:
+            raise ValueError(f"MoeConfig.group_size={config.group_size} does not divide the "
+                             f"{tokens_per_device} tokens per device (x.shape={x.shape} over "
+                             f"{batch_shards} devices); routing groups cannot span devices in "
+                             "the explicit form.")
+
 
 def expert_param_specs(params: dict[str, dict[str, Any]], sharding: MoeSharding
                        ) -> dict[str, dict[str, PartitionSpec]]:
@@ -251,74 +343,6 @@ def expert_param_specs(params: dict[str, dict[str, Any]], sharding: MoeSharding
     by_group = {"experts": specs, "shared": shared}
     return {group: {name: by_group.get(group, {}).get(name, PartitionSpec()) for name in leaves}
             for group, leaves in params.items()}
-
-
-LocalApply = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def explicit_expert_parallel(local_apply: LocalApply, params: dict, x: jax.Array, config: Any,
-                             *, train: bool, rng: jax.Array | None,
-                             token_mask: jax.Array | None, sharding: MoeSharding
-                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Runs `local_apply` per device under `jax.shard_map`, with an expert stage that exchanges
-    the [G, E, C, d] buffers over the expert axis.
-
-    local_apply(params, x_local, config, train=, rng=, token_mask=, expert_stage_fn=,
-    model_sum=) -> (y, aux, num_valid) must route the local tokens and call
-    `expert_stage_fn(expert_params)` to get its expert stage. Devices' aux (means over their
-    unmasked tokens) are combined weighted by `num_valid`, so they equal the unsharded means.
-    """
-    mesh, e_axis, m_axis = sharding.mesh, sharding.expert_axis, sharding.model_axis
-    n_expert = sharding.axis_size(e_axis)
-    if config.num_experts % n_expert:
-        raise ValueError(f"num_experts={config.num_experts} does not divide over the expert "
-                         f"axis of size {n_expert}; use a multiple of {n_expert} experts.")
-    batch_shards = math.prod(mesh.shape[a] for a in sharding.batch_axes)
-    if x.shape[0] % batch_shards:
-        raise ValueError(f"the leading dimension of x.shape={x.shape} does not divide over the "
-                         f"{batch_shards} devices of batch axes {sharding.batch_axes}; use a "
-                         f"batch divisible by {batch_shards}.")
-    tokens_per_device = math.prod(x.shape[:-1]) // batch_shards
-    if config.group_size and tokens_per_device % config.group_size:
-        raise ValueError(f"MoeConfig.group_size={config.group_size} does not divide the "
-                         f"{tokens_per_device} tokens per device (x.shape={x.shape} over "
-                         f"{batch_shards} devices); routing groups cannot span devices in the "
-                         "explicit form.")
-    use_model = m_axis is not None and sharding.axis_size(m_axis) > 1
-
-    def model_sum(y: jax.Array) -> jax.Array:
-        return jax.lax.psum(y, m_axis) if use_model else y
-
-    def expert_stage_fn(expert_params: dict[str, jax.Array]) -> Callable[[jax.Array], jax.Array]:
-        from moe_jax import experts  # local import: experts does not depend on sharding
-
-        def stage(buffers: jax.Array) -> jax.Array:  # [G, E, C, d] local groups, all experts
-            received = jax.lax.all_to_all(buffers, e_axis, 1, 0, tiled=True)  # [G*n, E/n, C, d]
-            out = experts.expert_ffn(expert_params, received, config.activation, expert_axis=1)
-            return jax.lax.all_to_all(model_sum(out), e_axis, 0, 1, tiled=True)
-
-        return stage
-
-    def per_device(params: dict, x: jax.Array, rng: jax.Array | None,
-                   token_mask: jax.Array | None):
-        if rng is not None:  # independent noise per batch shard
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding.batch_axes))
-        y, aux, num_valid = local_apply(params, x, config, train=train, rng=rng,
-                                        token_mask=token_mask, expert_stage_fn=expert_stage_fn,
-                                        model_sum=model_sum)
-        total = jax.lax.psum(num_valid, sharding.batch_axes)
-        reduced = {k: (jax.lax.pmax(v, sharding.batch_axes) if k == "max_router_logit"
-                       else jax.lax.psum(v * num_valid, sharding.batch_axes)
-                       / jax.numpy.maximum(total, 1.0)) for k, v in aux.items()}
-        return y, reduced
-
-    param_specs = expert_param_specs(params, sharding)
-    rng_spec = None if rng is None else PartitionSpec()
-    mask_spec = None if token_mask is None else sharding.token_spec
-    fn = jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(param_specs, sharding.token_spec, rng_spec, mask_spec),
-                       out_specs=(sharding.token_spec, PartitionSpec()), check_vma=False)
-    return fn(params, x, rng, token_mask)
 
 
 def device_bytes(x: jax.Array) -> int:

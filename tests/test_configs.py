@@ -7,8 +7,11 @@ import dataclasses
 import ml_collections
 import pytest
 
-from moe_jax import MoeConfig, objective, schema
+from moe_jax import MoeConfig, objective, schema, validation
+from moe_jax.data import DataConfig
 from moe_jax.models import ModelConfig
+from moe_jax.sharding import MeshConfig
+from moe_jax.train.config import TrainConfig
 
 
 def test_sections_mirror_the_dataclass_defaults():
@@ -86,8 +89,7 @@ def test_bad_config_files_and_members():
         schema.load_config("switch.py:e3")
 
 
-CONFIG_FILES = sorted(p.relative_to(schema.CONFIGS_DIR).as_posix()
-                      for p in schema.CONFIGS_DIR.rglob("*.py"))
+CONFIG_FILES = schema.config_files()
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)
@@ -99,6 +101,47 @@ def test_every_config_file_and_member_loads_and_validates(path):
         assert isinstance(experiment.model, ModelConfig), spec
         # Encoders train with masked LM, decoders with next-token prediction, out of the box.
         objective.check_objective(experiment.train.objective, experiment.model)
+
+
+def test_experiment_is_a_typed_dataclass_and_sections_come_from_it():
+    fields = {f.name for f in dataclasses.fields(schema.Experiment)}
+    assert set(schema.SECTIONS) | set(schema.TOP_LEVEL) == fields
+    assert schema.SECTIONS["moe"] is MoeConfig and schema.TOP_LEVEL == {"seed": 0,
+                                                                        "matched_to": ""}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        schema.parse_config(schema.base_config()).seed = 1
+
+
+@pytest.mark.parametrize(("cls", "field", "value", "message"), [
+    (MoeConfig, "top_k", 0, r"MoeConfig\.top_k=0 must be an integer >= 1\."),
+    (MoeConfig, "jitter_eps", 1.5, r"MoeConfig\.jitter_eps=1\.5 must be in \[0, 1\)\."),
+    (MoeConfig, "dispatch", "scatter", r"MoeConfig\.dispatch='scatter' is not supported; use "
+     r"one of \('einsum', 'gather', 'dropless'\)\."),
+    (ModelConfig, "dropout_rate", -0.1, r"ModelConfig\.dropout_rate=-0\.1 must be in \[0, 1\)"),
+    (TrainConfig, "learning_rate", 0.0, r"TrainConfig\.learning_rate=0\.0 must be a finite "
+     r"number > 0\."),
+    (TrainConfig, "b2", 1.5, r"TrainConfig\.b2=1\.5 must be in \[0, 1\]\."),
+    (DataConfig, "worker_count", -1, r"DataConfig\.worker_count=-1 must be an integer >= 0; 0 "),
+    (MeshConfig, "expert", 0, r"MeshConfig\.expert=0 must be a positive integer or -1"),
+])
+def test_every_section_reports_bad_values_in_one_shape(cls, field, value, message):
+    """<Class>.<field>=<value> <what is wrong>[; <fix>]. (one `validation` module for all)."""
+    with pytest.raises(validation.ConfigError, match=message):
+        cls(**{field: value})
+
+
+def test_configs_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert schema.resolve_path("configs/switch.py") == schema.CONFIGS_DIR / "switch.py"
+    assert schema.resolve_path("switch.py") == schema.CONFIGS_DIR / "switch.py"
+    assert schema.load_config("configs/switch.py:e8").moe.num_experts == 8
+    own = tmp_path / "configs" / "switch.py"  # a file of the user's own shadows the installed one
+    own.parent.mkdir()
+    own.write_text("from moe_jax import schema\n\ndef get_config():\n"
+                   "    config = schema.base_config()\n    config.seed = 7\n    return config\n")
+    assert schema.load_config("configs/switch.py").seed == 7
+    with pytest.raises(FileNotFoundError, match=r"installed configs in .*switch\.py"):
+        schema.load_config("configs/swich.py")
 
 
 def test_dense_scales():

@@ -25,6 +25,7 @@ from experiments.suites.base import (
 from experiments.suites.results import Results
 from moe_jax import flops, schema
 from moe_jax.main import apply_settings
+from moe_jax.train.metrics import write_json
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures",
                        "experiments_switch_scaling_tiny.json")
@@ -91,6 +92,95 @@ def test_rerun_skips_finished_members(micro, monkeypatch):
         run.run_suite(suite, "tiny", seeds=1, extra={"train.num_train_steps": 4},
                       log=lines.append, **paths)
     assert launched == []
+
+
+def _fake_training(losses: dict[str, float], launched: list[str], stop_after: int | None = None):
+    """A stand-in for `run.launch` that writes what a finished training leaves in its workdir
+    (request.json, summary.json, metrics.jsonl) with a made-up loss, and raises
+    KeyboardInterrupt (a killed sweep) when asked to start run number `stop_after`."""
+    def launch(spec, workdir, **_):
+        if stop_after is not None and len(launched) == stop_after:
+            raise KeyboardInterrupt
+        launched.append(spec.workdir_name)
+        os.makedirs(workdir, exist_ok=True)
+        write_json(os.path.join(workdir, run.REQUEST_FILE), run._request(spec))
+        write_json(os.path.join(workdir, run.SUMMARY_FILE),
+                   {"steps": spec.num_train_steps, "eval_loss": losses[spec.workdir_name]})
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 1, "train/loss": 3.0}) + "\n")
+        return "finished"
+    return launch
+
+
+def _entries(path):
+    with open(path) as f:
+        data = json.load(f)
+    return {(r["member"], r["seed"]): r for r in data["runs"]}, data
+
+
+def test_interrupted_suite_resumes_from_the_committed_results_alone(micro, tmp_path,
+                                                                  monkeypatch):
+    suite, _, _, _ = micro
+    paths = {"workdir_root": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
+    losses = {"dense_s0": 2.5, "switch_s0": 2.4, "dense_s1": 2.6, "switch_s1": 2.3}
+    launched: list[str] = []
+    monkeypatch.setattr(run, "launch", _fake_training(losses, launched, stop_after=3))
+    with pytest.raises(KeyboardInterrupt):
+        run.run_suite(suite, "tiny", seeds=2, log=lambda _: None, **paths)
+    path = run.results_path("micro", "tiny", paths["results_dir"])
+    entries, _ = _entries(path)
+    assert launched == ["dense_s0", "dense_s1", "switch_s0"]  # each recorded as it finished
+    assert [entries[k]["status"] for k in sorted(entries)] == [
+        "finished", "finished", "finished", "missing"]
+    # A fresh clone has the results file but no run directories.
+    shutil.rmtree(paths["workdir_root"])
+    launched.clear()
+    monkeypatch.setattr(run, "launch", _fake_training(losses, launched))
+    lines: list[str] = []
+    run.run_suite(suite, "tiny", seeds=2, log=lines.append, **paths)
+    assert launched == ["switch_s1"]
+    assert sum(line.startswith("skip ") for line in lines) == 3
+    entries, _ = _entries(path)
+    assert {k: r["summary"]["eval_loss"] for k, r in entries.items()} == {
+        ("dense", 0): 2.5, ("dense", 1): 2.6, ("switch", 0): 2.4, ("switch", 1): 2.3}
+    report_text = report.build(suite, Results.load(path), str(tmp_path), figures=False)
+    assert "Partial suite" not in report_text
+
+
+def test_rerunning_one_member_never_erases_other_results(micro, tmp_path, monkeypatch):
+    suite, _, _, _ = micro
+    results_dir = str(tmp_path / "results")
+    losses = {"dense_s0": 2.5, "switch_s0": 2.4, "dense_s1": 2.6, "switch_s1": 2.3}
+    launched: list[str] = []
+    monkeypatch.setattr(run, "launch", _fake_training(losses, launched))
+    run.run_suite(suite, "tiny", seeds=2, log=lambda _: None, results_dir=results_dir,
+                  workdir_root=str(tmp_path / "runs"))
+    path = run.results_path("micro", "tiny", results_dir)
+    before, _ = _entries(path)
+    # Checking one member in a fresh directory: skipped, the file unchanged ...
+    launched.clear()
+    lines: list[str] = []
+    run.run_suite(suite, "tiny", seeds=1, members=["switch"], log=lines.append,
+                  results_dir=results_dir, workdir_root=str(tmp_path / "rerun"))
+    assert launched == [] and any("--replace" in line for line in lines)
+    assert _entries(path)[0] == before
+    # ... and with --replace only that run's entry changes.
+    losses["switch_s0"] = 2.2
+    run.run_suite(suite, "tiny", seeds=1, members=["switch"], replace=True,
+                  log=lambda _: None, results_dir=results_dir,
+                  workdir_root=str(tmp_path / "rerun"))
+    after, data = _entries(path)
+    assert launched == ["switch_s0"] and after[("switch", 0)]["summary"]["eval_loss"] == 2.2
+    assert {k: v for k, v in after.items() if k != ("switch", 0)} == {
+        k: v for k, v in before.items() if k != ("switch", 0)}
+    # Runs of other settings are kept beside, under other_runs, never dropped.
+    run.run_suite(suite, "tiny", seeds=1, members=["dense"], log=lambda _: None,
+                  extra={"train.num_train_steps": 4}, results_dir=results_dir,
+                  workdir_root=str(tmp_path / "other"))
+    entries, data = _entries(path)
+    assert len(data["other_runs"]) == 4 and entries[("dense", 0)]["overrides"][
+        "train.num_train_steps"] == 4
+    assert data["statistics"] == stats.SEED_PAIRED
 
 
 def test_routing_statistics_of_a_trained_micro_run(micro):
@@ -277,6 +367,20 @@ def test_every_suite_builds_valid_configs_at_every_scale():
                                                    member.overrides))
         for claim in suite.claims:
             assert claim.source and claim.paper_value and claim.statement
+
+
+def test_the_cpu_scale_trains_the_tiny_models_longer_with_checkpoints():
+    suite = suites.get("switch_scaling")
+    runs = suite.expand("cpu", seeds=3)
+    assert [r.workdir_name for r in runs[::3]] == [
+        "dense_s0", "switch_e4_s0", "switch_e16_s0", "switch_e64_s0", "dense_4x_s0"]
+    tiny = {r.workdir_name: r.build_config() for r in suite.expand("tiny", seeds=1)}
+    for spec in runs[::3]:
+        config = spec.build_config()
+        assert config.model == tiny[spec.workdir_name].model  # the same tiny models
+        assert config.train.num_train_steps == 6 * 100 and config.train.checkpoint_every > 0
+    with pytest.raises(ValueError, match=r"sets no train\.num_train_steps"):
+        suites.get("capacity").expand("cpu", seeds=1)
 
 
 def test_rematched_reproduces_family_configs_and_matches_flops():

@@ -173,3 +173,44 @@ def test_capacity_formula(k, tokens, factor, experts, expected):
     assert config.replace(expert_capacity=7).capacity(tokens, train=True) == 7
     assert MoeConfig(num_experts=experts, top_k=k, eval_capacity_factor=factor).capacity(
         tokens, train=False) == expected
+
+
+def test_route_gives_each_token_its_share_and_entropy():
+    logits = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
+    top2 = MoeConfig(num_experts=3, top_k=2)
+    tokens = routing.route(logits, top2, num_groups=1, train=False).tokens
+    np.testing.assert_allclose(tokens.expert_share(), [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    np.testing.assert_allclose(tokens.entropy()[0], -np.sum(np.array([0.7, 0.2, 0.1]) * np.log(
+        [0.7, 0.2, 0.1])), rtol=1e-6)
+    np.testing.assert_array_equal(tokens.choice.expert_index, [[0, 1], [2, 1]])
+    # sigmoid_bias: a large bias on expert 2 makes every token choose it.
+    biased = top2.replace(router="sigmoid_bias", top_k=1)
+    tokens = routing.route(logits, biased, num_groups=1, train=False,
+                           score_bias=jnp.array([0.0, 0.0, 5.0])).tokens
+    np.testing.assert_allclose(tokens.expert_share(), [[0, 0, 1], [0, 0, 1]])
+    # Expert choice: tokens do not choose; their share is the routing distribution.
+    chosen = routing.route(logits, top2.replace(router="expert_choice", top_k=1), num_groups=1,
+                           train=False)
+    assert chosen.tokens.choice is None
+    np.testing.assert_allclose(chosen.tokens.expert_share(), [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]],
+                               rtol=1e-6)
+
+
+def test_route_statistics_count_only_unmasked_tokens():
+    # Token 1 is padding: it takes no slot, and load and drops count the other three.
+    logits = jnp.log(PROBS_4x2)
+    config = MoeConfig(num_experts=2, top_k=1, expert_capacity=1)
+    routed = routing.route(logits, config, num_groups=1, train=True,
+                           token_mask=jnp.array([True, False, True, True]))
+    np.testing.assert_array_equal(routed.tokens.choice.keep[:, 0], [True, False, True, False])
+    np.testing.assert_allclose(routed.statistics["expert_load"], [1 / 3, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(routed.statistics["dropped_fraction"], 1 / 3, rtol=1e-6)
+    assert float(routed.num_tokens) == 3.0
+
+
+def test_reductions_are_declared_once_for_every_statistic():
+    assert routing.reduction("max_router_logit") == "max"
+    assert routing.reduction("layer/max_router_logit") == "max"
+    assert routing.reduction("train/expert_load") == "mean"
+    assert routing.reduction("loss") == "mean"
+    assert set(routing.STATISTICS.values()) == {"mean", "max"}

@@ -1,5 +1,5 @@
 """Training throughput of the real jitted train step: dense models vs their FLOP-matched sparse
-models (issue #8, item 4).
+models.
 
 Each config is built the way `moe_jax.train.loop` builds it (`loop.setup`: the model, the
 optimizer, the state created by the jitted init on the config's mesh, the jitted train step

@@ -3,7 +3,7 @@
 Each returns a `stats.Outcome` by the 2-SE rule of `experiments.suites.stats`:
   lower(a, b)             metric of member(s) a minus that of b, paired by seed, predicted
                           negative
-  trend(members, tag)     slope of the metric against log2(tag) over all runs
+  trend(members, tag)     slope of the metric against log2(tag): per seed, then over seeds
   rate_lower(a, b)        diverged share of a minus that of b
   speedup(a, b)           per-seed ratio of the steps (or training seconds) b needs over those a
                           needs to reach the loss both reach, minus 1 (predicted positive)
@@ -71,17 +71,33 @@ def lower(results: Results, a: Members, b: Members, metric: str = "eval_loss",
 
 def trend(results: Results, members: Sequence[str], tag: str, metric: str = "eval_loss",
           expect: str = "negative", log2: bool = True) -> stats.Outcome:
-    """Least-squares slope of metric against log2(tag) (or tag) over every finished run."""
+    """Slope of metric against log2(tag) (or tag): within each seed over the members, then
+    mean ± SE over seeds (seed-paired), beside the pooled least-squares slope over every
+    finished run. The results file's rule (`stats.rule_of`) decides which gives the verdict;
+    the other is shown, the seed-paired one labelled post hoc where the pooled rule decided."""
+    by_seed: dict[int, tuple[list[float], list[float]]] = {}
     xs, ys = [], []
+    fn = METRICS[metric].fn
     for m in members:
         x = results.tags(m).get(tag)  # None: the member has no runs in these results
-        for v in results.values(m, metric) if x is not None else ():
-            xs.append(math.log2(x) if log2 else x)
+        for seed, v in results.by_seed(m, fn).items() if x is not None else ():
+            x_value = math.log2(x) if log2 else x
+            by_seed.setdefault(seed, ([], []))[0].append(x_value)
+            by_seed[seed][1].append(v)
+            xs.append(x_value)
             ys.append(v)
-    estimate, se = stats.slope(xs, ys)
     axis = f"log2({tag})" if log2 else tag
-    return stats.outcome(estimate, se, expect, f"slope of {metric} vs {axis}",
-                         digits=METRICS[metric].digits)
+    digits = METRICS[metric].digits
+    slopes = stats.paired_slopes(by_seed)
+    paired = stats.outcome(*stats.mean_se(slopes), expect,
+                           f"per-seed slope of {metric} vs {axis}", digits=digits)
+    pooled = stats.outcome(*stats.slope(xs, ys), expect, f"pooled slope of {metric} vs {axis}",
+                           digits=digits)
+    paired_text = f"{paired.measured} over {len(slopes)} seeds"
+    if stats.rule_of(results.data) == stats.SEED_PAIRED:
+        return stats.Outcome(paired.verdict, f"{paired_text}; {pooled.measured}", paired.rule)
+    return stats.Outcome(pooled.verdict, f"{pooled.measured}; post hoc: {paired_text} "
+                         f"({paired.verdict})", pooled.rule)
 
 
 def rate_lower(results: Results, a: Members, b: Members) -> stats.Outcome:

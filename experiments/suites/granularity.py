@@ -7,6 +7,10 @@ granularity G = 1), `e16k2s0`, `e32k4s0`, `e64k8s0` (each expert split 2, 4, 8 w
 same total and active expert parameters), then `e63k7s1` / `e62k6s2` (1 or 2 of the 64 segments
 made shared experts, as DeepSeekMoE Sec. 3.2), plus the dense baseline. At the small and paper
 scales the same recipe is re-matched on dense.py:{small,base}_swiglu.
+
+Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
+over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+before this suite's runs at the scales run since.
 """
 
 from __future__ import annotations

@@ -1,11 +1,21 @@
-"""The results file of a suite: one JSON (and a flat CSV) per suite and scale.
+"""The results file of a suite: one JSON (and a flat CSV) per suite and scale, committed.
 
     experiments/results/<suite>/<scale>.json
-      {"suite", "scale", "created", "machine", "runs": [run, ...]}
+      {"suite", "scale", "created", "machine", "statistics", "runs": [run, ...],
+       "other_runs": [run, ...]}
       run: {"member", "seed", "config", "overrides", "tags", "status", "workdir", "command",
             "summary" (summary.json, or null), "history" ([{step, scalar metrics...}] from
-            metrics.jsonl), "diverged_step", "error", "runner_seconds", "analysis"}
+            metrics.jsonl), "diverged_step", "error", "runner_seconds", "analysis",
+            "machine" (where and when it was collected)}
     experiments/results/<suite>/<scale>.csv   one row per run: `CSV_METRICS` and status
+
+The file is the record of a suite, not the run directories (git-ignored, gone in a fresh
+clone): the runner records each run as soon as it finishes (`record`), skips runs the file
+already holds, and never drops an entry it did not produce. Runs are identified by member,
+seed and settings (`run_key`: config and overrides); "runs" holds those with the settings of
+the latest invocation (plus "missing" placeholders for the ones not done yet), "other_runs"
+every recorded run of other settings. "statistics" is the verdict rule the file is decided by
+(`stats.rule_of`).
 
 status is "finished" (summary.json with the requested steps), "diverged" (the training loop's
 non-finite-loss guard stopped it; `diverged_step` says where), "failed" (any other error; `error`
@@ -189,6 +199,73 @@ class Results:
             if value is not None and math.isfinite(value):
                 out[run["seed"]] = float(value)
         return out
+
+
+def run_key(run: Run) -> str:
+    """A run's identity: member, seed and settings (config and every override)."""
+    return json.dumps([run["member"], run["seed"], run["config"], run["overrides"]],
+                      sort_keys=True, default=str)
+
+
+def settings_key(run: Run) -> str:
+    """A run's member and settings without its seed: runs of one experiment share it."""
+    overrides = {k: v for k, v in run["overrides"].items() if k != "seed"}
+    return json.dumps([run["member"], run["config"], overrides], sort_keys=True, default=str)
+
+
+def load_or_new(path: str, suite: str, scale: str, statistics: str) -> dict[str, Any]:
+    """The results file at `path`, or a new empty one decided by the rule `statistics`.
+    Raises ValueError if the file belongs to another suite or scale."""
+    if not os.path.exists(path):
+        return {"suite": suite, "scale": scale, "statistics": statistics, "runs": [],
+                "other_runs": []}
+    with open(path) as f:
+        data = json.load(f)
+    if (data.get("suite"), data.get("scale")) != (suite, scale):
+        raise ValueError(f"{path} holds suite {data.get('suite')!r} at scale "
+                         f"{data.get('scale')!r}, not {suite!r} at {scale!r}; pass the matching "
+                         "--suite/--scale or another --results_dir.")
+    data.setdefault("other_runs", [])
+    return data
+
+
+def recorded(data: dict[str, Any], run: Run) -> Run | None:
+    """The recorded entry (not a placeholder) with `run`'s key, or None."""
+    key = run_key(run)
+    return next((r for r in data["runs"] + data["other_runs"]
+                 if r["status"] != MISSING and run_key(r) == key), None)
+
+
+def record(data: dict[str, Any], entry: Run) -> None:
+    """Puts `entry` in place of any entry with its key (in "runs" or "other_runs"), else at the
+    end of "runs"."""
+    key = run_key(entry)
+    for group in ("runs", "other_runs"):
+        for i, run in enumerate(data[group]):
+            if run_key(run) == key:
+                data[group][i] = entry
+                return
+    data["runs"].append(entry)
+
+
+def arrange(data: dict[str, Any], expected: Sequence[Run]) -> list[Run]:
+    """Lays the file out for an invocation that expects `expected` (placeholder entries of its
+    runs, in suite order). "runs": every recorded run with the settings of an expected run
+    (other seeds included), a "missing" placeholder for each expected run not recorded, in
+    member order, then seed order. "other_runs": every recorded run of other settings. Returns
+    the runs this moved from "runs" to "other_runs"."""
+    pool = [r for r in data["runs"] + data["other_runs"] if r["status"] != MISSING]
+    keys = {run_key(r) for r in pool}
+    order = {}
+    for r in expected:
+        order.setdefault(settings_key(r), len(order))
+    runs = [r for r in pool if settings_key(r) in order]
+    runs += [r for r in expected if run_key(r) not in keys]
+    runs.sort(key=lambda r: (order[settings_key(r)], r["seed"]))
+    others = [r for r in pool if settings_key(r) not in order]
+    moved = [r for r in others if any(r is x for x in data["runs"])]
+    data["runs"], data["other_runs"] = runs, others
+    return moved
 
 
 def write(data: dict[str, Any], json_path: str) -> str:

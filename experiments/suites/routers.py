@@ -13,6 +13,10 @@ only fair without a causal mask; next-token prediction with a bidirectional enco
 its targets. The suite therefore trains the masked-LM objective (`train.objective="masked_lm"`:
 `objective.mask_for_mlm`, 15% of the tokens; the validation loss is in nats per masked token,
 on the same masks at every evaluation).
+
+Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
+over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+before this suite's runs at the scales run since.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ routes the validation batches the training loop evaluates on, and writes DIR/ana
   shares and all tokens' shares; documents' domain labels shuffled `PERMUTATIONS` times).
 
 The statistics are pure NumPy functions on [B, L, K] expert indices (tested on hand-made arrays);
-the model part reads router inputs with Flax `capture_intermediates` and recomputes the router
-with `moe.router_logits`, as `moe_jax.train.evaluate` does.
+the model part reads the per-token routing the MoE layers sow (`evaluate.layer_routing`): the
+experts each token chose before capacity, and the entropy of its routing distribution.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any
     import jax
     import jax.numpy as jnp
 
-    from moe_jax import moe, routing
+    from moe_jax import layers
     from moe_jax.train import evaluate
     from moe_jax.train import inputs as train_inputs
     from moe_jax.train.step import model_inputs
@@ -237,28 +237,13 @@ def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any
 
     @jax.jit
     def route(batch: dict[str, Any]) -> tuple[list[jax.Array], list[jax.Array]]:
-        _, captured = model.apply({"params": params, **model_state}, batch["inputs"],
-                                  **model_inputs(batch), train=False,
-                                  capture_intermediates=evaluate.is_router_input,
-                                  mutable=["intermediates"])
-        choices, entropies = [], []
-        for layer in sparse:
-            name = f"block_{layer}"
-            x = evaluate.router_input(captured, layer)
-            logits = moe.router_logits(params[name]["moe"], x.reshape(-1, x.shape[-1]), c,
-                                       train=False, rng=None).astype(jnp.float32)
-            if c.router == "sigmoid_bias":
-                bias = model_state["moe_state"][name]["moe"]["score_bias"]
-                probs = jax.nn.sigmoid(logits)
-                choice = routing.route_sigmoid_bias(probs, bias, c.top_k)
-                probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-            else:
-                probs = jax.nn.softmax(logits, axis=-1)
-                choice = routing.route_top_k(probs, c.top_k, renormalize=False)
-            entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-            choices.append(choice.expert_index.reshape(*x.shape[:2], c.top_k))
-            entropies.append(entropy.reshape(x.shape[:2]))
-        return choices, entropies
+        _, collections = model.apply({"params": params, **model_state}, batch["inputs"],
+                                     **model_inputs(batch), train=False,
+                                     mutable=[layers.ROUTING])
+        shape = batch["inputs"].shape
+        tokens = evaluate.layer_routing(collections, experiment.model)
+        return ([t.choice.expert_index.reshape(*shape, c.top_k) for t in tokens],
+                [t.entropy().reshape(shape) for t in tokens])
 
     data = train_inputs.make_inputs(experiment.data, experiment.model,
                                     batch_size=experiment.train.batch_size, seq_len=seq_len,

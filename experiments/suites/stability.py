@@ -8,6 +8,10 @@ of the MoE layer's weights only (router and experts), not the whole model as in 
 learning rate than the other suites (1e-2 at tiny scale) stresses training, since the
 instabilities the papers report appear at scale. Divergence is the training loop's non-finite
 loss guard (recorded by the runner as "diverged").
+
+Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
+over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+before this suite's runs at the scales run since.
 """
 
 from __future__ import annotations

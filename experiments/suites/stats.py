@@ -1,6 +1,15 @@
 """Verdict rules: does a measured difference agree with a paper's claim, at what confidence?
 
-One rule everywhere (`THRESHOLD_SE`): a claim predicts the sign of a quantity (a mean of
+Which estimate decides (`SEED_PAIRED`, fixed before the runs it applies to): the members of a
+suite run with the same seeds, and a seed fixes the data order and the initial draws, so runs of
+one seed share most of their noise. Every claim that compares members is therefore decided on
+seed-paired estimates: per seed a difference (or a slope over the members, or a speed-up), then
+the mean and its standard error over the seeds. The pooled estimate (all runs as independent
+points) is reported beside it. Results files record the rule they were collected under
+(`rule_of`): the tiny-scale files committed before this rule keep their pooled verdicts, and
+their seed-paired reading is shown beside them, labelled post hoc.
+
+One threshold everywhere (`THRESHOLD_SE`): a claim predicts the sign of a quantity (a mean of
 seed-paired differences, a slope, a difference of rates, a value minus a reference). The run
 *agrees* when the measured quantity has the predicted sign and lies more than 2 standard errors
 from zero, *disagrees* when it has the opposite sign by more than 2 standard errors, and is
@@ -21,6 +30,15 @@ import numpy as np
 
 THRESHOLD_SE = 2.0
 AGREES, DISAGREES, INCONCLUSIVE = "agrees", "disagrees", "inconclusive"
+# The rules a results file can record: seed-paired estimates decide (every file collected from
+# now on), or the pooled slope decided the trend claims (the tiny files committed before).
+SEED_PAIRED, POOLED = "seed_paired", "pooled"
+
+
+def rule_of(data: dict) -> str:
+    """The verdict rule a results file was collected under (files without the field predate
+    the seed-paired rule)."""
+    return data.get("statistics", POOLED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +87,20 @@ def slope(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     residual = ys - ys.mean() - b * dx
     se = math.sqrt(float(residual @ residual) / (xs.size - 2) / float(dx @ dx))
     return b, se
+
+
+def paired_slopes(points: dict[int, tuple[list[float], list[float]]]) -> list[float]:
+    """Least-squares slope of y on x within each seed: points {seed: (xs, ys)}; seeds with
+    fewer than two distinct x are left out."""
+    out = []
+    for xs, ys in points.values():
+        x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        keep = np.isfinite(x) & np.isfinite(y)
+        x, y = x[keep], y[keep]
+        if x.size >= 2 and np.ptp(x) > 0:
+            dx = x - x.mean()
+            out.append(float(dx @ (y - y.mean()) / (dx @ dx)))
+    return out
 
 
 def rate_difference(k_a: int, n_a: int, k_b: int, n_b: int) -> tuple[float, float]:

@@ -8,31 +8,51 @@ model; E=2 is switch.py:e4 re-matched with 2 experts), `dense_2x` (twice the lay
 3.5x T5-Base's). Quality is the validation loss after equal steps; speed-ups use the smoothed
 training cross-entropy (no run sees a token twice, so it is a held-out estimate) against steps
 and against training seconds (the loop's tokens/s, compilation and evaluation excluded).
+
+Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
+over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+before this suite's runs at the scales run since.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from experiments.suites import checks, plots
-from experiments.suites.base import Claim, Figure, Member, Suite, dense_variant, family, rematched
-from experiments.suites.results import Results
+from experiments.suites.base import (
+    MODEL_SIZE,
+    Claim,
+    Figure,
+    Member,
+    Suite,
+    dense_variant,
+    family,
+    rematched,
+)
+from experiments.suites.results import METRICS, Results
 
 EXPERTS = (2, 4, 8, 16, 32, 64)
 SPARSE = tuple(f"switch_e{e}" for e in EXPERTS)
 LARGEST = SPARSE[-1]
-# Bigger dense baselines: layers x2 (2x FLOPs); layers x2 and width x sqrt(2) (4x FLOPs).
+# Bigger dense baselines, by model size (`MODEL_SIZE`): layers x2 (2x FLOPs); layers x2 and
+# width x sqrt(2) (4x FLOPs).
 BIGGER_DENSE = {
     "tiny": {"model.d_model": 272, "model.d_ff": 1088, "moe.d_ff": 1088},
     "small": {"model.d_model": 896, "model.num_heads": 14, "model.d_ff": 3584,
               "moe.d_ff": 3584},
-    "paper": {"model.d_model": 1088, "model.num_heads": 17, "model.d_ff": 4352,
+    "base": {"model.d_model": 1088, "model.num_heads": 17, "model.d_ff": 4352,
               "moe.d_ff": 4352},
 }
-LAYERS = {"tiny": 4, "small": 12, "paper": 24}
+LAYERS = {"tiny": 4, "small": 12, "base": 24}
+# The cpu scale trains fewer members for longer: the dense baselines, and E = 4, 16, 64 for the
+# trend (its power reasoning is in experiments/README.md, "The cpu scale").
+CPU_MEMBERS = ("dense", "switch_e4", "switch_e16", "switch_e64", "dense_4x")
 
 
 def members(scale: str) -> tuple[Member, ...]:
+    size = MODEL_SIZE[scale]
     dense = dense_variant(scale)
-    deeper = {"model.num_layers": 2 * LAYERS[scale]}
+    deeper = {"model.num_layers": 2 * LAYERS[size]}
     out = [Member("dense", dense, {}, {"experts": 1, "flops_x": 1})]
     for e in EXPERTS:
         tags = {"experts": e, "flops_x": 1}
@@ -42,13 +62,33 @@ def members(scale: str) -> tuple[Member, ...]:
         else:
             out.append(Member(f"switch_e{e}", family("switch.py", scale, f"e{e}"), {}, tags))
     out.append(Member("dense_2x", dense, deeper, {"experts": 1, "flops_x": 2}))
-    out.append(Member("dense_4x", dense, {**deeper, **BIGGER_DENSE[scale]},
+    out.append(Member("dense_4x", dense, {**deeper, **BIGGER_DENSE[size]},
                       {"experts": 1, "flops_x": 4}))
-    return tuple(out)
+    return tuple(m for m in out if scale != "cpu" or m.name in CPU_MEMBERS)
+
+
+# Switch Fig. 4 left (the same points as Fig. 1 left): test loss of Switch-Base with E experts
+# after the same compute (1e = T5-Base), read off the published figure by eye (± ~0.01; the
+# paper gives no table). Units are the paper's; only the shape is compared.
+PAPER_FIG4_LOSS = {1: 6.00, 2: 5.88, 4: 5.70, 8: 5.50, 16: 5.285, 32: 5.13, 64: 5.02,
+                   128: 4.92, 256: 4.85}
+
+
+def _seed_paired_gains(results: Results) -> dict[int, list[float]]:
+    """{E: [loss(dense) - loss(switch_eE) per seed]} over the seeds both finished."""
+    loss = METRICS["eval_loss"].fn
+    dense = results.by_seed("dense", loss)
+    gains: dict[int, list[float]] = {1: [0.0] * len(dense)}
+    for member in SPARSE:
+        runs = results.by_seed(member, loss)
+        if runs and results.tags(member):
+            gains[results.tags(member)["experts"]] = [dense[s] - v for s, v in runs.items()
+                                                      if s in dense]
+    return gains
 
 
 def _loss_vs_experts(results: Results, path: str) -> None:
-    fig, axes = plots.figure()
+    fig, axes = plots.figure(ncols=2)
     ax = axes[0, 0]
     plots.metric_vs_tag(results, ax, {"Switch top-1 (FLOP-matched)": SPARSE}, "experts",
                         "eval_loss")
@@ -59,6 +99,22 @@ def _loss_vs_experts(results: Results, path: str) -> None:
     ax.set_xscale("log", base=2)
     plots.annotate_missing(ax, results, results.members())
     plots.label_axes(ax, "experts per sparse layer (log2)", "validation loss (nats/token)")
+    # The shapes side by side: loss gain over the dense model against E, each curve divided by
+    # its own gain at E = 64 (ours per seed, paired; the paper's read off its Fig. 4).
+    ax = axes[0, 1]
+    gains = _seed_paired_gains(results)
+    if 64 in gains and gains[64] and abs(float(np.mean(gains[64]))) > 0:
+        scale = float(np.mean(gains[64]))
+        experts = sorted(gains)
+        plots.series(ax, experts, [[g / scale for g in gains[e]] for e in experts],
+                     f"ours ({results.scale}; gain at E=64: {scale:+.3f} nats)")
+    paper = sorted(PAPER_FIG4_LOSS)
+    paper_scale = PAPER_FIG4_LOSS[1] - PAPER_FIG4_LOSS[64]
+    ax.plot(paper, [(PAPER_FIG4_LOSS[1] - PAPER_FIG4_LOSS[e]) / paper_scale for e in paper],
+            "s--", color="k", label="Switch Fig. 4 left (read off the figure)")
+    ax.set_xscale("log", base=2)
+    plots.label_axes(ax, "experts per sparse layer (log2; 1 = dense)",
+                     "loss gain over dense / gain at E=64")
     plots.save(fig, path, f"Validation loss vs experts at equal steps ({results.scale}; "
                           "cf. Switch Fig. 4 left)")
 
@@ -90,6 +146,7 @@ SUITE = Suite(
     members=members,
     train={
         "tiny": {"train.num_train_steps": 100, "train.warmup_steps": 10},
+        "cpu": {"train.num_train_steps": 600, "train.warmup_steps": 60},
         "small": {"train.num_train_steps": 1000, "train.warmup_steps": 100},
     },
     claims=(

@@ -10,6 +10,8 @@ import dataclasses
 import os
 import re
 
+from moe_jax import validation
+
 # Built-in corpus (moe_jax.data.corpus) names -> TFDS builder config. "embedded_tiny" is a
 # ~100 KB variant for tests and smoke runs; "embedded" is the full ~6 MB corpus.
 EMBEDDED_DATASETS = {"embedded": "default", "embedded_tiny": "tiny"}
@@ -53,50 +55,23 @@ class DataConfig:
         if not isinstance(self.name, str) or not (
             self.name in EMBEDDED_DATASETS or _TFDS_NAME.match(self.name)
         ):
-            raise ValueError(
-                f"DataConfig.name={self.name!r} is not a dataset name; use one of "
-                f"{tuple(EMBEDDED_DATASETS)} or a TFDS name such as 'lm1b', 'c4/en' or "
-                "'wiki40b/en'."
-            )
+            validation.fail(self, "name", "is not a dataset name",
+                            f"use one of {tuple(EMBEDDED_DATASETS)} or a TFDS name such as "
+                            "'lm1b', 'c4/en' or 'wiki40b/en'")
         for field in ("train_split", "eval_split", "text_key"):
-            value = getattr(self, field)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"DataConfig.{field}={value!r} must be a non-empty string.")
+            validation.text(self, field)
         for field in ("data_dir", "spm_model_path"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"DataConfig.{field}={value!r} must be None or a path string.")
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(
-                f"DataConfig.tokenizer={self.tokenizer!r} is not supported; use one of "
-                f"{TOKENIZERS}."
-            )
-        if not _is_int(self.spm_vocab_size) or self.spm_vocab_size < MIN_SPM_VOCAB_SIZE:
-            raise ValueError(
-                f"DataConfig.spm_vocab_size={self.spm_vocab_size!r} must be an int >= "
-                f"{MIN_SPM_VOCAB_SIZE} (256 byte-fallback pieces + specials + merges)."
-            )
-        if not isinstance(self.packing, bool):
-            raise ValueError(f"DataConfig.packing={self.packing!r} must be True or False.")
-        if self.shuffle_seed is not None and not (
-            _is_int(self.shuffle_seed) and 0 <= self.shuffle_seed < 2**32
-        ):
-            raise ValueError(
-                f"DataConfig.shuffle_seed={self.shuffle_seed!r} must be None or an int in "
-                "[0, 2**32)."
-            )
-        if not _is_int(self.worker_count) or self.worker_count < 0:
-            raise ValueError(
-                f"DataConfig.worker_count={self.worker_count!r} must be an int >= 0 "
-                "(0 = read in the main process)."
-            )
-        if self.eval_batches is not None and (
-            not _is_int(self.eval_batches) or self.eval_batches < 1
-        ):
-            raise ValueError(
-                f"DataConfig.eval_batches={self.eval_batches!r} must be None (whole split) or "
-                "an int >= 1."
-            )
+            validation.text(self, field, optional=True)
+        validation.one_of(self, "tokenizer", TOKENIZERS)
+        validation.integer(self, "spm_vocab_size", minimum=MIN_SPM_VOCAB_SIZE,
+                           fix="256 byte-fallback pieces + specials + merges")
+        validation.boolean(self, "packing")
+        validation.integer(self, "shuffle_seed", minimum=0, optional=True)
+        if self.shuffle_seed is not None and self.shuffle_seed >= 2**32:
+            validation.fail(self, "shuffle_seed", "must be below 2**32")
+        validation.integer(self, "worker_count", minimum=0, fix="0 = read in the main process")
+        validation.integer(self, "eval_batches", minimum=1, optional=True,
+                           fix="None evaluates the whole split")
 
     @property
     def is_embedded(self) -> bool:
@@ -111,7 +86,3 @@ class DataConfig:
 
     def replace(self, **changes) -> DataConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

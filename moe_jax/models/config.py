@@ -8,20 +8,15 @@ carries both sections and `--config.moe.num_experts=16` is valid on every config
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 
+from moe_jax import validation
 from moe_jax.config import ACTIVATIONS, MoeConfig
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rotary", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"ModelConfig.{name}={value!r} is not supported; use one of {allowed}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,40 +64,37 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "vocab_multiple", "d_model", "num_layers", "num_heads", "d_ff",
                      "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            validation.integer(self, name, minimum=1)
         for name in ("num_kv_heads", "head_dim"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        if not isinstance(self.moe_every, int) or self.moe_every < 0:
-            raise ValueError(f"ModelConfig.moe_every={self.moe_every!r} must be an int >= 0 "
-                             "(0 = no sparse block, 1 = every block, 2 = every other block).")
+            validation.integer(self, name, minimum=1, optional=True)
+        validation.integer(self, "moe_every", minimum=0,
+                           fix="0 = no sparse block, 1 = every block, 2 = every other block")
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
-                             f"num_kv_heads={self.num_kv_heads}.")
+            validation.fail(self, "num_heads", f"must be a multiple of num_kv_heads="
+                            f"{self.num_kv_heads}", "change one of them")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
-                             f"{self.num_heads}; change one or set head_dim explicitly.")
+            validation.fail(self, "d_model", f"is not divisible by num_heads={self.num_heads}",
+                            "change one or set head_dim explicitly")
         if self.positions == "rotary" and self.head_size % 2:
-            raise ValueError(f"rotary positions need an even head dimension; got {self.head_size}"
-                             " (set ModelConfig.head_dim or num_heads).")
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("norm", self.norm, NORMS)
-        _choice("positions", self.positions, POSITIONS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("param_dtype", self.param_dtype, DTYPES)
+            validation.fail(self, "head_dim", "gives an odd head dimension, and rotary positions "
+                            "need an even head dimension", "set head_dim or num_heads",
+                            value=self.head_size)
+        validation.one_of(self, "activation", ACTIVATIONS)
+        validation.one_of(self, "norm", NORMS)
+        validation.one_of(self, "positions", POSITIONS)
+        validation.one_of(self, "dtype", DTYPES)
+        validation.one_of(self, "param_dtype", DTYPES)
         for name in ("norm_eps", "rope_base", "embed_init_std"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"ModelConfig.{name}={value!r} must be a finite number > 0.")
-        if not (isinstance(self.dropout_rate, int | float) and 0 <= self.dropout_rate < 1):
-            raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must be in [0, 1).")
+            validation.number(self, name, above=0)
+        validation.number(self, "dropout_rate", at_least=0, below=1)
+        for name in ("tie_embeddings", "qkv_bias", "causal"):
+            validation.boolean(self, name)
         if self.moe_layers is not None:
             layers = tuple(self.moe_layers)
             bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
             if bad or len(set(layers)) != len(layers):
-                raise ValueError(
-                    f"ModelConfig.moe_layers={self.moe_layers!r} must list distinct block indices "
-                    f"in [0, {self.num_layers}); offending entries: {bad or 'duplicates'}.")
+                validation.fail(self, "moe_layers", f"must list distinct block indices in [0, "
+                                f"{self.num_layers}); offending entries: {bad or 'duplicates'}")
             object.__setattr__(self, "moe_layers", tuple(sorted(layers)))
 
     @property
@@ -138,20 +130,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer.")
-
-
 def check_compatible(model: ModelConfig, moe: MoeConfig) -> None:
-    """Cross-section checks: a causal LM refuses routers that mix tokens (they leak the future).
-
-    Expert choice and Soft MoE decide a token's output from the whole routing group, including
-    later tokens, so a causal model may use them only with `moe.allow_non_causal=True`.
-    """
-    if model.sparse_layers and model.causal and not moe.is_causal_safe and not moe.allow_non_causal:
-        raise ValueError(
-            f"moe.router={moe.router!r} mixes tokens across the sequence and leaks future tokens "
-            "in a causal LM. Use a token-choice router ('top_k', 'sigmoid_bias'), a bidirectional "
-            "encoder (model.causal=False) with the masked-LM objective, or set "
-            "moe.allow_non_causal=True if you accept the leak.")
+    """Cross-section checks: a causal LM with sparse blocks refuses routers that mix tokens
+    (`MoeConfig.check_causal`)."""
+    if model.sparse_layers:
+        moe.check_causal(model.causal)

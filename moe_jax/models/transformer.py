@@ -29,16 +29,38 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import experts
+from moe_jax import moe as moe_lib
 from moe_jax.config import MoeConfig
 from moe_jax.layers import MoeLayer
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.models.positions import default_positions
-from moe_jax.sharding import MoeSharding
 
 Array = jax.Array
 
 ACTIVATION_AXES = ("batch", "length", "embed")
+# Block i is the submodule `block_name(i)`; a sparse block's MoE layer is its submodule MOE_NAME.
+MOE_NAME = "moe"
+
+
+def block_name(layer: int) -> str:
+    return f"block_{layer}"
+
+
+def moe_layer_variables(collection: dict[str, Any], config: ModelConfig) -> list[Any]:
+    """The variables of each sparse block's MoE layer in one collection (e.g. the "moe_state"
+    or "routing" collection of `model.apply`), in block order (the order of the stacked aux)."""
+    return [collection[block_name(i)][MOE_NAME] for i in config.sparse_layers]
+
+
+def with_moe_layer_variables(collection: dict[str, Any], config: ModelConfig,
+                             values: list[Any]) -> dict[str, Any]:
+    """`collection` with each sparse block's MoE-layer variables replaced by `values` (block
+    order); the inverse of `moe_layer_variables`."""
+    out = dict(collection)
+    for layer, value in zip(config.sparse_layers, values, strict=True):
+        out[block_name(layer)] = {**out[block_name(layer)], MOE_NAME: value}
+    return out
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
@@ -106,7 +128,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     moe: MoeConfig | None = None
-    moe_sharding: MoeSharding | None = None
+    moe_sharding: moe_lib.Layout | None = None
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array, *,
@@ -127,7 +149,7 @@ class Block(nn.Module):
             y = DenseFfn(c.d_ff, c.activation, dtype, param_dtype, name="ffn")(h)
         else:
             y, aux = MoeLayer(self.moe, causal=c.causal, dtype=dtype, param_dtype=param_dtype,
-                              sharding=self.moe_sharding, name="moe")(
+                              sharding=self.moe_sharding, name=MOE_NAME)(
                 h, train=train, token_mask=segment_ids > 0)
         x = x + dropout(y.astype(x.dtype))
         return nn.with_logical_constraint(x, ACTIVATION_AXES), aux
@@ -143,12 +165,13 @@ class Transformer(nn.Module):
     segment_ids [B, L] (0 = padding) keeps attention inside each packed sequence; positions
     [B, L] restart per segment. Both default to one sequence per row. Randomness in training:
     rng streams "dropout" and "router" (router jitter, GShard's random second expert).
-    `moe_sharding` lays every MoE layer out on a mesh (`moe_jax.sharding.MoeSharding`).
+    `moe_sharding` lays every MoE layer out on a mesh (a `moe.Layout`, e.g.
+    `moe_jax.sharding.MoeSharding`).
     """
 
     config: ModelConfig
     moe: MoeConfig
-    moe_sharding: MoeSharding | None = None
+    moe_sharding: moe_lib.Layout | None = None
 
     @nn.compact
     def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
@@ -182,7 +205,7 @@ class Transformer(nn.Module):
         layer_aux = []
         for i in range(c.num_layers):
             x, aux = Block(c, self.moe if i in sparse else None, self.moe_sharding,
-                           name=f"block_{i}")(x, segment_ids, positions, train=train)
+                           name=block_name(i))(x, segment_ids, positions, train=train)
             if aux is not None:
                 layer_aux.append(aux)
 

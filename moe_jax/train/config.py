@@ -9,7 +9,8 @@ own `train` section. Activation precision is a model setting (`model.dtype="bflo
 from __future__ import annotations
 
 import dataclasses
-import math
+
+from moe_jax import validation
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -56,44 +57,30 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("num_train_steps", "batch_size", "grad_accum_steps", "log_every",
                      "max_to_keep"):
-            _check_int(name, getattr(self, name), minimum=1)
+            validation.integer(self, name, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            _check_int(name, getattr(self, name), minimum=0)
-        if self.seq_len is not None:
-            _check_int("seq_len", self.seq_len, minimum=1)
+            validation.integer(self, name, minimum=0)
+        validation.integer(self, "seq_len", minimum=1, optional=True,
+                           fix="None uses model.max_seq_len")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"TrainConfig.batch_size={self.batch_size} is not a multiple of grad_accum_steps="
-                f"{self.grad_accum_steps}; each micro-batch must hold the same number of sequences."
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is not supported; use one "
-                             f"of {OPTIMIZERS}.")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"TrainConfig.objective={self.objective!r} is not supported; use one "
-                             f"of {OBJECTIVES}.")
-        if not (isinstance(self.mask_rate, int | float) and not isinstance(self.mask_rate, bool)
-                and 0 < self.mask_rate < 1):
-            raise ValueError(f"TrainConfig.mask_rate={self.mask_rate!r} must be in (0, 1) (BERT "
-                             "uses 0.15).")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"TrainConfig.schedule={self.schedule!r} is not supported; use one "
-                             f"of {SCHEDULES}.")
+            validation.fail(self, "batch_size", f"is not a multiple of grad_accum_steps="
+                            f"{self.grad_accum_steps}", "each micro-batch must hold the same "
+                            "number of sequences")
+        validation.one_of(self, "optimizer", OPTIMIZERS)
+        validation.one_of(self, "objective", OBJECTIVES)
+        validation.one_of(self, "schedule", SCHEDULES)
+        validation.number(self, "mask_rate", above=0, below=1, fix="BERT uses 0.15")
         for name in ("learning_rate", "eps"):
-            _check_float(name, getattr(self, name), positive=True)
-        for name in ("weight_decay", "grad_clip_norm", "end_lr_ratio", "b1", "b2"):
-            _check_float(name, getattr(self, name), positive=False)
+            validation.number(self, name, above=0)
+        for name in ("weight_decay", "grad_clip_norm"):
+            validation.number(self, name, at_least=0)
         for name in ("b1", "b2", "end_lr_ratio"):
-            if getattr(self, name) > 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be in [0, 1].")
+            validation.number(self, name, at_least=0, at_most=1)
         if self.warmup_steps > self.num_train_steps:
-            raise ValueError(
-                f"TrainConfig.warmup_steps={self.warmup_steps} exceeds num_train_steps="
-                f"{self.num_train_steps}; shorten the warmup or train longer."
-            )
+            validation.fail(self, "warmup_steps", f"exceeds num_train_steps="
+                            f"{self.num_train_steps}", "shorten the warmup or train longer")
         for name in ("progress_bar", "async_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a bool.")
+            validation.boolean(self, name)
 
     @property
     def micro_batch_size(self) -> int:
@@ -101,15 +88,3 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= {minimum}.")
-
-
-def _check_float(name: str, value: object, *, positive: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"TrainConfig.{name}={value!r} must be a finite number {bound}.")

@@ -28,17 +28,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import losses, moe, objective, routing
+from moe_jax import layers, objective, routing
 from moe_jax.config import MoeConfig
+from moe_jax.models import transformer
 from moe_jax.models.config import ModelConfig
 from moe_jax.train.step import model_inputs
 
 Array = jax.Array
 Batch = dict[str, Array]
 
-# Per-layer MoE aux entries that are token-weighted means over evaluation batches.
-LAYER_MEANS = ("expert_load", "dropped_fraction", "router_entropy", "router_z_loss",
-               "load_balancing_loss")
+# The per-layer routing statistics evaluation reports (`routing.STATISTICS`, without the
+# training step's balancing signal `assignment_fraction`; `expert_load` is the load after drops).
+LAYER_STATISTICS = tuple(name for name in routing.STATISTICS if name != "assignment_fraction")
 # The eval masks' stream of key(seed): init_train_state splits key(seed) into fold_in(key, 0)
 # (parameters) and fold_in(key, 1) (training randomness), so 2 is a fresh stream.
 EVAL_MASK_STREAM = 2
@@ -51,53 +52,12 @@ def eval_mask_key(seed: int, batch_index: Array | int) -> Array:
                               batch_index)
 
 
-def token_routing(router_logits: Array, moe_config: MoeConfig,
-                  score_bias: Array | None = None) -> tuple[Array, Array]:
-    """Per-token routing of one MoE layer, for statistics.
-
-    router_logits: [N, E] (Soft MoE: [N, E * slots]). Returns
-      share:   [N, E], how the token's routing splits over experts, rows summing to 1. Token-choice
-               routers (top_k, sigmoid_bias): 1/K for each of the K chosen experts, before
-               capacity (a dropped choice still counts; drops are reported per layer).
-               expert_choice and soft: the router probabilities (softmax; soft: combine weights
-               summed over each expert's slots), since there a token does not choose.
-      entropy: [N], entropy (nats) of the routing distribution, as `losses.router_entropy`.
-    """
-    c = moe_config
-    logits = router_logits.astype(jnp.float32)
-    if c.router == "sigmoid_bias":
-        scores = jax.nn.sigmoid(logits)
-        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-        bias = jnp.zeros(c.num_experts) if score_bias is None else score_bias
-        choice = routing.route_sigmoid_bias(scores, bias, c.top_k)
-    elif c.router == "soft":
-        probs = jax.nn.softmax(logits, axis=-1)
-        share = probs.reshape(probs.shape[0], c.num_experts, -1).sum(-1)
-        return share, _entropy(probs)
-    else:
-        probs = jax.nn.softmax(logits, axis=-1)
-        if c.router == "expert_choice":
-            return probs, _entropy(probs)
-        choice = routing.route_top_k(probs, c.top_k, renormalize=False)
-    share = jnp.sum(jax.nn.one_hot(choice.expert_index, c.num_experts), axis=1) / c.top_k
-    return share, _entropy(probs)
-
-
-def _entropy(probs: Array) -> Array:
-    """[N] entropies; `losses.router_entropy` is their mean."""
-    return jax.vmap(lambda p: losses.router_entropy(p[None]))(probs)
-
-
-def is_router_input(module: nn.Module, method_name: str) -> bool:
-    """`capture_intermediates` filter of `model.apply` that keeps each block's FFN norm output:
-    the input of a sparse block's router (read it back with `router_input`)."""
-    return module.name == "ffn_norm" and method_name == "__call__"
-
-
-def router_input(captured: dict[str, Any], layer: int) -> Array:
-    """The router input [B, L, d] of block `layer` from the `captured` collections of a
-    `model.apply(..., capture_intermediates=is_router_input, mutable=["intermediates"])`."""
-    return captured["intermediates"][f"block_{layer}"]["ffn_norm"]["__call__"][0]
+def layer_routing(collections: dict[str, Any], model_config: ModelConfig
+                  ) -> list[routing.TokenRouting]:
+    """Each sparse block's per-token routing ([B * L, ...], block order) from the collections of
+    `model.apply(..., mutable=[layers.ROUTING])`."""
+    return [v[layers.ROUTING][0] for v in
+            transformer.moe_layer_variables(collections[layers.ROUTING], model_config)]
 
 
 def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeConfig, *,
@@ -112,13 +72,13 @@ def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeC
 
       num_tokens (T), num_bytes, nll_sum, correct, routed_tokens (R), load_balancing_loss * R,
       router_z_loss * R
-      layer/<aux> [M] or [M, E]: each per-layer aux of `LAYER_MEANS` times R; max_router_logit
-        [M] as a max
+      layer/<statistic> [M] or [M, E]: each of `LAYER_STATISTICS`, times R where it is a mean
+        (`routing.reduction`), as it is where it is a max
       with num_domains > 0 (batch["domains"] [B, L] domain ids): domain/num_tokens,
         domain/num_bytes, domain/nll_sum, domain/correct [D], and, with MoE layers,
         domain/routed_tokens [D], domain/expert_share [M, D, E] and domain/router_entropy
-        [M, D] (routed-token sums of `token_routing`'s share and entropy; the router input is
-        captured from the model).
+        [M, D] (routed-token sums of each token's `routing.TokenRouting.expert_share` and
+        `entropy`, as the MoE layers sow them).
     """
     objective.check_objective(objective_name, model_config)
     sparse = model_config.sparse_layers
@@ -132,58 +92,58 @@ def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeC
                              "model_state, batch, batch_index)) to draw its fixed masks.")
         batch = objective.objective_batch(key, batch, objective=objective_name,
                                           model=model_config, mask_rate=mask_rate)
-        variables = {"params": params, **model_state}
-        (logits, aux), captured = model.apply(
-            variables, batch["inputs"], **model_inputs(batch), train=False,
-            capture_intermediates=is_router_input if (num_domains and sparse) else False,
-            mutable=["intermediates"])
+        (logits, aux), collections = model.apply(
+            {"params": params, **model_state}, batch["inputs"], **model_inputs(batch),
+            train=False, mutable=[layers.ROUTING])
         _, metrics = objective.compute_loss(logits, batch, aux, moe_config)
-        weights = batch["weights"].astype(jnp.float32)
-        nll = objective.token_nll(logits, batch["targets"])
-        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32) * weights
-        token_bytes = batch.get("target_bytes", jnp.zeros_like(weights)).astype(jnp.float32)
+        per_token = _per_token(logits, batch)
         r = jnp.sum(routed)
         sums = {"num_tokens": metrics["num_tokens"], "nll_sum": metrics["nll_sum"],
-                "num_bytes": jnp.sum(token_bytes * weights), "correct": jnp.sum(correct),
-                "routed_tokens": r,
+                "num_bytes": jnp.sum(per_token["num_bytes"]),
+                "correct": jnp.sum(per_token["correct"]), "routed_tokens": r,
                 "load_balancing_loss": metrics["load_balancing_loss"] * r,
                 "router_z_loss": metrics["router_z_loss"] * r}
-        if aux:
-            for name in LAYER_MEANS:
-                sums[f"layer/{name}"] = aux[name].astype(jnp.float32) * r
-            sums["layer/max_router_logit"] = aux["max_router_logit"].astype(jnp.float32)
+        for name in LAYER_STATISTICS if aux else ():
+            value = aux[name].astype(jnp.float32)
+            sums[f"layer/{name}"] = value if routing.reduction(name) == "max" else value * r
         if num_domains:
-            domains = jax.nn.one_hot(batch["domains"], num_domains)  # [B, L, D]
-            one_hot = (domains * weights[..., None]).reshape(-1, num_domains)  # [N, D]
-            sums["domain/num_tokens"] = jnp.sum(one_hot, 0)
-            sums["domain/num_bytes"] = token_bytes.reshape(-1) @ one_hot
-            sums["domain/nll_sum"] = nll.reshape(-1) @ one_hot
-            sums["domain/correct"] = correct.reshape(-1) @ one_hot
-            if sparse:
-                routed_one_hot = (domains * routed[..., None]).reshape(-1, num_domains)
-                sums["domain/routed_tokens"] = jnp.sum(routed_one_hot, 0)
-                share, entropy = [], []
-                for layer in sparse:
-                    name = f"block_{layer}"
-                    x = router_input(captured, layer)
-                    x = x.reshape(-1, x.shape[-1])
-                    layer_params = params[name]["moe"]
-                    bias = model_state.get("moe_state", {}).get(name, {}).get("moe", {}).get(
-                        "score_bias")
-                    logits_m = moe.router_logits(layer_params, x, moe_config, train=False,
-                                                 rng=None)
-                    s, h = token_routing(logits_m, moe_config, bias)
-                    share.append(routed_one_hot.T @ s)  # [D, E]
-                    entropy.append(h @ routed_one_hot)  # [D]
-                sums["domain/expert_share"] = jnp.stack(share)
-                sums["domain/router_entropy"] = jnp.stack(entropy)
+            tokens = layer_routing(collections, model_config) if sparse else []
+            sums |= _domain_sums(jax.nn.one_hot(batch["domains"], num_domains), per_token,
+                                 routed, tokens)
         return sums
 
     return eval_step
 
 
+def _per_token(logits: Array, batch: Batch) -> dict[str, Array]:
+    """[B, L] weighted per-token sums: nll_sum (nats), correct (top-1), num_bytes."""
+    weights = batch["weights"].astype(jnp.float32)
+    token_bytes = batch.get("target_bytes", jnp.zeros_like(weights)).astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    return {"nll_sum": objective.token_nll(logits, batch["targets"]) * weights,
+            "correct": correct * weights, "num_bytes": token_bytes * weights,
+            "num_tokens": weights}
+
+
+def _domain_sums(domains: Array, per_token: dict[str, Array], routed: Array,
+                 tokens: list[routing.TokenRouting]) -> dict[str, Array]:
+    """Per-domain sums: domains [B, L, D] one-hot; per_token from `_per_token`; routed [B, L]
+    the routed tokens' weights; tokens: each sparse block's per-token routing ([] if dense)."""
+    num_domains = domains.shape[-1]
+    one_hot = domains.reshape(-1, num_domains)  # [N, D]
+    sums = {f"domain/{name}": value.reshape(-1) @ one_hot for name, value in per_token.items()}
+    if tokens:
+        routed_one_hot = one_hot * routed.reshape(-1, 1)
+        sums["domain/routed_tokens"] = jnp.sum(routed_one_hot, 0)
+        sums["domain/expert_share"] = jnp.stack(
+            [routed_one_hot.T @ t.expert_share() for t in tokens])  # [M, D, E]
+        sums["domain/router_entropy"] = jnp.stack(
+            [t.entropy() @ routed_one_hot for t in tokens])  # [M, D]
+    return sums
+
+
 class EvalSums:
-    """Host-side running totals of eval-step sums (max for `layer/max_router_logit`)."""
+    """Host-side running totals of eval-step sums (maxima where `routing.reduction` says so)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, np.ndarray] = {}
@@ -193,7 +153,7 @@ class EvalSums:
             value = np.asarray(value, np.float64)
             if name not in self.totals:
                 self.totals[name] = value
-            elif name == "layer/max_router_logit":
+            elif routing.reduction(name) == "max":
                 self.totals[name] = np.maximum(self.totals[name], value)
             else:
                 self.totals[name] = self.totals[name] + value
@@ -230,11 +190,11 @@ def summarize(totals: dict[str, np.ndarray], model_config: ModelConfig,
         out["bits_per_byte"] = float(totals["nll_sum"]) / math.log(2) / float(totals["num_bytes"])
     for m, layer in enumerate(model_config.sparse_layers if "layer/expert_load" in totals else ()):
         prefix = f"layer_{layer}/"
-        for name in LAYER_MEANS:
-            value = totals[f"layer/{name}"][m] / r
+        for name in LAYER_STATISTICS:
+            value = totals[f"layer/{name}"][m]
+            value = value if routing.reduction(name) == "max" else value / r
             out[prefix + name] = value.tolist() if value.ndim else float(value)
         out[prefix + "load_cv"] = coefficient_of_variation(totals["layer/expert_load"][m])
-        out[prefix + "max_router_logit"] = float(totals["layer/max_router_logit"][m])
     for d, domain in enumerate(domain_names if "domain/num_tokens" in totals else ()):
         tokens = float(totals["domain/num_tokens"][d])
         if tokens == 0:

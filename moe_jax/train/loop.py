@@ -20,7 +20,6 @@ losses up to their step were checked, so the last checkpoint is always a good on
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -31,12 +30,18 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax import flops, schema, sharding
+from moe_jax import flops, routing, schema, sharding
 from moe_jax.models import Transformer
 from moe_jax.train import evaluate, optim, placement
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import CheckpointError, Checkpoints
-from moe_jax.train.metrics import MetricsWriter, ProgressBar, is_logging_process, read_metrics
+from moe_jax.train.metrics import (
+    MetricsWriter,
+    ProgressBar,
+    is_logging_process,
+    read_metrics,
+    write_json,
+)
 from moe_jax.train.state import TrainState, init_train_state, logical_axes, num_params
 from moe_jax.train.step import make_train_step
 
@@ -47,15 +52,6 @@ CHECKPOINT_DIR = "checkpoints"
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf."""
-
-
-def _write_json(path: str, value: dict[str, Any]) -> None:
-    """Writes atomically (temp file + rename), so readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _jit_functions(model: Transformer, experiment: Any, seq_len: int, mesh: Mesh,
@@ -131,11 +127,12 @@ def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: in
 
 
 def _mean_metrics(fetched: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    names = fetched[0][1].keys()
-    means = {n: float(np.mean([m[n] for _, m in fetched])) for n in names}
-    if "max_router_logit" in means:
-        means["max_router_logit"] = max(m["max_router_logit"] for _, m in fetched)
-    return means
+    """The logged steps' metrics combined: means, or maxima (`routing.reduction`)."""
+    def combine(name: str) -> float:
+        values = [m[name] for _, m in fetched]
+        return max(values) if routing.reduction(name) == "max" else float(np.mean(values))
+
+    return {name: combine(name) for name in fetched[0][1]}
 
 
 class _Throughput:
@@ -171,111 +168,153 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       (the expert-parallel form and the rules still come from `config.mesh`).
     """
     experiment = schema.parse_config(config)
-    train, model_config = experiment.train, experiment.model
-    seq_len = train.seq_len or model_config.max_seq_len
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if is_logging_process():
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    wall_start = time.perf_counter()
-
-    _, fns = setup(experiment, seq_len, mesh)
-    data = train_input.make_inputs(experiment.data, model_config, batch_size=train.batch_size,
-                                   seq_len=seq_len, seed=experiment.seed)
-    checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    checkpoints = Checkpoints(checkpoint_dir, max_to_keep=train.max_to_keep,
-                              async_save=train.async_checkpointing)
-    last_good = checkpoints.latest_step()
-    elapsed_before = 0.0
-    if last_good is None:
-        state: TrainState = fns["init"](experiment.seed)
-    else:
-        state, host = checkpoints.restore(last_good, fns["abstract_state"])
-        try:
-            data.train.set_state(_iterator_state(host))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(
-                f"the checkpoint of step {last_good} in {checkpoints.step_directory(last_good)} "
-                f"was written with a different input pipeline: {err} Nothing was deleted; "
-                "resume with the original data/batch settings or use a new --workdir.") from err
-        elapsed_before = float(host.get("elapsed_seconds", 0.0))
-
-    def host_state() -> dict[str, Any]:
-        # Only process 0 writes this JSON: it carries every process's iterator position.
-        iterators = placement.allgather_json(data.train.get_state())
-        return {"data_iterator": iterators[0],
-                **({"data_iterator_by_process": iterators} if len(iterators) > 1 else {}),
-                "elapsed_seconds": elapsed_before + time.perf_counter() - wall_start}
-
-    def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return placement.global_batch(local, fns["batch_sharding"], train.batch_size)
-
-    writer = MetricsWriter(workdir)
-    start_step = int(state.step)
-    bar = ProgressBar(train.num_train_steps, start_step, enabled=train.progress_bar)
-    throughput = _Throughput(train.batch_size * seq_len)
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, Any] = {}
-
-    def run_eval(step: int) -> dict[str, Any]:
-        eval_start = time.perf_counter()
-        sums = evaluate.EvalSums()
-        for index, batch in enumerate(data.eval_batches()):
-            sums.add(fns["eval_step"](state.params, state.model_state, global_batch(batch),
-                                      np.int32(index)))
-        metrics = evaluate.summarize(sums.totals, model_config,
-                                     train_input.domain_names(experiment.data))
-        writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-        bar.write(f"step {step}: eval loss {metrics['loss']:.4f}"
-                  + (f", {metrics['bits_per_byte']:.4f} bits/byte"
-                     if "bits_per_byte" in metrics else ""))
-        throughput.excluded += time.perf_counter() - eval_start
-        return metrics
-
+    run = _Run(experiment, workdir, mesh)
     try:
-        for step in range(start_step + 1, train.num_train_steps + 1):
-            state, metrics = fns["train_step"](state, global_batch(next(data.train)))
-            throughput.step_done(metrics["loss"])
-            pending.append((step, metrics))
-            is_last = step == train.num_train_steps
-            save = is_last or (train.checkpoint_every and step % train.checkpoint_every == 0)
-            if save or step % train.log_every == 0:
-                fetched = _check_finite(pending, last_good, checkpoint_dir)
-                pending = []
-                last_train = _mean_metrics(fetched)
-                tokens_per_second = throughput.tokens_per_second()
-                if tokens_per_second:
-                    last_train["tokens_per_second"] = tokens_per_second
-                writer.write(step, {f"train/{k}": v for k, v in last_train.items()})
-                bar.update(step, loss=last_train["loss"],
-                           **({"tok/s": tokens_per_second} if tokens_per_second else {}))
-            else:
-                bar.update(step)
-            if save:
-                checkpoints.save(step, state, host_state())
-                last_good = step
-            if is_last or (train.eval_every and step % train.eval_every == 0):
-                last_eval = run_eval(step)
-        if not last_eval:  # resumed at the final step: evaluate the restored state
-            last_eval = run_eval(int(state.step))
+        state = run.restore_or_init()
+        state, last_train, last_eval = run.train(state)
     finally:
-        checkpoints.wait()
-        checkpoints.close()
-        bar.close()
-        writer.close()
-
+        run.close()
     if not last_train:  # nothing trained in this process: the last logged train metrics
         logged = [m for m in read_metrics(workdir).values() if "train/loss" in m]
         last_train = {k[len("train/"):]: v for k, v in (logged[-1] if logged else {}).items()
                       if k.startswith("train/")}
-    summary = _summary(experiment, state, seq_len, last_train, last_eval,
-                       throughput.tokens_per_second() or last_train.get("tokens_per_second"),
-                       elapsed_before + time.perf_counter() - wall_start)
+    summary = _summary(experiment, state, run.seq_len, last_train, last_eval,
+                       run.throughput.tokens_per_second() or last_train.get("tokens_per_second"),
+                       run.elapsed())
     if is_logging_process():
-        _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+        write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return summary
+
+
+class _Run:
+    """One training run in its workdir: the jitted functions, the inputs, the checkpoints and
+    the metric outputs, with the steps of `train_and_evaluate` as methods."""
+
+    def __init__(self, experiment: schema.Experiment, workdir: str, mesh: Mesh | None) -> None:
+        self.wall_start = time.perf_counter()
+        self.experiment = experiment
+        train = experiment.train
+        self.seq_len = train.seq_len or experiment.model.max_seq_len
+        _, self.fns = setup(experiment, self.seq_len, mesh)
+        self.data = train_input.make_inputs(experiment.data, experiment.model,
+                                            batch_size=train.batch_size, seq_len=self.seq_len,
+                                            seed=experiment.seed)
+        self.checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+        self.checkpoints = Checkpoints(self.checkpoint_dir, max_to_keep=train.max_to_keep,
+                                       async_save=train.async_checkpointing)
+        self.last_good = self.checkpoints.latest_step()
+        self.elapsed_before = 0.0
+        self.workdir = workdir
+        self.writer: MetricsWriter | None = None  # opened once the state is restored
+        self.bar: ProgressBar | None = None
+        self.throughput = _Throughput(train.batch_size * self.seq_len)
+
+    def elapsed(self) -> float:
+        """Training wall time of the run so far, earlier processes' (resumed runs) included."""
+        return self.elapsed_before + time.perf_counter() - self.wall_start
+
+    def restore_or_init(self) -> TrainState:
+        """The latest checkpoint's state (and data position), or a fresh state."""
+        if self.last_good is None:
+            return self.fns["init"](self.experiment.seed)
+        step = self.last_good
+        state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
+        try:
+            self.data.train.set_state(_iterator_state(host))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"the checkpoint of step {step} in {self.checkpoints.step_directory(step)} "
+                f"was written with a different input pipeline: {err} Nothing was deleted; "
+                "resume with the original data/batch settings or use a new --workdir.") from err
+        self.elapsed_before = float(host.get("elapsed_seconds", 0.0))
+        return state
+
+    def host_state(self) -> dict[str, Any]:
+        """What a checkpoint carries besides the state; only process 0 writes this JSON, so it
+        holds every process's iterator position."""
+        iterators = placement.allgather_json(self.data.train.get_state())
+        return {"data_iterator": iterators[0],
+                **({"data_iterator_by_process": iterators} if len(iterators) > 1 else {}),
+                "elapsed_seconds": self.elapsed()}
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return placement.global_batch(local, self.fns["batch_sharding"],
+                                      self.experiment.train.batch_size)
+
+    def train(self, state: TrainState
+              ) -> tuple[TrainState, dict[str, float], dict[str, Any]]:
+        """Steps from the state's step to the last, logging, checkpointing and evaluating on
+        the train config's schedule. Returns (state, last logged train metrics, last eval)."""
+        train = self.experiment.train
+        start_step = int(state.step)
+        self.writer = MetricsWriter(self.workdir)
+        self.bar = ProgressBar(train.num_train_steps, start_step, enabled=train.progress_bar)
+        pending: list[tuple[int, dict[str, jax.Array]]] = []
+        last_train: dict[str, float] = {}
+        last_eval: dict[str, Any] = {}
+        for step in range(start_step + 1, train.num_train_steps + 1):
+            state, metrics = self.fns["train_step"](state, self.global_batch(next(self.data.train)))
+            self.throughput.step_done(metrics["loss"])
+            pending.append((step, metrics))
+            is_last = step == train.num_train_steps
+            save = is_last or (train.checkpoint_every and step % train.checkpoint_every == 0)
+            if save or step % train.log_every == 0:
+                last_train = self.log_train(pending)
+                pending = []
+            else:
+                self.bar.update(step)
+            if save:
+                self.checkpoints.save(step, state, self.host_state())
+                self.last_good = step
+            if is_last or (train.eval_every and step % train.eval_every == 0):
+                last_eval = self.evaluate(state, step)
+        if not last_eval:  # resumed at the final step: evaluate the restored state
+            last_eval = self.evaluate(state, int(state.step))
+        return state, last_train, last_eval
+
+    def log_train(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, float]:
+        """Checks and logs the metrics of the steps since the last log; returns their means."""
+        fetched = _check_finite(pending, self.last_good, self.checkpoint_dir)
+        step = fetched[-1][0]
+        logged = _mean_metrics(fetched)
+        tokens_per_second = self.throughput.tokens_per_second()
+        if tokens_per_second:
+            logged["tokens_per_second"] = tokens_per_second
+        self.writer.write(step, {f"train/{k}": v for k, v in logged.items()})
+        self.bar.update(step, loss=logged["loss"],
+                        **({"tok/s": tokens_per_second} if tokens_per_second else {}))
+        return logged
+
+    def evaluate(self, state: TrainState, step: int) -> dict[str, Any]:
+        """Evaluates on every validation batch and logs the metrics; its time is left out of
+        the training throughput."""
+        eval_start = time.perf_counter()
+        sums = evaluate.EvalSums()
+        for index, batch in enumerate(self.data.eval_batches()):
+            sums.add(self.fns["eval_step"](state.params, state.model_state,
+                                           self.global_batch(batch), np.int32(index)))
+        metrics = evaluate.summarize(sums.totals, self.experiment.model,
+                                     train_input.domain_names(self.experiment.data))
+        self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        self.bar.write(f"step {step}: eval loss {metrics['loss']:.4f}"
+                       + (f", {metrics['bits_per_byte']:.4f} bits/byte"
+                          if "bits_per_byte" in metrics else ""))
+        self.throughput.excluded += time.perf_counter() - eval_start
+        return metrics
+
+    def close(self) -> None:
+        """Waits for pending checkpoint writes and closes every output."""
+        self.checkpoints.wait()
+        self.checkpoints.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _iterator_state(host: dict[str, Any]) -> dict[str, Any]:

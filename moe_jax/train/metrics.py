@@ -82,6 +82,15 @@ class MetricsWriter:
             self._tb.close()
 
 
+def write_json(path: str, value: Any) -> None:
+    """Writes `value` as JSON atomically (temp file + rename): readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
     """metrics.jsonl as {step: merged metrics}; later lines win (a resumed run's re-run steps)."""
     path = os.path.join(workdir, METRICS_FILE)

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_jax import objective, routing
+from moe_jax import layers, objective, routing
 from moe_jax.config import MoeConfig
+from moe_jax.models import transformer
 from moe_jax.models.config import ModelConfig
 from moe_jax.train.state import TrainState
 
@@ -34,8 +35,8 @@ Array = jax.Array
 Batch = dict[str, Array]
 Metrics = dict[str, Array]
 
-# Micro-batch metrics that add up over micro-batches; `max_router_logit` takes the max; every
-# other metric is a token-weighted mean.
+# Micro-batch metrics that add up over micro-batches; the others combine by `routing.reduction`
+# (a token-weighted mean, or the max).
 SUMMED_METRICS = ("num_tokens", "nll_sum", "num_bytes")
 # The masked-LM stream of a micro-batch key. split(key) into dropout and router keys gives
 # fold_in(key, 0) and fold_in(key, 1) (partitionable threefry), so 2 is a fresh stream.
@@ -66,7 +67,7 @@ def combine_micro_metrics(metrics: Metrics, share: Array) -> Metrics:
     for name, value in metrics.items():
         if name in SUMMED_METRICS:
             out[name] = jnp.sum(value, axis=0)
-        elif name == "max_router_logit":
+        elif routing.reduction(name) == "max":
             out[name] = jnp.max(value, axis=0)
         else:
             out[name] = jnp.tensordot(share, value, axes=1)
@@ -77,22 +78,20 @@ def combine_micro_metrics(metrics: Metrics, share: Array) -> Metrics:
 
 def update_moe_state(model_state: dict[str, Any], assignment_fraction: Array, model: ModelConfig,
                      moe: MoeConfig) -> dict[str, Any]:
-    """DeepSeek-V3 auxiliary-loss-free balancing: move each sparse block's `score_bias` by
+    """DeepSeek-V3 auxiliary-loss-free balancing: move each sparse block's score bias by
     +/- `bias_update_rate` toward uniform load (`routing.update_score_bias`).
 
     assignment_fraction: [M, E], the share of assignments of each expert in each of the M sparse
     blocks (block order, as the model stacks its aux). A no-op unless router == "sigmoid_bias".
-    The variables live at moe_state/block_{i}/moe/score_bias (`Transformer` module names).
     """
     if moe.router != "sigmoid_bias" or not model.sparse_layers:
         return model_state
-    biases = dict(model_state["moe_state"])
-    for m, layer in enumerate(model.sparse_layers):
-        name = f"block_{layer}"
-        bias = biases[name]["moe"]["score_bias"]
-        new_bias = routing.update_score_bias(bias, assignment_fraction[m], moe.bias_update_rate)
-        biases[name] = {**biases[name], "moe": {**biases[name]["moe"], "score_bias": new_bias}}
-    return {**model_state, "moe_state": biases}
+    state = model_state[layers.STATE]
+    moved = [{**v, layers.SCORE_BIAS: routing.update_score_bias(
+        v[layers.SCORE_BIAS], assignment_fraction[m], moe.bias_update_rate)}
+        for m, v in enumerate(transformer.moe_layer_variables(state, model))]
+    return {**model_state,
+            layers.STATE: transformer.with_moe_layer_variables(state, model, moved)}
 
 
 def objective_micro_batches(micro: Batch, step_key: Array, *, objective_name: str,
@@ -107,6 +106,31 @@ def objective_micro_batches(micro: Batch, step_key: Array, *, objective_name: st
         jnp.arange(num_micro))
     return jax.vmap(lambda key, b: objective.objective_batch(
         key, b, objective=objective_name, model=model_config, mask_rate=mask_rate))(keys, micro)
+
+
+def accumulate_gradients(grad_fn: Callable[..., Any], state: TrainState, micro: Batch,
+                         share: Array) -> tuple[Any, Metrics, Array]:
+    """Scans the A micro-batches in order, summing their gradients.
+
+    grad_fn(params, model_state, batch, key, weight) -> ((loss, (metrics, aux)), grads), the
+    loss already weighted; micro: [A, B / A, L] batches; share: [A] their weights. Micro-batch
+    i draws from fold_in(step key, i). Returns (grads, [A]-stacked metrics, [A, M, E] assignment
+    fractions, or an empty array for a dense model).
+    """
+    step_key = state.step_key()
+
+    def accumulate(grads: Any, xs: tuple[Batch, Array, Array]) -> tuple[Any, Any]:
+        micro_batch, weight, index = xs
+        key = jax.random.fold_in(step_key, index)
+        (_, (metrics, aux)), micro_grads = grad_fn(state.params, state.model_state,
+                                                   micro_batch, key, weight)
+        fraction = aux.get("assignment_fraction", jnp.zeros((0,), jnp.float32))
+        return jax.tree.map(jnp.add, grads, micro_grads), (metrics, fraction)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (metrics, fraction) = jax.lax.scan(
+        accumulate, zeros, (micro, share, jnp.arange(share.shape[0])))
+    return grads, metrics, fraction
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -146,19 +170,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         tokens = jnp.sum(micro["weights"].astype(jnp.float32),
                          axis=tuple(range(1, micro["weights"].ndim)))  # [A]
         share = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
-        step_key = state.step_key()
-
-        def accumulate(grads: Any, xs: tuple[Batch, Array, Array]) -> tuple[Any, Any]:
-            micro_batch, weight, index = xs
-            key = jax.random.fold_in(step_key, index)
-            (_, (metrics, aux)), micro_grads = grad_fn(state.params, state.model_state,
-                                                       micro_batch, key, weight)
-            fraction = aux.get("assignment_fraction", jnp.zeros((0,), jnp.float32))
-            return jax.tree.map(jnp.add, grads, micro_grads), (metrics, fraction)
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (metrics, fraction) = jax.lax.scan(
-            accumulate, zeros, (micro, share, jnp.arange(grad_accum_steps)))
+        grads, metrics, fraction = accumulate_gradients(grad_fn, state, micro, share)
         metrics = combine_micro_metrics(metrics, share)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:

@@ -1,0 +1,1 @@
+"""Published MoE models, for parameter and FLOP counts."""
