@@ -28,7 +28,7 @@ LAYERS = (
     ("config", "models.config", "data.config", "train.config"),
     ("losses",),
     ("routing",),
-    ("grouped_matmul_cpu", "grouped_matmul"),
+    ("grouped_matmul_cpu", "grouped_matmul_kernels", "grouped_matmul"),
     ("experts",),
     ("dispatch",),
     ("moe",),

@@ -1,0 +1,108 @@
+"""megablox (Pallas interpret mode on CPU) and tokamax (its "xla" implementation on CPU) give
+the grouped matmul of a float64 loop reference and of the other grouped paths, in values and
+gradients: empty groups, rows past the last group, bfloat16, under jit and vmap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import config, grouped_matmul_kernels
+from moe_jax.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
+
+requires_tokamax = pytest.mark.skipif(not grouped_matmul_kernels.tokamax_available(),
+                                      reason="tokamax (the gpu extra) is not installed")
+KERNELS = ["megablox", pytest.param("tokamax", marks=requires_tokamax)]
+
+SIZES = [0, 30, 5, 1, 0, 3]  # empty groups first, in the middle and last; one 1-row group
+TRAILING = 7  # rows past the last group (padding, discarded choices): zeros out, zero gradient
+
+
+def _problem(dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(sum(SIZES) + TRAILING, 16))
+    w = rng.normal(size=(len(SIZES), 16, 24))
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.array(SIZES, jnp.int32)
+
+
+def _reference(x, w):
+    """float64 loop: out, and the gradients of sum(sin(out)) with respect to x and w."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    out, dx, dw = np.zeros((x.shape[0], w.shape[2])), np.zeros_like(x), np.zeros_like(w)
+    start = 0
+    for e, size in enumerate(SIZES):
+        rows = slice(start, start + size)
+        out[rows] = x[rows] @ w[e]
+        dy = np.cos(out[rows])
+        dx[rows] = dy @ w[e].T
+        dw[e] = x[rows].T @ dy
+        start += size
+    return out, dx, dw
+
+
+def _loss(impl):
+    return lambda x, w, sizes: jnp.sum(jnp.sin(grouped_matmul(x, w, sizes, impl)))
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_equals_float64_reference_and_blocked(impl):
+    x, w, sizes = _problem()
+    out = jax.jit(grouped_matmul, static_argnums=3)(x, w, sizes, impl)
+    grads = jax.jit(jax.grad(_loss(impl), argnums=(0, 1)))(x, w, sizes)
+    ref_out, ref_dx, ref_dw = _reference(x, w)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(out[sum(SIZES):]))
+    np.testing.assert_allclose(grads[0], ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1], ref_dw, rtol=1e-4, atol=1e-4)
+    assert not np.any(np.asarray(grads[0][sum(SIZES):]))
+    blocked = jax.grad(_loss("blocked"), argnums=(0, 1))(x, w, sizes)
+    np.testing.assert_allclose(out, grouped_matmul(x, w, sizes, "blocked"), atol=1e-5)
+    for g, b in zip(grads, blocked):
+        np.testing.assert_allclose(g, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_bfloat16_operands_accumulate_in_float32(impl):
+    x, w, sizes = _problem(jnp.bfloat16)
+    out = jax.jit(grouped_matmul, static_argnums=3)(x, w, sizes, impl)
+    assert out.dtype == jnp.bfloat16
+    # float32 sums of the bfloat16 products, rounded once: within bfloat16's 2^-8 relative
+    ref_out, ref_dx, ref_dw = _reference(x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(out.astype(jnp.float32), ref_out, rtol=2**-8, atol=1e-2)
+    dx, dw = jax.jit(jax.grad(_loss(impl), argnums=(0, 1)))(x, w, sizes)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    # the cotangent cos(out) is itself bfloat16 here: a looser bound than the product's
+    np.testing.assert_allclose(dx.astype(jnp.float32), ref_dx, rtol=0.05, atol=0.3)
+    np.testing.assert_allclose(dw.astype(jnp.float32), ref_dw, rtol=0.05, atol=0.3)
+
+
+def test_megablox_under_vmap_runs_each_batch_element():
+    x, w, sizes = _problem()
+    xs, ws = jnp.stack([x, -2 * x]), jnp.stack([w, w[::-1]])
+    sizes2 = jnp.stack([sizes, sizes[::-1]])
+    out = jax.jit(jax.vmap(lambda x, w, s: grouped_matmul(x, w, s, "megablox")))(xs, ws, sizes2)
+    for i in range(2):
+        np.testing.assert_allclose(out[i], jax.lax.ragged_dot(xs[i], ws[i], sizes2[i]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_tokamax_missing_is_an_error_that_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(grouped_matmul_kernels, "tokamax_available", lambda: False)
+    x, w, sizes = _problem()
+    with pytest.raises(ImportError, match=r"pip install \"moe_jax\[gpu\]\""):
+        grouped_matmul(x, w, sizes, "tokamax")
+
+
+def test_row_tiles_cover_the_rows_and_dimension_tiles_divide_exactly():
+    assert grouped_matmul_kernels._row_tile(45, 512) == 48  # all rows, rounded up to 16
+    assert grouped_matmul_kernels._row_tile(5000, 512) == 512
+    assert grouped_matmul_kernels._dim_tile(24, 1024) == 24  # small: one block
+    assert grouped_matmul_kernels._dim_tile(14336, 1024) == 1024
+    assert grouped_matmul_kernels._dim_tile(1536, 1024) == 512
+    assert grouped_matmul_kernels._dim_tile(1100, 1024) == 1100  # no 128-multiple divides
+
+
+def test_config_accepts_every_grouped_matmul():
+    assert config.GROUPED_MATMULS == IMPLEMENTATIONS
+    for impl in IMPLEMENTATIONS:
+        assert config.MoeConfig(dispatch="dropless", grouped_matmul=impl).grouped_matmul == impl
