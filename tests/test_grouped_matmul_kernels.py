@@ -5,10 +5,16 @@ gradients: empty groups, rows past the last group, bfloat16, under jit and vmap.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from moe_jax import config, grouped_matmul_kernels
+from experiments.benchmarks.train import synthetic_batch
+from moe_jax import MoeConfig, config, grouped_matmul_kernels, moe, schema
 from moe_jax.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
+from moe_jax.main import apply_settings
+from moe_jax.models import Transformer
+from moe_jax.train import step
+from moe_jax.train.state import init_train_state
 
 requires_tokamax = pytest.mark.skipif(not grouped_matmul_kernels.tokamax_available(),
                                       reason="tokamax (the gpu extra) is not installed")
@@ -106,3 +112,50 @@ def test_config_accepts_every_grouped_matmul():
     assert config.GROUPED_MATMULS == IMPLEMENTATIONS
     for impl in IMPLEMENTATIONS:
         assert config.MoeConfig(dispatch="dropless", grouped_matmul=impl).grouped_matmul == impl
+
+
+# --- the dropless layer and a tiny Mixtral train step on megablox (interpret mode) ----------
+
+
+def _layer_loss(params, x, config):
+    y, aux = moe.apply(params, x, config, train=True)
+    return jnp.sum(jnp.sin(y)) + aux["load_balancing_loss"] + aux["router_z_loss"]
+
+
+def test_dropless_layer_on_megablox_equals_blocked():
+    config = MoeConfig(num_experts=4, top_k=2, d_ff=16, activation="swiglu", dispatch="dropless",
+                       renormalize_gates=True)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8))
+    params = moe.init_params(jax.random.key(0), config, 8)
+    results = [jax.jit(jax.value_and_grad(_layer_loss, argnums=(0, 1)), static_argnums=2)(
+        params, x, config.replace(grouped_matmul=impl)) for impl in ("megablox", "blocked")]
+    (value, grads), (ref_value, ref_grads) = results
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def _mixtral_sgd_step(impl: str):
+    """One SGD step of the tiny Mixtral (configs/mixtral.py:e8, dropless top-2 SwiGLU experts)
+    on a synthetic batch: (new params, metrics). SGD so that the update is the gradient."""
+    config = apply_settings(schema.load_config("mixtral.py:e8"), {
+        "moe.grouped_matmul": impl, "model.num_layers": 2, "train.batch_size": 2,
+        "train.seq_len": 16})
+    experiment = schema.parse_config(config)
+    model = Transformer(experiment.model, experiment.moe)
+    sgd = optax.sgd(1.0)
+    state = init_train_state(jax.random.key(0), model, sgd, seq_len=16)
+    batch = synthetic_batch(2, 16, experiment.model.vocab_size)
+    new_state, metrics = jax.jit(step.make_train_step(model, sgd, experiment.model,
+                                                      experiment.moe))(state, batch)
+    return new_state.params, metrics
+
+
+@pytest.mark.slow  # ~50 s of CPU: the dropless layer test above is the fast check
+def test_tiny_mixtral_train_step_on_megablox_equals_blocked():
+    params, metrics = _mixtral_sgd_step("megablox")
+    ref_params, ref_metrics = _mixtral_sgd_step("blocked")
+    np.testing.assert_allclose(metrics["cross_entropy"], ref_metrics["cross_entropy"],
+                               rtol=1e-6)
+    for p, ref in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(p, ref, rtol=1e-4, atol=1e-6)
