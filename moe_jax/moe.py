@@ -9,7 +9,7 @@ C capacity, d model width, f expert width. One call reads top-down (`_layer`): r
 (router dtype) -> `routing.route` (choices, slots, statistics) -> dispatch, experts and combine
 (`dispatch.py`, `experts.py`) -> shared experts.
 
-`Layout` is the layer's one seam to a mesh: the layer calls its four methods and never asks how
+`Layout` is the layer's one seam to a mesh: the layer calls its five methods and never asks how
 it is laid out; `moe_jax.sharding.MoeSharding` implements them for expert parallelism.
 """
 
@@ -50,6 +50,12 @@ class Layout:
         """The stage that runs every expert on its buffer [G, E, C, d]."""
         return functools.partial(experts.expert_ffn, expert_params, activation=activation,
                                  expert_axis=1)
+
+    def grouped_stage(self, expert_params: experts.Params, activation: str,
+                      grouped_matmul: str) -> dispatch.GroupedStage:
+        """The stage that runs the experts on rows sorted by expert [M, d] (dropless)."""
+        return functools.partial(experts.grouped_ffn, expert_params, activation=activation,
+                                 impl=grouped_matmul)
 
     def model_sum(self, y: Array) -> Array:
         """Sums partial results over a model-parallel axis (the shared experts' output)."""
@@ -209,8 +215,9 @@ def _run_experts(params: Params, tokens: Array, routed: routing.Routing, config:
                  layout: Layout, num_groups: int) -> Array:
     """Dispatch, experts and combine: tokens [N, d] -> [N, d] (capacity and soft: [G, T, d])."""
     if config.dispatch == "dropless":
-        return dispatch.dropless_moe(tokens, routed.tokens.choice, params["experts"],
-                                     config.activation, config.grouped_matmul)
+        stage = layout.grouped_stage(params["experts"], config.activation,
+                                     config.grouped_matmul)
+        return dispatch.dropless_moe(tokens, routed.tokens.choice, stage, config.num_experts)
     grouped = layout.constrain_tokens(tokens.reshape(num_groups, -1, tokens.shape[-1]))
     stage = layout.expert_stage(params["experts"], config.activation)
     if routed.soft_weights is not None:

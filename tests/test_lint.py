@@ -34,7 +34,7 @@ LAYERS = (
     ("moe",),
     ("layers",),
     ("models.*",),
-    ("sharding",),
+    ("ragged_exchange", "sharding"),
     ("data.*",),
     ("objective",),
     ("schema",),
