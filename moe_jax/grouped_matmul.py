@@ -34,6 +34,7 @@ Array = jax.Array
 
 BLOCK_SIZES = (256, 32)
 IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked", "blas", "megablox", "tokamax")
+KERNEL_IMPLS = ("megablox", "tokamax")  # per-device kernels: not partitionable by GSPMD
 
 
 def _for_blocks(start: Array, end: Array, block_sizes: tuple[int, ...], num_rows: int,
@@ -187,7 +188,8 @@ def _on_platform(x: Array, w: Array, group_sizes: Array, **impls: str) -> Array:
     return jax.lax.platform_dependent(x, w, group_sizes, **branches)
 
 
-def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto") -> Array:
+def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto", *,
+                   partitioned: bool = False) -> Array:
     """out[m] = x[m] @ w[e(m)]: x [M, k] rows sorted by expert, w [E, k, n], group_sizes [E].
 
     impl:
@@ -203,10 +205,20 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto") -
       "auto"        per platform, at lowering: megablox on TPU; tokamax on GPU when installed,
                     else ragged_dot; on CPU "blas", or "blocked" with one
                     `UntestedJaxlibWarning` per process where the jaxlib is untested.
+    partitioned: the call runs on arrays that XLA's GSPMD partitioner splits over several
+    devices (outside `shard_map`). Mosaic and Triton kernels cannot be partitioned: there
+    "auto" is ragged_dot on TPU and GPU, and "megablox" and "tokamax" are refused.
     """
+    if partitioned and impl in KERNEL_IMPLS:
+        raise ValueError(
+            f"grouped matmul {impl!r} cannot run on arrays that GSPMD partitions over a mesh "
+            "(Mosaic/Triton kernels must be called per device); use the explicit "
+            "expert-parallel form (mesh.expert_parallel='explicit') or grouped_matmul='auto'.")
     if impl == "auto":
-        return _on_platform(x, w, group_sizes, cpu=_cpu_default(), tpu="megablox",
-                            cuda=_gpu_default(), default="ragged_dot")
+        kernel = "ragged_dot" if partitioned else "megablox"
+        return _on_platform(x, w, group_sizes, cpu=_cpu_default(), tpu=kernel,
+                            cuda="ragged_dot" if partitioned else _gpu_default(),
+                            default="ragged_dot")
     if impl == "megablox":
         def kernel(x, w, group_sizes, interpret):
             return grouped_matmul_kernels.megablox_grouped_matmul(x, w, group_sizes,

@@ -21,6 +21,7 @@ Multi-process runs (several hosts, or several processes on one host) join with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -305,12 +306,14 @@ class MoeSharding(moe.Layout):
 
     def grouped_stage(self, expert_params: experts.Params, activation: str,
                       grouped_matmul: str) -> dispatch.GroupedStage:
-        """gspmd: the grouped experts on the global rows. explicit: this device's rows sorted by
-        expert are exchanged over the expert axis with a ragged all-to-all, its local experts
-        run on what it receives, and the results go back (`ragged_exchange`)."""
-        local = super().grouped_stage(expert_params, activation, grouped_matmul)
+        """gspmd: the grouped experts on the global rows (GSPMD cannot partition the Mosaic
+        kernels: "auto" is XLA's ragged_dot there on accelerators). explicit: this device's
+        rows sorted by expert are exchanged over the expert axis with a ragged all-to-all, its
+        local experts run on what it receives, and the results go back (`ragged_exchange`)."""
         if self.form == "gspmd":
-            return local
+            return functools.partial(experts.grouped_ffn, expert_params, activation=activation,
+                                     impl=grouped_matmul, partitioned=self.mesh.size > 1)
+        local = super().grouped_stage(expert_params, activation, grouped_matmul)
 
         def explicit(rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
             return ragged_exchange.exchange_experts(

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from experiments.benchmarks.train import synthetic_batch
-from moe_jax import MoeConfig, config, grouped_matmul_kernels, moe, schema
+from moe_jax import MoeConfig, config, grouped_matmul_kernels, kernels_hlo, moe, schema
 from moe_jax.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
 from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
@@ -159,3 +159,35 @@ def test_tiny_mixtral_train_step_on_megablox_equals_blocked():
                                rtol=1e-6)
     for p, ref in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(p, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_are_refused_where_gspmd_would_partition_them():
+    x, w, sizes = _problem()
+    for impl in ("megablox", "tokamax"):
+        with pytest.raises(ValueError, match="expert_parallel='explicit'"):
+            grouped_matmul(x, w, sizes, impl, partitioned=True)
+    out = grouped_matmul(x, w, sizes, "auto", partitioned=True)  # the CPU choice on CPU
+    np.testing.assert_allclose(out, _reference(x, w)[0], rtol=1e-5, atol=1e-5)
+
+
+HLO = """
+ENTRY %main {
+  %gmm.7 = bf16[1024,255]{1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call"
+  %tgmm = bf16[2,192,255]{2,1,0} custom-call(%a, %c), custom_call_target="tpu_custom_call"
+  %ragged-dot-none.4 = bf16[64,255]{1,0} custom-call(%a, %w), custom_call_target="tpu_custom_call"
+  %ragged_all_to_all.5 = bf16[1024,192]{1,0} ragged-all-to-all(%x, %y, %i, %s, %o, %r)
+  %all-to-all.2 = s32[4,1,1]{2,1,0} all-to-all(%p), dimensions={0}
+  %dot.3 = bf16[2,64,255]{2,1,0} dot(bf16[2,64,192]{2,1,0} %x, bf16[2,192,255]{2,1,0} %w)
+  ROOT %dot.4 = f32[64,8]{1,0} dot(f32[64,192]{1,0} %x, f32[192,8]{1,0} %router)
+}
+"""
+
+
+def test_kernel_facts_read_off_hand_made_hlo():
+    shapes = kernels_hlo.expert_weight_shapes(MoeConfig(num_experts=8, d_ff=255), 192, 4)
+    assert shapes == {(2, 192, 255), (2, 255, 192)}
+    facts = kernels_hlo.kernel_facts(HLO, shapes)
+    assert facts.mosaic_kernels == {"gmm": 1, "tgmm": 1, "ragged-dot-none": 1}
+    assert kernels_hlo.megablox_calls(facts) == 2
+    assert (facts.ragged_all_to_alls, facts.all_to_alls) == (1, 1)
+    assert len(facts.dense_expert_dots) == 1 and "%dot.3" in facts.dense_expert_dots[0]

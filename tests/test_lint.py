@@ -38,7 +38,7 @@ LAYERS = (
     ("data.*",),
     ("objective",),
     ("schema",),
-    ("flops",),
+    ("flops", "kernels_hlo"),
     ("train.*",),
     ("main", "demo"),
 )
