@@ -17,6 +17,7 @@ measurement.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import platform
@@ -45,15 +46,12 @@ RESULTS = pathlib.Path(__file__).parent / "results" / "dropless_tpu.json"
 
 def tpu_devices(topology: str) -> list[Any]:
     """libtpu's compile-only devices of `topology` (e.g. "v5p:2x2x1"); ImportError naming the
-    install command when libtpu is missing."""
+    install command when libtpu is missing. One process at a time holds libtpu."""
     from jax.experimental import topologies
 
-    try:
-        return list(topologies.get_topology_desc(topology, "tpu").devices)
-    except Exception as err:
-        raise ImportError(f"cannot describe TPU topology {topology!r} ({err}); install libtpu "
-                          "with pip install \"jax[tpu]\" and name a topology such as "
-                          "v5p:2x2x1.") from err
+    if importlib.util.find_spec("libtpu") is None:
+        raise ImportError('compiling for a TPU topology needs libtpu: pip install "jax[tpu]".')
+    return list(topologies.get_topology_desc(topology, "tpu").devices)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Any:
