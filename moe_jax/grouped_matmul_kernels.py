@@ -51,6 +51,12 @@ def _dim_tile(size: int, tile: int) -> int:
     return size
 
 
+def _tiling(rows: int, k: int, n: int) -> tuple[int, int, int]:
+    """Megablox tiles (rows, contraction, output columns) of a [rows, k] x [k, n] product."""
+    tm, tk, tn = MEGABLOX_TILING
+    return _row_tile(rows, tm), _dim_tile(k, tk), _dim_tile(n, tn)
+
+
 def _padded_groups(group_sizes: Array, num_rows: int) -> Array:
     """[E + 1] int32: the E groups, then one group of the rows past them. Megablox computes
     only the first E groups (one per weight matrix) and writes zeros elsewhere."""
@@ -72,12 +78,9 @@ def _megablox_backend():
 
 
 def _gmm(x: Array, w: Array, group_sizes: Array, interpret: bool, transpose_w: bool) -> Array:
-    backend = _megablox_backend()
     k, n = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
-    tm, tk, tn = MEGABLOX_TILING
-    tiling = (_row_tile(x.shape[0], tm), _dim_tile(k, tk), _dim_tile(n, tn))
-    return backend.gmm(x, w, group_sizes, x.dtype, tiling, transpose_rhs=transpose_w,
-                       interpret=interpret)
+    return _megablox_backend().gmm(x, w, group_sizes, x.dtype, _tiling(x.shape[0], k, n),
+                                   transpose_rhs=transpose_w, interpret=interpret)
 
 
 def _megablox_fwd(x, w, group_sizes, interpret):
@@ -86,14 +89,11 @@ def _megablox_fwd(x, w, group_sizes, interpret):
 
 def _megablox_bwd(interpret, residuals, dy):
     """dx = grouped(dy, w^T) (gmm), dw[e] = x_e^T dy_e (tgmm), each with its own exact tiles."""
-    backend = _megablox_backend()
     x, w, group_sizes = residuals
     dx = _gmm(dy.astype(x.dtype), w, group_sizes, interpret, transpose_w=True)
-    tm, tk, tn = MEGABLOX_TILING
-    k, n = w.shape[1], w.shape[2]
-    tiling = (_row_tile(x.shape[0], tm), _dim_tile(k, tk), _dim_tile(n, tn))
-    dw = backend.tgmm(x.swapaxes(0, 1), dy.astype(x.dtype), group_sizes, w.dtype, tiling,
-                      num_actual_groups=w.shape[0], interpret=interpret)
+    dw = _megablox_backend().tgmm(x.swapaxes(0, 1), dy.astype(x.dtype), group_sizes, w.dtype,
+                                  _tiling(x.shape[0], w.shape[1], w.shape[2]),
+                                  num_actual_groups=w.shape[0], interpret=interpret)
     return dx, dw, None
 
 

@@ -19,7 +19,12 @@ pytestmark = [
 def test_dropless_train_step_for_tpu_runs_megablox_and_ragged_all_to_all():
     from experiments.benchmarks import dropless_tpu
 
-    devices = dropless_tpu.tpu_devices("v5p:2x2x1")
+    try:
+        devices = dropless_tpu.tpu_devices("v5p:2x2x1")
+    except Exception as err:  # one process at a time may hold libtpu (/tmp/libtpu_lockfile)
+        if "lockfile" not in str(err):
+            raise
+        pytest.skip(f"libtpu is held by another process: {err}")
     base = dropless_tpu.base_config(len(devices), batch_size=4, **{"model.num_layers": 1})
     variants = dropless_tpu.VARIANTS
     dropless = dropless_tpu.variant_report(
