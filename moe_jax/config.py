@@ -17,7 +17,7 @@ ROUTERS = ("top_k", "expert_choice", "soft", "sigmoid_bias")
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
-GROUPED_MATMULS = ("auto", "ragged_dot", "blocked", "blas")
+GROUPED_MATMULS = ("auto", "ragged_dot", "blocked", "blas", "megablox", "tokamax")
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
 
@@ -53,8 +53,10 @@ class MoeConfig:
     # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
     # (jax.lax.ragged_dot), "blocked" (per-expert row blocks in XLA; XLA:CPU computes
     # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS; only on
-    # a tested jaxlib, see cpu_ffi.TESTED) or "auto" (blas on CPU, or blocked with a
-    # warning on an untested jaxlib; ragged_dot elsewhere).
+    # a tested jaxlib, see cpu_ffi.TESTED), "megablox" (TPU Pallas kernels; interpret
+    # mode off TPU), "tokamax" (GPU kernels, the `gpu` extra) or "auto" (per platform: megablox on
+    # TPU, tokamax on GPU if installed else ragged_dot, blas on CPU or blocked with a warning on
+    # an untested jaxlib).
     grouped_matmul: str = "auto"
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert

@@ -19,7 +19,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax import experts
 from moe_jax.routing import Slots, TokenChoice, map_groups
 
 Array = jax.Array
@@ -82,24 +81,26 @@ def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: st
                       slots)
 
 
-def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
-                 activation: str, grouped_matmul: str = "auto",
-                 dropout: experts.Dropout | None = None) -> Array:
+# Runs the experts on rows sorted by expert [M, d] with group_sizes [E] -> [M, d]
+# (`moe.Layout.grouped_stage`: on a mesh, with the ragged exchange of the rows).
+GroupedStage = Callable[[Array, Array], Array]
+
+
+def dropless_moe(x: Array, choice: TokenChoice, grouped_stage: GroupedStage,
+                 num_experts: int) -> Array:
     """Every kept assignment computed, none padded (MegaBlocks dropless).
 
     x: [T, d]; choice: TokenChoice with [T, K] fields (no capacity; `keep` False choices are
-    skipped). Sorts the T*K assignments by expert, runs grouped matmuls (with expert dropout,
-    if given), scatters back.
+    skipped). Sorts the T*K assignments by expert, runs the experts on them with
+    `grouped_stage`, scatters back.
     """
     k = choice.expert_index.shape[1]
-    num_experts = expert_params["wi"].shape[0]
     # Discarded choices get expert id E: sorted last and outside every group.
     expert = jnp.where(choice.keep, choice.expert_index, num_experts).reshape(-1)  # [T*K]
     order = jnp.argsort(expert, stable=True)
     token = order // k
     group_sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)
-    out = experts.grouped_ffn(expert_params, x[token], group_sizes, activation,
-                              grouped_matmul, dropout)  # [T*K, d]
+    out = grouped_stage(x[token], group_sizes)  # [T*K, d]
     gate = jnp.where(choice.keep, choice.gate, 0).reshape(-1)[order]
     weighted = out * gate.astype(out.dtype)[:, None]
     return jnp.zeros_like(x).at[token].add(weighted)

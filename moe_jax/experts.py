@@ -77,17 +77,18 @@ def expert_ffn(params: Params, x: Array, activation: str, *, expert_axis: int = 
 
 
 def grouped_ffn(params: Params, x: Array, group_sizes: Array, activation: str,
-                impl: str = "auto", dropout: Dropout | None = None) -> Array:
+                impl: str = "auto", partitioned: bool = False,
+                dropout: Dropout | None = None) -> Array:
     """Experts on rows sorted by expert, without padding (MegaBlocks-style dropless).
 
     params: wi [E, d, f], wo [E, f, d] (+ wi_gate); x: [M, d], rows of expert e contiguous and in
     expert order; group_sizes: [E] int32 rows per expert (sum <= M; later rows produce zeros).
-    `impl` picks the grouped matmul (see `moe_jax.grouped_matmul`); dropout: expert dropout on
-    the hidden activations [M, f], if given.
+    `impl` and `partitioned` pick the grouped matmul (see `moe_jax.grouped_matmul`); dropout:
+    expert dropout on the hidden activations [M, f], if given.
     """
 
     def dot(a: Array, w: Array) -> Array:
-        return grouped_matmul(a, w.astype(a.dtype), group_sizes, impl)
+        return grouped_matmul(a, w.astype(a.dtype), group_sizes, impl, partitioned=partitioned)
 
     pre = dot(x, params["wi"])
     gate_pre = dot(x, params["wi_gate"]) if activation == "swiglu" else None

@@ -14,6 +14,10 @@ custom call (`moe_jax.grouped_matmul_cpu`), which writes each output row once wh
 fills and rewrites a loop carry (experiments/benchmarks/README.md has the measurements). It
 runs only on the jaxlib versions it was tested with (`cpu_ffi.TESTED`); elsewhere
 "auto" uses "blocked", with one warning per process.
+
+On accelerators "auto" uses the field's kernels (`moe_jax.grouped_matmul_kernels`): megablox on
+TPU, tokamax on GPU when installed. The choice is made per platform when the program is
+lowered, so a TPU program compiled on a CPU host gets the TPU kernel.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax import cpu_ffi, grouped_matmul_cpu
+from moe_jax import cpu_ffi, grouped_matmul_cpu, grouped_matmul_kernels
 
 Array = jax.Array
 
 BLOCK_SIZES = (256, 32)
+IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked", "blas", "megablox", "tokamax")
+KERNEL_IMPLS = ("megablox", "tokamax")  # per-device kernels: not partitionable by GSPMD
 
 
 def _for_blocks(start: Array, end: Array, block_sizes: tuple[int, ...], num_rows: int,
@@ -162,18 +168,72 @@ def _blas_bwd(residuals, dy):
 blas_grouped_matmul.defvjp(_blas_fwd, _blas_bwd)
 
 
-def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto") -> Array:
-    """out[m] = x[m] @ w[e(m)]. impl: "ragged_dot" (`jax.lax.ragged_dot`), "blocked", "blas"
-    (XLA:CPU only, on a tested jaxlib: `cpu_ffi.untested_reason`), or "auto": on CPU
-    (where XLA's ragged_dot computes every expert densely) "blas", or "blocked" with one
-    `UntestedJaxlibWarning` per process where the jaxlib is untested; ragged_dot elsewhere.
-    "blas" runs bfloat16/float16 operands as float32 copies and rounds the result back, as
-    XLA:CPU's own dots of those types compute in float32."""
+def _cpu_default() -> str:
+    """"auto" on XLA:CPU: "blas", or "blocked" (one warning) on an untested jaxlib."""
+    if jax.default_backend() != "cpu":  # tracing for CPU from an accelerator host: no warning
+        return "blocked"
+    return "blas" if cpu_ffi.usable_for_auto() else "blocked"
+
+
+def _gpu_default() -> str:
+    """"auto" on GPU: tokamax when installed and traced on a GPU host (it picks its kernel from
+    the host's device), else ragged_dot (see the README for XLA:GPU's cuDNN ragged-dot fusion
+    flag)."""
+    on_gpu = jax.default_backend() == "gpu"
+    return "tokamax" if on_gpu and grouped_matmul_kernels.tokamax_available() else "ragged_dot"
+
+
+def _on_platform(x: Array, w: Array, group_sizes: Array, **impls: str) -> Array:
+    """The grouped matmul `impls[platform]` (or impls["default"]), chosen when the program is
+    lowered for its platform (`jax.lax.platform_dependent`), not from the host's default
+    backend: a program compiled on a CPU host for a TPU topology gets the TPU kernel."""
+    branches = {platform: functools.partial(grouped_matmul, impl=impl)
+                for platform, impl in impls.items()}
+    return jax.lax.platform_dependent(x, w, group_sizes, **branches)
+
+
+def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto", *,
+                   partitioned: bool = False) -> Array:
+    """out[m] = x[m] @ w[e(m)]: x [M, k] rows sorted by expert, w [E, k, n], group_sizes [E].
+
+    impl:
+      "ragged_dot"  `jax.lax.ragged_dot` (XLA:CPU computes it densely over all experts).
+      "blocked"     per-expert row blocks in XLA, with a custom VJP.
+      "blas"        XLA:CPU only, on a tested jaxlib (`cpu_ffi.untested_reason`):
+                    the host BLAS per expert; bfloat16/float16 operands run as float32 copies
+                    and are rounded back, as XLA:CPU's own dots of those types compute in
+                    float32.
+      "megablox"    the megablox TPU kernels (`grouped_matmul_kernels`); interpret mode off TPU.
+      "tokamax"     `tokamax.ragged_dot` (the `gpu` extra): its own kernel choice on GPU, its
+                    "xla" implementation elsewhere.
+      "auto"        per platform, at lowering: megablox on TPU; tokamax on GPU when installed,
+                    else ragged_dot; on CPU "blas", or "blocked" with one
+                    `UntestedJaxlibWarning` per process where the jaxlib is untested.
+    partitioned: the call runs on arrays that XLA's GSPMD partitioner splits over several
+    devices (outside `shard_map`). Mosaic and Triton kernels cannot be partitioned: there
+    "auto" is ragged_dot on TPU and GPU, and "megablox" and "tokamax" are refused.
+    """
+    if partitioned and impl in KERNEL_IMPLS:
+        raise ValueError(
+            f"grouped matmul {impl!r} cannot run on arrays that GSPMD partitions over a mesh "
+            "(Mosaic/Triton kernels must be called per device); use the explicit "
+            "expert-parallel form (mesh.expert_parallel='explicit') or grouped_matmul='auto'.")
     if impl == "auto":
-        if jax.default_backend() != "cpu":
-            impl = "ragged_dot"
-        else:
-            impl = "blas" if cpu_ffi.usable_for_auto() else "blocked"
+        kernel = "ragged_dot" if partitioned else "megablox"
+        return _on_platform(x, w, group_sizes, cpu=_cpu_default(), tpu=kernel,
+                            cuda="ragged_dot" if partitioned else _gpu_default(),
+                            default="ragged_dot")
+    if impl == "megablox":
+        def kernel(x, w, group_sizes, interpret):
+            return grouped_matmul_kernels.megablox_grouped_matmul(x, w, group_sizes,
+                                                                  interpret=interpret)
+        return jax.lax.platform_dependent(
+            x, w, group_sizes, tpu=functools.partial(kernel, interpret=False),
+            default=functools.partial(kernel, interpret=True))
+    if impl == "tokamax":  # tokamax picks its kernel from the host's device when traced
+        implementation = None if jax.default_backend() == "gpu" else "xla"
+        return grouped_matmul_kernels.tokamax_grouped_matmul(x, w, group_sizes,
+                                                             implementation=implementation)
     if impl == "blocked":
         return blocked_grouped_matmul(x, w, group_sizes)
     if impl == "blas":
@@ -187,5 +247,4 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto") -
         return blas_grouped_matmul(x.astype(f32), w.astype(f32), group_sizes).astype(x.dtype)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    raise ValueError(
-        f"unknown grouped matmul {impl!r}; use 'auto', 'ragged_dot', 'blocked' or 'blas'.")
+    raise ValueError(f"unknown grouped matmul {impl!r}; use one of {IMPLEMENTATIONS}.")

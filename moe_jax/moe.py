@@ -9,7 +9,7 @@ C capacity, d model width, f expert width. One call reads top-down (`_layer`): r
 (router dtype) -> `routing.route` (choices, slots, statistics) -> dispatch, experts and combine
 (`dispatch.py`, `experts.py`) -> shared experts.
 
-`Layout` is the layer's one seam to a mesh: the layer calls its four methods and never asks how
+`Layout` is the layer's one seam to a mesh: the layer calls its five methods and never asks how
 it is laid out; `moe_jax.sharding.MoeSharding` implements them for expert parallelism.
 """
 
@@ -51,6 +51,14 @@ class Layout:
         if given)."""
         return functools.partial(experts.expert_ffn, expert_params, activation=activation,
                                  expert_axis=1, dropout=dropout)
+
+    def grouped_stage(self, expert_params: experts.Params, activation: str,
+                      grouped_matmul: str, dropout: experts.Dropout | None = None
+                      ) -> dispatch.GroupedStage:
+        """The stage that runs the experts on rows sorted by expert [M, d] (dropless; with
+        expert dropout, if given)."""
+        return functools.partial(experts.grouped_ffn, expert_params, activation=activation,
+                                 impl=grouped_matmul, dropout=dropout)
 
     def model_sum(self, y: Array) -> Array:
         """Sums partial results over a model-parallel axis (the shared experts' output)."""
@@ -234,8 +242,9 @@ def _run_experts(params: Params, tokens: Array, routed: routing.Routing, config:
     """Dispatch, experts (with expert dropout, if any) and combine: tokens [N, d] -> [N, d]
     (capacity and soft: [G, T, d])."""
     if config.dispatch == "dropless":
-        return dispatch.dropless_moe(tokens, routed.tokens.choice, params["experts"],
-                                     config.activation, config.grouped_matmul, dropout)
+        stage = layout.grouped_stage(params["experts"], config.activation,
+                                     config.grouped_matmul, dropout)
+        return dispatch.dropless_moe(tokens, routed.tokens.choice, stage, config.num_experts)
     grouped = layout.constrain_tokens(tokens.reshape(num_groups, -1, tokens.shape[-1]))
     stage = layout.expert_stage(params["experts"], config.activation, dropout)
     if routed.soft_weights is not None:

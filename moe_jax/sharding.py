@@ -9,7 +9,8 @@ Expert parallelism comes in two forms (`MoeSharding.form`):
   inserts the all-to-all between them (GShard, Lepikhin et al. 2020, Sec. 3).
 - "explicit": `jax.shard_map` over the mesh; each device routes its own tokens, exchanges
   fixed-capacity buffers with `jax.lax.all_to_all` over the expert axis, runs its local experts,
-  and sends the outputs back (the same exchange, written by hand).
+  and sends the outputs back (the same exchange, written by hand). Dropless dispatch exchanges
+  exactly the routed rows instead, with a ragged all-to-all (`moe_jax.ragged_exchange`).
 Routing groups never span devices in the explicit form, so `MoeConfig.group_size` must divide
 the tokens of one device; use the same group size unsharded to get identical routing.
 
@@ -20,6 +21,7 @@ Multi-process runs (several hosts, or several processes on one host) join with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax import dispatch, experts, moe, routing, validation
+from moe_jax import dispatch, experts, moe, ragged_exchange, routing, validation
 from moe_jax.config import MoeConfig
 
 MESH_AXES = ("data", "expert", "model")
@@ -197,7 +199,7 @@ def logical_to_spec(names: Sequence[str | None],
 @dataclasses.dataclass(frozen=True)
 class MoeSharding(moe.Layout):
     """How one MoE layer is laid out on a mesh: the `moe.Layout` of expert parallelism (static:
-    hashable, usable as a jit static arg). The layer calls the four `Layout` methods; only this
+    hashable, usable as a jit static arg). The layer calls the five `Layout` methods; only this
     class knows which form they take."""
 
     mesh: Mesh
@@ -304,6 +306,26 @@ class MoeSharding(moe.Layout):
 
         return gspmd if self.form == "gspmd" else explicit
 
+    def grouped_stage(self, expert_params: experts.Params, activation: str,
+                      grouped_matmul: str, dropout: experts.Dropout | None = None
+                      ) -> dispatch.GroupedStage:
+        """gspmd: the grouped experts on the global rows (GSPMD cannot partition the Mosaic
+        kernels: "auto" is XLA's ragged_dot there on accelerators). explicit: this device's
+        rows sorted by expert are exchanged over the expert axis with a ragged all-to-all, its
+        local experts run on what it receives, and the results go back (`ragged_exchange`)."""
+        if self.form == "gspmd":
+            return functools.partial(experts.grouped_ffn, expert_params, activation=activation,
+                                     impl=grouped_matmul, partitioned=self.mesh.size > 1,
+                                     dropout=dropout)
+        local = super().grouped_stage(expert_params, activation, grouped_matmul, dropout)
+
+        def explicit(rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+            return ragged_exchange.exchange_experts(
+                rows, group_sizes, lambda r, sizes: self.model_sum(local(r, sizes)),
+                self.expert_axis)
+
+        return explicit
+
     def model_sum(self, y: jax.Array) -> jax.Array:
         if self.form == "explicit" and self._uses_model_axis:
             return jax.lax.psum(y, self.model_axis)
@@ -311,11 +333,6 @@ class MoeSharding(moe.Layout):
 
     def _check_explicit(self, x: jax.Array, config: MoeConfig) -> None:
         """Refuses what the explicit form cannot run, naming the numbers and the fix."""
-        if config.dispatch == "dropless":
-            raise ValueError(
-                "dispatch='dropless' cannot use the explicit expert-parallel form: it needs a "
-                "ragged all-to-all (unimplemented on XLA:CPU); use dispatch='gather' or "
-                "'einsum' with fixed capacity, or the 'gspmd' form.")
         n_expert = self.axis_size(self.expert_axis)
         if config.num_experts % n_expert:
             raise ValueError(f"num_experts={config.num_experts} does not divide over the expert "

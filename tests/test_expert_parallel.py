@@ -125,3 +125,33 @@ def test_sharded_layer_with_padding_mask_equals_unsharded(form):
         p, x, mask, moe_sharding)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+DROPLESS = BASE.replace(top_k=2, dispatch="dropless", renormalize_gates=True)
+
+
+@pytest.mark.parametrize(("shape", "padded", "grouped_matmul"), [
+    ((1, 8, 1), False, "auto"), ((2, 2, 2), True, "auto"),
+    pytest.param((2, 4, 1), True, "megablox", marks=pytest.mark.slow),
+])
+def test_explicit_dropless_equals_unsharded(shape, padded, grouped_matmul):
+    # Each device's routed rows go to their experts' devices with a ragged all-to-all (on CPU
+    # its exact all_to_all equivalent) and back; uneven padding leaves devices uneven loads.
+    config = DROPLESS.replace(grouped_matmul=grouped_matmul)
+    mask = (jnp.arange(64).reshape(8, 8) < jnp.array([8, 3, 0, 8, 5, 8, 1, 8])[:, None]
+            if padded else None)
+    params = moe.init_params(jax.random.key(0), config, D_MODEL)
+
+    def loss(params, x, mask, moe_sharding):
+        y, aux = moe.apply(params, x, config, token_mask=mask, sharding=moe_sharding)
+        return jnp.sum(jnp.sin(y)) + aux["load_balancing_loss"] + aux["router_z_loss"], aux
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=3)
+    (ref_loss, ref_aux), ref_grads = grad_fn(params, X, mask, None)
+    moe_sharding = sharding.MoeSharding(_mesh(shape), form="explicit")
+    (value, aux), grads = grad_fn(*_place(params, X, moe_sharding), mask, moe_sharding)
+    np.testing.assert_allclose(value, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(aux["expert_load"], ref_aux["expert_load"], atol=1e-6)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, ref, rtol=2e-4, atol=2e-6)
+    assert float(jnp.abs(grads["experts"]["wi"]).sum()) > 0

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks.timing import measure
-from moe_jax import MoeConfig, experts, moe
+from moe_jax import MoeConfig, experts, grouped_matmul_kernels, moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +138,13 @@ def layer_vs_dense(shape: LayerShape, num_experts: tuple[int, ...] = (8, 64),
     return rows
 
 
+# Grouped matmuls timed by `dropless_target` on each backend (tokamax: the `gpu` extra).
+DROPLESS_IMPLS = {"cpu": ("blas", "blocked", "ragged_dot"),
+                  "tpu": ("megablox", "ragged_dot", "blocked"),
+                  "gpu": (("tokamax",) if grouped_matmul_kernels.tokamax_available() else ())
+                  + ("ragged_dot", "blocked")}
+
+
 def dropless_target(shape: LayerShape, num_experts: int = 8, repeats: int = 5
                     ) -> list[dict[str, Any]]:
     """Dropless top-2 swiglu (expert d_ff = shape.d_ff) vs a dense swiglu FFN on 2x the tokens
@@ -155,7 +162,7 @@ def dropless_target(shape: LayerShape, num_experts: int = 8, repeats: int = 5
         ratio = blas_dense["timing"]["median_s"] / dense["timing"]["median_s"]
         rows.append({"benchmark": "dropless", "model": "dense on 2T tokens, BLAS GEMMs",
                      "ratio_to_dense": ratio, **blas_dense})
-    for impl in ("blas", "blocked", "ragged_dot") if cpu else ("ragged_dot", "blocked"):
+    for impl in DROPLESS_IMPLS[jax.default_backend()]:
         config = MoeConfig(num_experts=num_experts, top_k=2, d_ff=shape.d_ff, dispatch="dropless",
                            activation="swiglu", grouped_matmul=impl)
         slow = cpu and impl == "ragged_dot"  # every expert densely: one timed run
