@@ -171,13 +171,14 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}; settings are flags such as "
                              "--config.train.num_train_steps=100.")
     from moe_jax.train.checkpoint import CheckpointError
+    from moe_jax.train.lock import WorkdirLockedError
     from moe_jax.train.loop import NonFiniteLossError
 
     if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every save at INFO
         logging.set_verbosity(logging.WARNING)
     try:
         run(flags.FLAGS)
-    except (NonFiniteLossError, CheckpointError) as err:
+    except (NonFiniteLossError, CheckpointError, WorkdirLockedError) as err:
         raise SystemExit(f"moe_jax.main: {type(err).__name__}: {err}") from err
 
 
