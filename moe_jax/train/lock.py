@@ -273,6 +273,8 @@ def hold(workdir: str, *, lease_seconds: float = LEASE_SECONDS) -> Iterator[Work
             lock.acquire()
         except WorkdirLockedError as err:
             error = str(err)
+        except OSError as err:  # e.g. a read-only run directory: the other processes stop too
+            error = f"could not take the lock {lock.path}: {err}"
     error = placement.allgather_json(error)[0]
     if error:
         raise WorkdirLockedError(error)
