@@ -347,6 +347,10 @@ def test_micro_suite_as_a_slurm_array_equals_the_local_run(cluster, data_dir, tm
 def test_a_cancelled_member_is_reported_failed_and_resubmitted(cluster, data_dir, tmp_path):
     suite = micro_suite(data_dir, names=("dense",))
     paths = {"workdir_root": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
+    with pytest.raises(slurm.SlurmError, match=r"(?s)Invalid partition name.*--slurm\.partition"):
+        run.run_suite(suite, "tiny", seeds=1, launcher="slurm", log=lambda _: None,
+                      slurm=slurm.SlurmConfig(partition="gpu"), **paths)
+    assert not os.path.exists(os.path.join(paths["workdir_root"], "tiny", "dense_s0"))
     resources = slurm.SlurmConfig(time="30", cpus_per_task=1)
     run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources,
                   log=lambda _: None, **paths)
