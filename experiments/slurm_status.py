@@ -100,7 +100,9 @@ def failure(workdir: str, record: dict[str, Any] | None) -> tuple[str, str]:
     for path in candidates:
         if os.path.exists(path) and _ERROR_LINE.search(run._tail(path, 200)):
             return path, last_error_line(path)
-    path = next((p for p in candidates if os.path.exists(p)), candidates[0])
+    path = next((p for p in candidates if os.path.exists(p)), None)
+    if path is None:  # cancelled while pending, or refused by the node before it started
+        return candidates[0], "no log: the job ended before it started"
     return path, last_error_line(path)
 
 
@@ -129,7 +131,8 @@ def member_states(specs: Sequence[RunSpec], data: dict[str, Any], root: str
             log, line = failure(workdir, record)
             ended = "" if record is None else f"job {record['job_id']} ended" + (
                 f" {queue[record['job_id']][0]}" if record["job_id"] in queue else "") + ": "
-            out.append((spec, results_lib.FAILED, f"{ended}{line} (log: {log})"))
+            where = f" (log: {log})" if os.path.exists(log) else ""
+            out.append((spec, results_lib.FAILED, f"{ended}{line}{where}"))
         else:
             out.append((spec, results_lib.MISSING, ""))
     return out

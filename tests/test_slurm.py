@@ -233,6 +233,21 @@ def test_bad_input_names_the_problem_and_submits_nothing(fake, tmp_path, monkeyp
         run.main(["--suite=capacity", "--launcher=slurm", "--slurm.time=soon"])
 
 
+def test_a_job_that_ended_before_it_started_is_failed_without_a_log(tmp_path):
+    suite = micro_suite(names=("dense",))
+    spec = suite.expand("tiny", 1)[0]
+    workdir = run.workdir_of(spec, str(tmp_path))
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, slurm_status.JOB_FILE), "w") as f:  # a process long gone
+        json.dump({"job_id": "999999999", "executor": "local",
+                   "stdout": str(tmp_path / "never.out"),
+                   "stderr": str(tmp_path / "never.err")}, f)
+    [(_, state, detail)] = slurm_status.member_states([spec], {"runs": [], "other_runs": []},
+                                                      str(tmp_path))
+    assert (state, detail) == (
+        "failed", "job 999999999 ended ENDED: no log: the job ended before it started")
+
+
 def test_slurm_config_maps_to_submitit_parameters():
     config = slurm.SlurmConfig(partition="gpu", time="1-02:30:00", nodes=2, gpus_per_node=8,
                                cpus_per_task=12, mem="256G", account="moe",
