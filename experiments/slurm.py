@@ -260,12 +260,16 @@ def launch(suite: Suite, todo: Sequence[RunSpec], root: str, config: SlurmConfig
     records = submit(suite, fresh, root, config, retry_diverged=retry_diverged, python=python)
     ids = ", ".join(f"{s.workdir_name}={r['job_id']}" for s, r in zip(fresh, records,
                                                                        strict=True))
+    runs = f"{len(fresh)} run{'s' if len(fresh) > 1 else ''}"
     if config.executor == "local":
-        log(f"submitted {len(fresh)} runs as local jobs (submitit's local executor): {ids}")
+        log(f"submitted {runs} to submitit's local executor (processes on this machine): {ids}")
         folder = os.path.join(job_folder(root, fresh[0].scale), "<job>")
+    elif len(fresh) == 1:  # submitit submits a single run as a plain job, not an array
+        log(f"submitted {runs} as job {records[0]['job_id']}: {ids}")
+        folder = os.path.dirname(records[0]["stdout"])
     else:
         array = records[0]["job_id"].split("_")[0]
-        log(f"submitted {len(fresh)} runs as job array {array}: {ids}")
+        log(f"submitted {runs} as job array {array}: {ids}")
         folder = os.path.join(job_folder(root, fresh[0].scale), f"{array}_<task>")
     log(f"logs: {folder}/ (submitit's, per task) and <run directory>/{run.LOG_FILE} (the "
         "training's); follow with --status (same flags). Finished runs are collected into the "

@@ -23,6 +23,9 @@ ACTIVE = (PENDING, RUNNING, SUBMITTED)  # states in which a run is not submitted
 _QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SUSPENDED",
            "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT"}
 _STARTED = {"RUNNING", "COMPLETING"}
+# squeue reasons of a pending job that cannot start as submitted
+_NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit",
+                 "BadConstraints", "InvalidAccount", "InvalidQOS"}
 _ERROR_LINE = re.compile(r"error|exception|cancelled|killed|time limit|oom|out of memory",
                          re.IGNORECASE)
 
@@ -54,8 +57,13 @@ def queue_states(records: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]
         return None
     for line in result.stdout.splitlines():
         job, state, node, reason = [x.strip() for x in [*line.split("|"), "", "", ""][:4]]
+        waits = state == "PENDING" and reason not in ("", "None")
+        fix = (f"; it cannot start as submitted (the partition cannot give the CPUs, memory, "
+               f"GPUs, nodes or time a task asks, or the account or QOS is refused): scancel "
+               f"{job.split('_')[0]}, then submit again with other --slurm.* flags"
+               if reason in _NEVER_STARTS else "")
         states[job] = (state, state + (f" on {node}" if node else "") + (
-            f": {reason}" if state == "PENDING" and reason not in ("", "None") else ""))
+            f": {reason}" if waits else "") + fix)
     return states
 
 

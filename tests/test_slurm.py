@@ -183,7 +183,7 @@ def test_local_executor_array_status_requeue_failure_and_resubmission(fake):
     run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=LOCAL, python=python,
                   wait=True, poll_seconds=0.2, log=lines.append, **paths)
     assert next(line for line in lines if line.startswith("submitted")).startswith(
-        "submitted 1 runs")
+        "submitted 1 run ")
     with open(path) as f:
         data = json.load(f)
     assert {r["member"]: r["summary"]["eval_loss"] for r in data["runs"]} == {
@@ -246,6 +246,20 @@ def test_a_job_that_ended_before_it_started_is_failed_without_a_log(tmp_path):
                                                       str(tmp_path))
     assert (state, detail) == (
         "failed", "job 999999999 ended ENDED: no log: the job ended before it started")
+
+
+def test_a_pending_job_that_cannot_start_says_what_to_do(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '7_0|PENDING||PartitionConfig'\n"
+                                    "echo '7_1|PENDING||Priority'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    states = slurm_status.queue_states([{"job_id": "7_0", "executor": "slurm"},
+                                        {"job_id": "7_1", "executor": "slurm"}])
+    assert states["7_0"][1].startswith("PENDING: PartitionConfig; it cannot start as submitted")
+    assert states["7_0"][1].endswith("scancel 7, then submit again with other --slurm.* flags")
+    assert states["7_1"] == ("PENDING", "PENDING: Priority")
 
 
 def test_slurm_config_maps_to_submitit_parameters():
@@ -381,7 +395,8 @@ def test_a_cancelled_member_is_reported_failed_and_resubmitted(cluster, data_dir
     lines: list[str] = []
     path = run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources, wait=True,
                          poll_seconds=2, log=lines.append, **paths)
-    assert any(line.startswith("submitted 1 runs") for line in lines), lines
+    assert any(line.startswith(f"submitted 1 run as job {slurm_status.read_job(workdir)['job_id']}")
+               for line in lines), lines
     assert slurm_status.read_job(workdir)["job_id"] != job
     assert _results(path)["dense"]["status"] == "finished"
 
