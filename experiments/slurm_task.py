@@ -43,6 +43,11 @@ class RunTask(submitit.helpers.Checkpointable):
         env = run._environment()
         if job.num_tasks > 1:
             env.update(JAX_NUM_PROCESSES=str(job.num_tasks), JAX_PROCESS_ID=str(job.global_rank))
+            if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+                # Not the runner's persistent cache: JAX writes it from process 0 only, so
+                # with a warm cache process 0 alone skips compiling and waits for the others
+                # at the first collective (longer than gloo's 30 s rendezvous on a busy CPU).
+                env.pop("JAX_COMPILATION_CACHE_DIR", None)
         if job.global_rank > 0:
             os.makedirs(workdir, exist_ok=True)
             log = os.path.join(workdir, f"run.{job.global_rank}.log")

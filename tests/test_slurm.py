@@ -432,6 +432,10 @@ def test_two_slurm_tasks_train_the_tiny_moe_like_one_process(cluster, data_dir, 
     # processes), jax.distributed initialised from SLURM's environment by scripts/train.sbatch.
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     monkeypatch.setenv("PYTHON", sys.executable)
+    # No persistent cache (tests/conftest.py's): JAX writes it from process 0 only, so with a
+    # warm cache process 0 skips compiling while process 1 compiles, and waits for it at the
+    # first collective longer than gloo's 30 s rendezvous allows on a loaded machine.
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     workdir = str(tmp_path / "two_tasks")
     log = str(tmp_path / "job.out")
     settings = {**SETTINGS, **MULTIHOST_MESH, "data.data_dir": data_dir,
