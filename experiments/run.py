@@ -359,7 +359,12 @@ def _plan(suite: Suite, selected: Sequence[RunSpec], data: dict[str, Any], root:
         held = results_lib.recorded(data, entry)
         keep = held is not None and not replace and not (
             retry_diverged and held["status"] == results_lib.DIVERGED)
-        if keep and held["status"] in (results_lib.FINISHED, results_lib.DIVERGED):
+        unanalysed = (keep and analyse and bool(suite.analysis)
+                      and held["status"] == results_lib.FINISHED and not held.get("analysis"))
+        if unanalysed:
+            log(f"{spec.workdir_name}: recorded without the suite's analysis; analysing its run "
+                "directory (or training it again where there is none)")
+        elif keep and held["status"] in (results_lib.FINISHED, results_lib.DIVERGED):
             log(f"skip {spec.workdir_name}: {held['status']} in the results file (to check it, "
                 "rerun it with --results_dir=DIR for a separate file, or with --replace and a "
                 "new --workdir_root to replace the recorded result)")

@@ -52,8 +52,9 @@ class MoeConfig:
     dispatch: str = "gather"
     # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
     # (jax.lax.ragged_dot), "blocked" (per-expert row blocks in XLA; XLA:CPU computes
-    # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS) or
-    # "auto" (blas on CPU, ragged_dot elsewhere).
+    # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS; only on
+    # a tested jaxlib, see cpu_ffi.TESTED) or "auto" (blas on CPU, or blocked with a
+    # warning on an untested jaxlib; ragged_dot elsewhere).
     grouped_matmul: str = "auto"
     activation: str = "gelu"
     d_ff: int = 512  # hidden width of each expert
@@ -69,6 +70,16 @@ class MoeConfig:
     # Expert choice and soft routing mix the tokens of a group: `check_causal` refuses them in
     # causal models unless this is set.
     allow_non_causal: bool = False
+    # Dropout on the experts' hidden activations in training, at its own rate, separate from
+    # ModelConfig.dropout_rate (Switch Sec. 2.4 and Table 4: "expert dropout"; 0.1 outside and
+    # 0.4 inside the experts fine-tuned best). Its masks come from the layer's rng.
+    expert_dropout: float = 0.0
+    # Router temperature tau: routing uses logits / tau (softmax, or the sigmoid of sigmoid_bias)
+    # instead of the logits (temperature scaling, Guo et al. 2017, Sec. 4.2); > 1 flattens the
+    # routing distribution, < 1 sharpens it. `eval_router_temperature` (None: the same) is used
+    # when train=False. The z-loss and max_router_logit are of the scaled logits.
+    router_temperature: float = 1.0
+    eval_router_temperature: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "d_ff", "slots_per_expert"):
@@ -87,6 +98,13 @@ class MoeConfig:
             validation.number(self, name, at_least=0)
         validation.number(self, "jitter_eps", at_least=0, below=1)
         validation.number(self, "init_scale", above=0)
+        validation.number(self, "expert_dropout", at_least=0, below=1,
+                          fix="Switch fine-tuned with 0.4 in the experts")
+        validation.number(self, "router_temperature", above=0, fix="1.0 leaves the logits as "
+                          "they are")
+        if self.eval_router_temperature is not None:
+            validation.number(self, "eval_router_temperature", above=0,
+                              fix="None uses router_temperature")
         validation.one_of(self, "router", ROUTERS)
         validation.one_of(self, "drop_priority", DROP_PRIORITIES)
         validation.one_of(self, "dispatch", DISPATCHES)
@@ -124,6 +142,19 @@ class MoeConfig:
                 "future tokens in a causal model; use a token-choice router ('top_k', "
                 "'sigmoid_bias'), a bidirectional encoder (model.causal=False, with the "
                 "masked-LM objective), or set allow_non_causal=True if you accept the leak.")
+
+    def uses_rng(self, train: bool) -> bool:
+        """Whether the layer draws random numbers: router jitter, GShard's random second
+        expert or expert dropout, all in training only."""
+        return train and (self.jitter_eps > 0 or self.second_expert_policy == "random"
+                          or self.expert_dropout > 0)
+
+    def temperature(self, *, train: bool) -> float:
+        """The router temperature: `router_temperature`, or `eval_router_temperature` (when
+        set) for train=False."""
+        if not train and self.eval_router_temperature is not None:
+            return self.eval_router_temperature
+        return self.router_temperature
 
     @property
     def router_jnp_dtype(self) -> jnp.dtype:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,14 @@ def _parse(argv: list[str] | None = None) -> tuple[MoeConfig, argparse.Namespace
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    hints = typing.get_type_hints(MoeConfig)
     for field in dataclasses.fields(MoeConfig):
         default = field.default
+        # the type of the default; for an optional field (None) the X of `X | None`
+        inner = type(default) if default is not None else next(
+            t for t in typing.get_args(hints[field.name]) if t is not type(None))
         kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), int: int, float: float}.get(
-            type(default), str)
-        if default is None:
-            kind = int
+            inner, str)
         parser.add_argument(f"--{field.name}", type=kind, default=default)
     args = parser.parse_args(argv)
     config = MoeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MoeConfig)})

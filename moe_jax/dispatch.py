@@ -83,11 +83,13 @@ def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: st
 
 
 def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
-                 activation: str, grouped_matmul: str = "auto") -> Array:
+                 activation: str, grouped_matmul: str = "auto",
+                 dropout: experts.Dropout | None = None) -> Array:
     """Every kept assignment computed, none padded (MegaBlocks dropless).
 
     x: [T, d]; choice: TokenChoice with [T, K] fields (no capacity; `keep` False choices are
-    skipped). Sorts the T*K assignments by expert, runs grouped matmuls, scatters back.
+    skipped). Sorts the T*K assignments by expert, runs grouped matmuls (with expert dropout,
+    if given), scatters back.
     """
     k = choice.expert_index.shape[1]
     num_experts = expert_params["wi"].shape[0]
@@ -97,7 +99,7 @@ def dropless_moe(x: Array, choice: TokenChoice, expert_params: experts.Params,
     token = order // k
     group_sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)
     out = experts.grouped_ffn(expert_params, x[token], group_sizes, activation,
-                              grouped_matmul)  # [T*K, d]
+                              grouped_matmul, dropout)  # [T*K, d]
     gate = jnp.where(choice.keep, choice.gate, 0).reshape(-1)[order]
     weighted = out * gate.astype(out.dtype)[:, None]
     return jnp.zeros_like(x).at[token].add(weighted)

@@ -11,8 +11,9 @@ blocks of x_b^T dy_b. Rows past sum(group_sizes) come out as zeros.
 
 On CPU the default is `blas_grouped_matmul`: one host-BLAS GEMM per expert through an XLA
 custom call (`moe_jax.grouped_matmul_cpu`), which writes each output row once where the XLA loop
-fills and rewrites a loop carry (float32: 1.07x vs 1.35x of the dense FFN on the same rows,
-fwd+bwd; experiments/benchmarks/README.md).
+fills and rewrites a loop carry (experiments/benchmarks/README.md has the measurements). It
+runs only on the jaxlib versions it was tested with (`cpu_ffi.TESTED`); elsewhere
+"auto" uses "blocked", with one warning per process.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax import grouped_matmul_cpu
+from moe_jax import cpu_ffi, grouped_matmul_cpu
 
 Array = jax.Array
 
@@ -159,11 +160,16 @@ blas_grouped_matmul.defvjp(_blas_fwd, _blas_bwd)
 
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str = "auto") -> Array:
     """out[m] = x[m] @ w[e(m)]. impl: "ragged_dot" (`jax.lax.ragged_dot`), "blocked", "blas"
-    (XLA:CPU only), or "auto": "blas" on CPU (where XLA's ragged_dot computes every expert
-    densely), ragged_dot elsewhere. "blas" runs bfloat16/float16 operands as float32 copies and
-    rounds the result back, as XLA:CPU's own dots of those types compute in float32."""
+    (XLA:CPU only, on a tested jaxlib: `cpu_ffi.untested_reason`), or "auto": on CPU
+    (where XLA's ragged_dot computes every expert densely) "blas", or "blocked" with one
+    `UntestedJaxlibWarning` per process where the jaxlib is untested; ragged_dot elsewhere.
+    "blas" runs bfloat16/float16 operands as float32 copies and rounds the result back, as
+    XLA:CPU's own dots of those types compute in float32."""
     if impl == "auto":
-        impl = "blas" if jax.default_backend() == "cpu" else "ragged_dot"
+        if jax.default_backend() != "cpu":
+            impl = "ragged_dot"
+        else:
+            impl = "blas" if cpu_ffi.usable_for_auto() else "blocked"
     if impl == "blocked":
         return blocked_grouped_matmul(x, w, group_sizes)
     if impl == "blas":

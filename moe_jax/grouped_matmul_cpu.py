@@ -6,108 +6,93 @@
 
 XLA:CPU has no grouped GEMM: `jax.lax.ragged_dot` computes every expert densely, and a loop of
 dynamic-size blocks in XLA (`grouped_matmul.blocked_grouped_matmul`) must build its output in a
-zero-filled loop carry and accumulate weight gradients block by block (~1.35x the dense FFN on
-the same rows, experiments/benchmarks/README.md). Here each expert's rows are one GEMM of
-numpy's BLAS, reading the operands and writing the result in place (`np.matmul(..., out=)` on
-views of the XLA buffers): one pass over each row, no copies. `jax.pure_callback` would copy
-every operand and result between XLA and numpy (~85 ms for a [16384, 2048] float32 result here).
+zero-filled loop carry and accumulate weight gradients block by block (slower than the dense
+FFN on the same rows; experiments/benchmarks/README.md has the measurements). Here each
+expert's rows go through numpy's BLAS, reading the operands and writing the result in place
+(`np.matmul(..., out=)` on views of the XLA buffers, through `cpu_ffi`): one pass over each
+row, no copies. `jax.pure_callback` would copy every operand and result between XLA and numpy.
+The calls run only on a jaxlib `cpu_ffi` was tested with: `grouped_matmul(impl="auto")` on an
+untested one uses the XLA-loop "blocked" matmul with one `UntestedJaxlibWarning` per process,
+an explicit "blas" raises `UntestedJaxlibError` (`cpu_ffi.untested_reason` says why).
 
-The handler is a Python function called through ctypes with the XLA FFI C ABI
-(xla/ffi/api/c_api.h in jaxlib's `jax.ffi.include_dir()`): it reads the call frame's buffers,
-answers XLA's metadata query with the API version it was written against, and runs only in the
-execute stage. ctypes takes the GIL for the handler; numpy releases it inside each GEMM.
+The GEMMs run in row blocks on one thread per core, each block a one-thread BLAS call, on
+threads that sleep when idle (`gemm_threads`): OpenBLAS's own threads busy-wait during and after
+each call, taking the cores XLA's threads need, and the process environment (e.g.
+OPENBLAS_THREAD_TIMEOUT) is left as the user set it.
 float32 buffers only (numpy has no fast bfloat16 GEMM): `grouped_matmul` passes bfloat16 and
 float16 operands as float32 copies, as XLA:CPU itself computes dots of those types in float32.
 """
 
 from __future__ import annotations
 
-import ctypes
+import concurrent.futures
+import contextlib
 import functools
+import itertools
+import os
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
+
+from moe_jax import cpu_ffi
 
 Array = jax.Array
 
-_API_VERSION = (0, 1)  # answered to XLA's metadata query; jaxlib 0.10.2 (FFI API 0.3) accepts it
-_STAGE_EXECUTE = 3
-_EXTENSION_METADATA = 1
-_ERROR_INTERNAL = 13
-_DTYPES = {4: np.int32, 11: np.float32}  # XLA_FFI_DataType_S32, _F32
+# _MIN_BLOCK_WORK multiply-adds on up to this many threads, each block a one-thread BLAS call
+# (threadpoolctl limits the BLAS to one thread during the custom call), and the threads sleep
+# between blocks and calls. None: each GEMM is one BLAS call on the BLAS's own threads, which in
+# OpenBLAS busy-wait for each other during the call and for 2^OPENBLAS_THREAD_TIMEOUT cycles
+# after it (2^28 unless that variable is set before numpy loads), on the cores XLA's threads use.
+gemm_threads: int | None = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                            else os.cpu_count() or 1)
+_MIN_BLOCK_WORK = 2**22
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_pid = 0
 
 
-class _ExtensionBase(ctypes.Structure):
-    pass
+def _workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of at least `count` threads of this process (a forked child makes its own)."""
+    global _pool, _pool_size, _pool_pid
+    if _pool is None or _pool_size < count or _pool_pid != os.getpid():
+        if _pool is not None and _pool_pid == os.getpid():
+            _pool.shutdown(wait=False)
+        _pool = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="moe_jax_gemm")
+        _pool_size, _pool_pid = count, os.getpid()
+    return _pool
 
 
-_ExtensionBase._fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int),
-                           ("next", ctypes.POINTER(_ExtensionBase))]
+@functools.cache
+def _controller() -> threadpoolctl.ThreadpoolController:
+    return threadpoolctl.ThreadpoolController()
 
 
-class _ApiVersion(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("major_version", ctypes.c_int), ("minor_version", ctypes.c_int)]
+def _blas_threads():
+    """Context of the custom call's GEMMs: the BLAS limited to one thread, unless
+    gemm_threads is None."""
+    if gemm_threads is None:
+        return contextlib.nullcontext()
+    return _controller().limit(limits=1, user_api="blas")
 
 
-class _Metadata(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("api_version", _ApiVersion),
-                ("traits", ctypes.c_uint32), ("state_type_id", ctypes.c_int64)]
-
-
-class _MetadataExtension(ctypes.Structure):
-    _fields_ = [("extension_base", _ExtensionBase), ("metadata", ctypes.POINTER(_Metadata))]
-
-
-class _Buffer(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("dtype", ctypes.c_int), ("data", ctypes.c_void_p), ("rank", ctypes.c_int64),
-                ("dims", ctypes.POINTER(ctypes.c_int64))]
-
-
-class _List(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("size", ctypes.c_int64), ("types", ctypes.POINTER(ctypes.c_int)),
-                ("items", ctypes.POINTER(ctypes.c_void_p))]
-
-
-class _Attrs(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("size", ctypes.c_int64), ("types", ctypes.c_void_p), ("names", ctypes.c_void_p),
-                ("attrs", ctypes.c_void_p)]
-
-
-class _ErrorCreateArgs(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]
-
-
-_ErrorCreate = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ErrorCreateArgs))
-
-
-class _Api(ctypes.Structure):  # only the leading fields, up to XLA_FFI_Error_Create
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
-                ("api_version", _ApiVersion), ("internal_api", ctypes.c_void_p),
-                ("error_create", _ErrorCreate)]
-
-
-class _CallFrame(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t),
-                ("extension_start", ctypes.POINTER(_ExtensionBase)),
-                ("api", ctypes.POINTER(_Api)), ("ctx", ctypes.c_void_p), ("stage", ctypes.c_int),
-                ("args", _List), ("rets", _List), ("attrs", _Attrs), ("future", ctypes.c_void_p)]
-
-
-def _array(pointer: int) -> np.ndarray:
-    """A numpy view (no copy) of the XLA_FFI_Buffer at `pointer`."""
-    buffer = _Buffer.from_address(pointer)
-    shape = tuple(buffer.dims[i] for i in range(buffer.rank))
-    dtype = np.dtype(_DTYPES[buffer.dtype])
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = (ctypes.c_char * size).from_address(buffer.data) if size else bytearray()
-    return np.frombuffer(raw, dtype).reshape(shape)
+def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b; in row blocks on `gemm_threads` threads when it has the work for them."""
+    rows = a.shape[0]
+    blocks = 1 if gemm_threads is None else max(1, min(
+        gemm_threads, rows, rows * a.shape[1] * b.shape[1] // _MIN_BLOCK_WORK))
+    if blocks == 1:
+        np.matmul(a, b, out=out)
+        return
+    bounds = [rows * i // blocks for i in range(blocks + 1)]
+    pool = _workers(blocks - 1)
+    others = [pool.submit(np.matmul, a[start:end], b, out=out[start:end])
+              for start, end in itertools.pairwise(bounds[1:])]
+    np.matmul(a[:bounds[1]], b, out=out[:bounds[1]])
+    for block in others:
+        block.result()
 
 
 def _offsets(group_sizes: np.ndarray) -> np.ndarray:
@@ -120,7 +105,7 @@ def _grouped(x: np.ndarray, w: np.ndarray, group_sizes: np.ndarray, out: np.ndar
     for e in range(w.shape[0]):
         start, end = offsets[e], offsets[e + 1]
         if end > start:
-            np.matmul(x[start:end], w[e].T if transpose_w else w[e], out=out[start:end])
+            _matmul(x[start:end], w[e].T if transpose_w else w[e], out[start:end])
     out[offsets[-1]:] = 0
 
 
@@ -130,45 +115,24 @@ def _weight_grad(x: np.ndarray, dy: np.ndarray, group_sizes: np.ndarray,
     for e in range(out.shape[0]):
         start, end = offsets[e], offsets[e + 1]
         if end > start:
-            np.matmul(x[start:end].T, dy[start:end], out=out[e])
+            _matmul(x[start:end].T, dy[start:end], out[e])
         else:
             out[e] = 0
 
 
-# XLA:CPU runs independent ops concurrently; two of these calls at once would each start the
-# BLAS's full thread pool on the same cores.
+# XLA:CPU runs independent ops concurrently; two of these calls at once would each run their
+# GEMMs on all the threads, on the same cores.
 _BLAS_LOCK = threading.Lock()
 
 
-def _handler(compute):
-    """An XLA FFI handler (XLA_FFI_Error* fn(XLA_FFI_CallFrame*)) running compute(*args, *rets)."""
+def _serialised(compute):
+    """compute under the lock, with the BLAS on one thread (unless gemm_threads is None)."""
 
-    def handler(frame_pointer: int) -> int | None:
-        # Everything inside the try: an exception escaping a ctypes callback is only printed,
-        # and XLA would take the call as succeeded.
-        frame = _CallFrame.from_address(frame_pointer)
-        try:
-            extension = frame.extension_start
-            if extension and extension.contents.type == _EXTENSION_METADATA:
-                metadata = ctypes.cast(extension, ctypes.POINTER(_MetadataExtension))
-                version = metadata.contents.metadata.contents.api_version
-                version.major_version, version.minor_version = _API_VERSION
-                metadata.contents.metadata.contents.traits = 0
-                return None
-            if frame.stage != _STAGE_EXECUTE:
-                return None
-            args = [_array(frame.args.items[i]) for i in range(frame.args.size)]
-            rets = [_array(frame.rets.items[i]) for i in range(frame.rets.size)]
-            with _BLAS_LOCK:
-                compute(*args, *rets)
-            return None
-        except Exception as error:  # reported to XLA, which raises it in the caller
-            message = f"moe_jax grouped matmul (CPU): {type(error).__name__}: {error}".encode()
-            create = _ErrorCreateArgs(ctypes.sizeof(_ErrorCreateArgs), None, message,
-                                      _ERROR_INTERNAL)
-            return frame.api.contents.error_create(ctypes.byref(create))
+    def run(*buffers: np.ndarray) -> None:
+        with _BLAS_LOCK, _blas_threads():
+            compute(*buffers)
 
-    return ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(handler)
+    return run
 
 
 _TARGETS = {
@@ -176,14 +140,12 @@ _TARGETS = {
     "moe_jax_grouped_matmul_wt": lambda x, w, g, out: _grouped(x, w, g, out, True),
     "moe_jax_grouped_weight_grad": _weight_grad,
 }
-_HANDLERS = {}  # kept alive: XLA holds raw pointers to them
 
 
 @functools.cache
 def _register() -> None:
     for name, compute in _TARGETS.items():
-        _HANDLERS[name] = _handler(compute)
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(_HANDLERS[name]), platform="cpu")
+        cpu_ffi.register(name, _serialised(compute))
 
 
 def _check_float32(*arrays: Array) -> None:
@@ -198,6 +160,7 @@ def grouped_matmul_cpu(x: Array, w: Array, group_sizes: Array, transpose_w: bool
     """x [M, k] float32 rows sorted by expert, w [E, k, n] (transpose_w: [E, n, k]) float32,
     group_sizes [E] int32 -> [M, n] float32; rows past sum(group_sizes) are zeros."""
     _check_float32(x, w)
+    cpu_ffi.require_tested()
     _register()
     n = w.shape[1] if transpose_w else w.shape[2]
     target = "moe_jax_grouped_matmul_wt" if transpose_w else "moe_jax_grouped_matmul"
@@ -210,6 +173,7 @@ def grouped_weight_grad_cpu(x: Array, dy: Array, group_sizes: Array) -> Array:
     """x [M, k], dy [M, n] float32 rows sorted by expert, group_sizes [E] int32 -> dw [E, k, n]
     float32, dw[e] = sum over rows m of expert e of x[m]^T dy[m]."""
     _check_float32(x, dy)
+    cpu_ffi.require_tested()
     _register()
     shape = (group_sizes.shape[0], x.shape[1], dy.shape[1])
     call = jax.ffi.ffi_call("moe_jax_grouped_weight_grad",

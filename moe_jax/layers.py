@@ -57,7 +57,8 @@ class MoeLayer(nn.Module):
       param_dtype: parameter dtype.
       sharding: the layer's `moe.Layout` on a mesh (`moe_jax.sharding.MoeSharding`); None: no
         mesh.
-    Randomness (jitter, GShard random second expert) comes from the "router" rng stream.
+    Randomness (jitter, GShard random second expert, expert dropout) comes from the "router"
+    rng stream.
     The sigmoid_bias router's bias is the variable `SCORE_BIAS` of collection `STATE`. Each
     call sows its per-token routing (`routing.TokenRouting`) as `ROUTING` in the collection
     `ROUTING` (kept only when the caller makes that collection mutable).
@@ -82,8 +83,7 @@ class MoeLayer(nn.Module):
         if c.router == "sigmoid_bias":
             bias = self.variable(STATE, SCORE_BIAS, jnp.zeros, (c.num_experts,), jnp.float32)
             params["router"][SCORE_BIAS] = bias.value
-        needs_rng = train and (c.jitter_eps > 0 or c.second_expert_policy == "random")
-        rng = self.make_rng("router") if needs_rng else None
+        rng = self.make_rng("router") if c.uses_rng(train) else None
         y, aux, tokens = moe.apply_with_routing(params, x.astype(self.dtype), c, train=train,
                                                 rng=rng, token_mask=token_mask,
                                                 sharding=self.sharding)

@@ -22,7 +22,6 @@ table. It is the same as running both configs with those settings as overrides.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -80,15 +79,9 @@ def default_workdir(config_spec: str) -> str:
 
 
 def apply_settings(config: Any, settings: Mapping[str, Any]) -> Any:
-    """A copy of `config` with dotted-key settings ("train.batch_size": 8) applied, validated."""
-    config = copy.deepcopy(config)
-    for key, value in settings.items():
-        *sections, field = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[field] = value
-    return schema.checked(config)
+    """A copy of `config` with dotted-key settings ("train.batch_size": 8) applied, validated
+    (`schema.override`)."""
+    return schema.override(config, settings)
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -173,12 +166,13 @@ def main(argv: Sequence[str]) -> None:
     from moe_jax.train.checkpoint import CheckpointError
     from moe_jax.train.lock import WorkdirLockedError
     from moe_jax.train.loop import NonFiniteLossError
+    from moe_jax.train.monitor import RoutingAlarmError
 
     if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every save at INFO
         logging.set_verbosity(logging.WARNING)
     try:
         run(flags.FLAGS)
-    except (NonFiniteLossError, CheckpointError, WorkdirLockedError) as err:
+    except (NonFiniteLossError, CheckpointError, RoutingAlarmError, WorkdirLockedError) as err:
         raise SystemExit(f"moe_jax.main: {type(err).__name__}: {err}") from err
 
 

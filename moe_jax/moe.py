@@ -45,11 +45,12 @@ class Layout:
         """Places the routing groups [G, T, d] before dispatch."""
         return grouped
 
-    def expert_stage(self, expert_params: experts.Params, activation: str
-                     ) -> dispatch.ExpertStage:
-        """The stage that runs every expert on its buffer [G, E, C, d]."""
+    def expert_stage(self, expert_params: experts.Params, activation: str,
+                     dropout: experts.Dropout | None = None) -> dispatch.ExpertStage:
+        """The stage that runs every expert on its buffer [G, E, C, d] (with expert dropout,
+        if given)."""
         return functools.partial(experts.expert_ffn, expert_params, activation=activation,
-                                 expert_axis=1)
+                                 expert_axis=1, dropout=dropout)
 
     def model_sum(self, y: Array) -> Array:
         """Sums partial results over a model-parallel axis (the shared experts' output)."""
@@ -131,11 +132,11 @@ def _check_input(params: Params, x: Array, config: MoeConfig, rng: Array | None,
             f"MoeConfig.group_size={config.group_size} does not divide the {num_tokens} tokens of "
             f"x.shape={x.shape}; choose a group_size that divides batch*seq (or None)."
         )
-    needs_rng = config.jitter_eps > 0 or config.second_expert_policy == "random"
-    if train and needs_rng and rng is None:
+    if config.uses_rng(train) and rng is None:
         raise ValueError(
-            "moe.apply(train=True) needs `rng` for router jitter (jitter_eps > 0) or GShard's "
-            "random second expert; pass rng=jax.random.key(...) or set train=False."
+            "moe.apply(train=True) needs `rng` for router jitter (jitter_eps > 0), GShard's "
+            "random second expert or expert dropout; pass rng=jax.random.key(...) or set "
+            "train=False."
         )
     return group
 
@@ -193,11 +194,17 @@ def _layer(params: Params, x: Array, rng: Array | None, token_mask: Array | None
     tokens = x.reshape(-1, d)
     n = tokens.shape[0]
     mask = None if token_mask is None else token_mask.reshape(n)
-    jitter_key, policy_key = jax.random.split(rng) if rng is not None else (None, None)
+    # Three streams of the layer's rng: split(rng, 3)[:2] equals split(rng) (partitionable
+    # threefry), so jitter and policy draw the same numbers with or without expert dropout.
+    jitter_key, policy_key, dropout_key = (jax.random.split(rng, 3) if rng is not None
+                                           else (None, None, None))
     logits = router_logits(params, tokens, config, train=train, rng=jitter_key)
     routed = routing.route(logits, config, num_groups=n // group, train=train, token_mask=mask,
                            score_bias=params["router"].get("score_bias"), rng=policy_key)
-    y = _run_experts(params, tokens, routed, config, layout, n // group).reshape(n, d)
+    dropout = (experts.Dropout(config.expert_dropout, dropout_key)
+               if train and config.expert_dropout > 0 else None)
+    y = _run_experts(params, tokens, routed, config, layout, n // group,
+                     dropout).reshape(n, d)
     if "shared" in params:
         y = y + layout.model_sum(experts.ffn(params["shared"], tokens, config.activation))
     if mask is not None:  # a select over [N, d]: skipped when every token is real
@@ -206,13 +213,14 @@ def _layer(params: Params, x: Array, rng: Array | None, token_mask: Array | None
 
 
 def _run_experts(params: Params, tokens: Array, routed: routing.Routing, config: MoeConfig,
-                 layout: Layout, num_groups: int) -> Array:
-    """Dispatch, experts and combine: tokens [N, d] -> [N, d] (capacity and soft: [G, T, d])."""
+                 layout: Layout, num_groups: int, dropout: experts.Dropout | None) -> Array:
+    """Dispatch, experts (with expert dropout, if any) and combine: tokens [N, d] -> [N, d]
+    (capacity and soft: [G, T, d])."""
     if config.dispatch == "dropless":
         return dispatch.dropless_moe(tokens, routed.tokens.choice, params["experts"],
-                                     config.activation, config.grouped_matmul)
+                                     config.activation, config.grouped_matmul, dropout)
     grouped = layout.constrain_tokens(tokens.reshape(num_groups, -1, tokens.shape[-1]))
-    stage = layout.expert_stage(params["experts"], config.activation)
+    stage = layout.expert_stage(params["experts"], config.activation, dropout)
     if routed.soft_weights is not None:
         return dispatch.soft_moe(grouped, *routed.soft_weights, stage, config.num_experts)
     return dispatch.capacity_moe(grouped, routed.slots, stage, config.dispatch)

@@ -32,9 +32,8 @@ from moe_jax.config import MoeConfig
 
 Array = jax.Array
 
-# The statistics of `route`, and how measurements of one statistic on several parts (devices,
-# micro-batches, logged steps, evaluation batches, layers) combine: "mean" (weighted by the parts'
-# tokens) or "max".
+# The statistics of `route`, and how measurements on several parts (devices, micro-batches,
+# logged steps, evaluation batches, layers) combine: "mean" (token-weighted) or "max".
 STATISTICS: dict[str, str] = {
     "load_balancing_loss": "mean",  # Switch eq. 4 generalised to K (0 for expert_choice, soft)
     "router_z_loss": "mean",  # ST-MoE eq. 5
@@ -89,8 +88,9 @@ class Slots:
 class TokenRouting:
     """The routing of each of N tokens by one router: what evaluation and analysis read.
 
-    logits: [N, E] the router logits the routing was computed from (soft: [N, S]); `route` on
-      them with another config (capacity, say) routes the same tokens again.
+    logits: [N, E] the router logits the routing was computed from, before the router
+      temperature (soft: [N, S]); `route` on them with another config (capacity, temperature)
+      routes the same tokens again.
     probs: [N, E] routing distribution (router dtype): softmax over experts (sigmoid_bias: the
       sigmoid scores normalised over experts); soft: [N, S] combine weights over the slots.
     choice: token-choice routers only (None for expert_choice and soft, where a token does not
@@ -104,16 +104,18 @@ class TokenRouting:
     choice: TokenChoice | None
     num_experts: int = dataclasses.field(metadata={"static": True})
 
-    def expert_share(self) -> Array:
-        """[N, E] how each token's routing splits over experts (rows sum to 1): 1/K for each of
-        the K chosen experts, before capacity (a dropped choice still counts); where tokens do
-        not choose (expert_choice, soft), the routing distribution summed per expert."""
+    def expert_share(self, kept: bool = False) -> Array:
+        """[N, E] how each token's routing splits over experts: 1/K for each of the K chosen
+        experts, before capacity (rows sum to 1), or with `kept` for the kept choices only (rows
+        sum to the token's kept fraction); where tokens do not choose (expert_choice, soft), the
+        routing distribution summed per expert."""
         n = self.probs.shape[0]
         if self.choice is None:
             return self.probs.reshape(n, self.num_experts, -1).sum(-1)
-        index = self.choice.expert_index
-        one_hot = jax.nn.one_hot(index, self.num_experts, dtype=jnp.float32)
-        return jnp.sum(one_hot, axis=1) / index.shape[1]
+        one_hot = jax.nn.one_hot(self.choice.expert_index, self.num_experts, dtype=jnp.float32)
+        if kept:
+            one_hot = one_hot * self.choice.keep[..., None]
+        return jnp.sum(one_hot, axis=1) / one_hot.shape[1]
 
     def entropy(self) -> Array:
         """[N] entropy (nats) of each token's routing distribution; `router_entropy` is its
@@ -146,33 +148,35 @@ def route(logits: Array, config: MoeConfig, *, num_groups: int, train: bool,
           rng: Array | None = None) -> Routing:
     """Routes N tokens in `num_groups` groups of T = N / G consecutive tokens.
 
-    logits: [N, E] router logits (Soft MoE: [N, S]); token_mask: [N] bool, False tokens
-    (padding) take no slot and count in no statistic; score_bias: [E], the sigmoid_bias
-    router's balancing bias; rng: GShard's random second expert (training only).
-    Capacity (`MoeConfig.capacity`) and the balance loss are per group.
+    logits: [N, E] router logits (Soft MoE: [N, S]), divided by `MoeConfig.temperature`;
+    token_mask: [N] bool, False tokens (padding) take no slot and count in no statistic;
+    score_bias: [E], the sigmoid_bias router's balancing bias; rng: GShard's random second
+    expert (training only). Capacity (`MoeConfig.capacity`) and the balance loss are per group.
     """
     n = logits.shape[0]
     mask = jnp.ones((n,), bool) if token_mask is None else token_mask
     weights = mask.astype(jnp.float32)
-    max_logit = jnp.max(jnp.where(mask[:, None], logits, -jnp.inf).astype(jnp.float32))
-    statistics = {"router_z_loss": losses.router_z_loss(logits, weights),
+    temperature = config.temperature(train=train)
+    scaled = logits if temperature == 1.0 else logits / jnp.asarray(temperature, logits.dtype)
+    max_logit = jnp.max(jnp.where(mask[:, None], scaled, -jnp.inf).astype(jnp.float32))
+    statistics = {"router_z_loss": losses.router_z_loss(scaled, weights),
                   "max_router_logit": jax.lax.stop_gradient(max_logit)}
     groups = functools.partial(_per_group, num_groups=num_groups)
     slots = soft = None
     if config.router == "soft":
-        dispatch_w, combine_w = map_groups(soft_weights, groups(logits), groups(mask))
+        dispatch_w, combine_w = map_groups(soft_weights, groups(scaled), groups(mask))
         soft = (dispatch_w, combine_w)
         tokens = TokenRouting(logits, combine_w.reshape(n, -1), None, config.num_experts)
         statistics |= _mixing_statistics(tokens, None, weights, config.top_k)
     elif config.router == "expert_choice":
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = jax.nn.softmax(scaled, axis=-1)
         capacity = min(config.capacity(n // num_groups, train=train), n // num_groups)
         slots = map_groups(lambda p, m: route_expert_choice(p, capacity, m), groups(probs),
                            groups(mask))
         tokens = TokenRouting(logits, probs, None, config.num_experts)
         statistics |= _mixing_statistics(tokens, slots, weights, config.top_k)
     else:
-        choice, probs = _choose(logits, config, train=train, rng=rng, score_bias=score_bias)
+        choice, probs = _choose(scaled, config, train=train, rng=rng, score_bias=score_bias)
         choice = dataclasses.replace(choice, keep=choice.keep & mask[:, None])
         if config.dispatch != "dropless":
             capacity = config.capacity(n // num_groups, train=train)
@@ -271,8 +275,7 @@ def route_top_k(probs: Array, k: int, *, renormalize: bool) -> TokenChoice:
     gate, expert_index = jax.lax.top_k(probs, k)
     if renormalize:
         gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
-    keep = jnp.ones(expert_index.shape, dtype=bool)
-    return TokenChoice(expert_index.astype(jnp.int32), gate, keep)
+    return TokenChoice(expert_index.astype(jnp.int32), gate, jnp.ones(expert_index.shape, bool))
 
 
 def route_sigmoid_bias(scores: Array, bias: Array, k: int) -> TokenChoice:
@@ -288,8 +291,7 @@ def route_sigmoid_bias(scores: Array, bias: Array, k: int) -> TokenChoice:
     gate = jnp.take_along_axis(scores, expert_index, axis=-1)
     if k > 1:
         gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
-    keep = jnp.ones(expert_index.shape, dtype=bool)
-    return TokenChoice(expert_index.astype(jnp.int32), gate, keep)
+    return TokenChoice(expert_index.astype(jnp.int32), gate, jnp.ones(expert_index.shape, bool))
 
 
 def random_second_expert(choice: TokenChoice, uniform: Array) -> TokenChoice:
@@ -354,11 +356,8 @@ def assign_slots(choice: TokenChoice, capacity: int, num_experts: int, priority:
     slot_gate = jnp.zeros(num_experts * capacity, gate.dtype).at[flat_slot].set(gate, mode="drop")
 
     kept = jnp.zeros(k * num_tokens, bool).at[order].set(kept_sorted).reshape(k, num_tokens).T
-    return Slots(
-        token=slot_token.reshape(num_experts, capacity),
-        gate=slot_gate.reshape(num_experts, capacity),
-        kept=kept,
-    )
+    return Slots(token=slot_token.reshape(num_experts, capacity),
+                 gate=slot_gate.reshape(num_experts, capacity), kept=kept)
 
 
 def route_expert_choice(probs: Array, capacity: int, token_mask: Array | None = None) -> Slots:

@@ -17,9 +17,11 @@ Config files (`configs/*.py`) define `get_config(arg=None)`; family files take a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import importlib.util
+import json
 import types
 import typing
 from collections.abc import Sequence
@@ -34,7 +36,7 @@ from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.sharding import MeshConfig
-from moe_jax.train.config import TrainConfig
+from moe_jax.train.config import MonitorConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Experiment:
     train: TrainConfig
     data: DataConfig
     mesh: MeshConfig
+    monitor: MonitorConfig
     seed: int = 0
     # The dense config (a config spec, relative to configs/) whose forward FLOPs per token this
     # sparse config matches; "" when it is not a matched config. `flops` reports the mismatch.
@@ -133,6 +136,35 @@ def parse_config(config: ml_collections.ConfigDict) -> Experiment:
         parsed[name] = value
     check_compatible(parsed["model"], parsed["moe"])
     return Experiment(**parsed)
+
+
+def override(config: ml_collections.ConfigDict,
+             settings: typing.Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted-key settings ("train.batch_size": 8) applied, validated."""
+    config = copy.deepcopy(config)
+    for key, value in settings.items():
+        *sections, field = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[field] = value
+    return checked(config)
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to its workdir (config.json) on today's layout: keys it lacks
+    keep their defaults (a run from before a field existed), unknown keys raise."""
+    with open(path) as f:
+        saved = json.load(f)
+    flat = {}
+    for name, value in saved.items():
+        for key, leaf in (value.items() if isinstance(value, dict) else [("", value)]):
+            flat[f"{name}.{key}" if key else name] = _plain(leaf)
+    try:
+        return override(base_config(), flat)
+    except (AttributeError, KeyError) as err:
+        raise ValueError(f"{path} holds a key this version of moe_jax does not know ({err}); "
+                         "it was written by another version.") from err
 
 
 def checked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

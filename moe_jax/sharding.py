@@ -284,20 +284,22 @@ class MoeSharding(moe.Layout):
     def constrain_tokens(self, grouped: jax.Array) -> jax.Array:
         return self.constrain(grouped, self.token_spec) if self.form == "gspmd" else grouped
 
-    def expert_stage(self, expert_params: experts.Params, activation: str
-                     ) -> dispatch.ExpertStage:
+    def expert_stage(self, expert_params: experts.Params, activation: str,
+                     dropout: experts.Dropout | None = None) -> dispatch.ExpertStage:
         """gspmd: the experts between sharding constraints that put buffers [G, E, C, d] on
         (groups, experts), so XLA inserts the all-to-all (GShard Sec. 3). explicit: this
         device's buffers exchanged over the expert axis, its local experts run, and back."""
         def gspmd(buffers: jax.Array) -> jax.Array:
             buffers = self.constrain(buffers, self.buffer_spec)
-            out = experts.expert_ffn(expert_params, buffers, activation, expert_axis=1)
+            out = experts.expert_ffn(expert_params, buffers, activation, expert_axis=1,
+                                     dropout=dropout)
             return self.constrain(out, self.buffer_spec)
 
         def explicit(buffers: jax.Array) -> jax.Array:  # local groups, all experts
             received = jax.lax.all_to_all(buffers, self.expert_axis, 1, 0,
                                           tiled=True)  # [G*n, E/n, C, d]
-            out = experts.expert_ffn(expert_params, received, activation, expert_axis=1)
+            out = experts.expert_ffn(expert_params, received, activation, expert_axis=1,
+                                     dropout=dropout)
             return jax.lax.all_to_all(self.model_sum(out), self.expert_axis, 0, 1, tiled=True)
 
         return gspmd if self.form == "gspmd" else explicit

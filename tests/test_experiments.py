@@ -4,6 +4,7 @@ arrays, and the suites' configs (they build, stay FLOP-matched, and reproduce co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -145,6 +146,36 @@ def test_interrupted_suite_resumes_from_the_committed_results_alone(micro, tmp_p
         ("dense", 0): 2.5, ("dense", 1): 2.6, ("switch", 0): 2.4, ("switch", 1): 2.3}
     report_text = report.build(suite, Results.load(path), str(tmp_path), figures=False)
     assert "Partial suite" not in report_text
+
+
+def test_a_run_recorded_without_its_analysis_is_analysed_on_restart(micro, tmp_path,
+                                                                   monkeypatch):
+    suite, _, _, _ = micro
+    paths = {"workdir_root": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
+    launched: list[str] = []
+    monkeypatch.setattr(run, "launch", _fake_training({"dense_s0": 2.5, "switch_s0": 2.4},
+                                                      launched))
+    analysed: list[str] = []
+
+    def analysis(module, workdir, **_):  # fails the first time, as a crashed analysis would
+        analysed.append(os.path.basename(workdir))
+        if len(analysed) == 1:
+            return False
+        write_json(os.path.join(workdir, run.ANALYSIS_FILE), {"by": module})
+        return True
+
+    monkeypatch.setattr(run, "run_analysis", analysis)
+    analysed_suite = dataclasses.replace(suite, analysis="some.analysis")
+    run.run_suite(analysed_suite, "tiny", seeds=1, log=lambda _: None, **paths)
+    path = run.results_path("micro", "tiny", paths["results_dir"])
+    entries, _ = _entries(path)
+    assert entries[("dense", 0)]["analysis"] is None
+    assert entries[("switch", 0)]["analysis"] == {"by": "some.analysis"}
+    run.run_suite(analysed_suite, "tiny", seeds=1, log=lambda _: None, **paths)
+    entries, _ = _entries(path)
+    assert launched == ["dense_s0", "switch_s0"]  # analysed from its directory, not retrained
+    assert analysed == ["dense_s0", "switch_s0", "dense_s0"]
+    assert entries[("dense", 0)]["analysis"] == {"by": "some.analysis"}
 
 
 def test_rerunning_one_member_never_erases_other_results(micro, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ LAYERS = (
     ("config", "models.config", "data.config", "train.config"),
     ("losses",),
     ("routing",),
-    ("grouped_matmul_cpu", "grouped_matmul"),
+    ("cpu_ffi", "grouped_matmul_cpu", "grouped_matmul"),
     ("experts",),
     ("dispatch",),
     ("moe",),
@@ -40,7 +40,7 @@ LAYERS = (
     ("schema",),
     ("flops",),
     ("train.*",),
-    ("main", "demo"),
+    ("main", "demo", "routing_report"),
 )
 
 

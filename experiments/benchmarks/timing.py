@@ -23,6 +23,7 @@ class Timing:
     repeats: int
     peak_bytes: int | None
     xla_flops: float | None
+    cpu_median_s: float | None = None  # process CPU time (all threads) per run, median
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,14 +75,15 @@ def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
 
     for _ in range(warmup):
         args = run(args)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         args = run(args)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return Timing(compile_s, statistics.median(times), min(times), max(times), repeats,
                   getattr(memory, "peak_memory_in_bytes", None) if memory else None,
-                  (cost or {}).get("flops"))
+                  (cost or {}).get("flops"), statistics.median(cpu_times))
 
 
 def machine_info() -> dict[str, Any]:

@@ -15,13 +15,15 @@ from experiments.suites import (
     granularity,
     routers,
     routing_analysis,
+    routing_drift,
     stability,
     switch_scaling,
 )
 from experiments.suites.base import Suite
 
 SUITES: dict[str, Suite] = {module.SUITE.name: module.SUITE for module in (
-    switch_scaling, capacity, balance, stability, routers, granularity, routing_analysis)}
+    switch_scaling, capacity, balance, stability, routers, granularity, routing_analysis,
+    routing_drift)}
 
 
 def get(name: str) -> Suite:

@@ -15,6 +15,8 @@ from moe_jax import validation
 # Built-in corpus (moe_jax.data.corpus) names -> TFDS builder config. "embedded_tiny" is a
 # ~100 KB variant for tests and smoke runs; "embedded" is the full ~6 MB corpus.
 EMBEDDED_DATASETS = {"embedded": "default", "embedded_tiny": "tiny"}
+# The embedded corpus's domain labels, in label order (moe_jax.data.corpus).
+EMBEDDED_DOMAINS = ("code", "prose", "math")
 TOKENIZERS = ("bytes", "sentencepiece")
 DATA_DIR_ENV = "MOE_JAX_DATA_DIR"
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "moe_jax", "tfds")
@@ -50,6 +52,10 @@ class DataConfig:
     # which batch (each worker packs its own slice), so keep it fixed for a run and its resumes.
     worker_count: int = 0
     eval_batches: int | None = None  # max evaluation batches; None evaluates the whole split
+    # Comma-separated domains whose documents the training split keeps ("code,prose"); "" keeps
+    # every document. Evaluation always covers every domain. Embedded corpus only (the one with
+    # domain labels).
+    train_domains: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not (
@@ -72,6 +78,21 @@ class DataConfig:
         validation.integer(self, "worker_count", minimum=0, fix="0 = read in the main process")
         validation.integer(self, "eval_batches", minimum=1, optional=True,
                            fix="None evaluates the whole split")
+        if not isinstance(self.train_domains, str):
+            validation.fail(self, "train_domains", "must be a string",
+                            "list domains separated by commas, e.g. 'code,prose'")
+        if self.train_domains and not self.is_embedded:
+            validation.fail(self, "train_domains", f"needs domain labels, which dataset "
+                            f"{self.name!r} does not have", "use the embedded corpus or ''")
+        names = self.train_domain_names
+        if any(d not in EMBEDDED_DOMAINS for d in names) or len(set(names)) != len(names):
+            validation.fail(self, "train_domains", "names an unknown or repeated domain",
+                            f"use distinct names from {EMBEDDED_DOMAINS}, comma-separated")
+
+    @property
+    def train_domain_names(self) -> tuple[str, ...]:
+        """The domains of `train_domains` (() keeps every document)."""
+        return tuple(d.strip() for d in self.train_domains.split(",") if d.strip())
 
     @property
     def is_embedded(self) -> bool:

@@ -39,7 +39,9 @@ from typing import NamedTuple
 
 import tensorflow_datasets as tfds
 
-DOMAINS = ("code", "prose", "math")
+from moe_jax.data.config import EMBEDDED_DOMAINS
+
+DOMAINS = EMBEDDED_DOMAINS
 VALIDATION_PERCENT = 5
 MAX_CODE_FILE_BYTES = 64 * 1024
 MATH_SEED = 1234

@@ -44,7 +44,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, ZipIterDataset
 
 from moe_jax.data.config import DEFAULT_DATA_DIR, DataConfig
-from moe_jax.data.sources import DocumentSource, open_split
+from moe_jax.data.sources import DocumentSource, keep_domains, open_split
 from moe_jax.data.tokenizers import (
     ByteTokenizer,
     SentencePieceTokenizer,
@@ -264,6 +264,8 @@ def make_train_iterator(
     if not isinstance(shuffle_seed, int) or not 0 <= shuffle_seed < 2**32:
         raise ValueError(f"seed={shuffle_seed!r} must be an int in [0, 2**32).")
     source = open_split(config, config.train_split)
+    if config.train_domain_names:
+        source = keep_domains(source, config.train_domain_names)
     tokenizer = get_tokenizer(config)
     documents = shuffled_epochs(source.records, shuffle_seed)
     first = process_index * rows_per_host
@@ -283,6 +285,8 @@ def make_train_iterator(
         "process_index": process_index, "process_count": process_count,
         "worker_count": config.worker_count,
     }
+    if config.train_domain_names:
+        pipeline["train_domains"] = config.train_domains
     return TrainIterator(dataset, pipeline)
 
 
@@ -299,7 +303,8 @@ class EvalBatches:
     """
 
     def __init__(self, config: DataConfig, *, seq_len: int, global_batch_size: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1,
+                 source: DocumentSource | None = None):
         rows_per_host = _check_batch_args(seq_len, global_batch_size, process_index,
                                           process_count)
         self._config = config
@@ -307,7 +312,8 @@ class EvalBatches:
         self._global_batch_size = global_batch_size
         self._host_rows = slice(process_index * rows_per_host,
                                 (process_index + 1) * rows_per_host)
-        self._source = open_split(config, config.eval_split)  # fail early on missing data
+        self._source = (source if source is not None  # opened here: missing data fails early
+                        else open_split(config, config.eval_split))
         self._tokenizer = get_tokenizer(config)
 
     @property
@@ -329,7 +335,10 @@ class EvalBatches:
 
 
 def make_eval_batches(config: DataConfig, *, seq_len: int, global_batch_size: int,
-                      process_index: int = 0, process_count: int = 1) -> EvalBatches:
-    """This host's evaluation batches of `config.eval_split` (re-iterable; see EvalBatches)."""
+                      process_index: int = 0, process_count: int = 1,
+                      source: DocumentSource | None = None) -> EvalBatches:
+    """This host's evaluation batches of `config.eval_split`, or of the documents of `source`
+    (e.g. `sources.read_labelled_documents`), tokenized by `config`'s tokenizer (re-iterable;
+    see EvalBatches)."""
     return EvalBatches(config, seq_len=seq_len, global_batch_size=global_batch_size,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count, source=source)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
 
-from moe_jax.data.config import EMBEDDED_DATASETS, DataConfig
+from moe_jax.data.config import EMBEDDED_DATASETS, EMBEDDED_DOMAINS, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,35 @@ class DocumentSource:
     text_key: str
     domain_key: str | None  # None: the dataset has no domains (batches get domains = -1)
     description: str  # "lm1b:validation in /data/tfds", for messages
+
+
+class _Subset(Sequence):
+    """Records `indices` of `records`, in order (random access, picklable)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], indices: Sequence[int]) -> None:
+        self.records = records
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[self.indices[index]]
+
+
+def keep_domains(source: DocumentSource, domains: Sequence[str]) -> DocumentSource:
+    """The documents of `source` whose domain label is one of `domains` (names of
+    `EMBEDDED_DOMAINS`); reads every record's label once."""
+    if source.domain_key is None:
+        raise ValueError(f"{source.description} has no domain labels to filter by; "
+                         "DataConfig.train_domains needs the embedded corpus.")
+    labels = {EMBEDDED_DOMAINS.index(d) for d in domains}
+    kept = [i for i in range(len(source.records))
+            if int(source.records[i][source.domain_key]) in labels]
+    if not kept:
+        raise ValueError(f"{source.description} has no document of domains {list(domains)}.")
+    return dataclasses.replace(source, records=_Subset(source.records, kept),
+                               description=f"{source.description}, domains {list(domains)}")
 
 
 def _tensorflow_available() -> bool:
@@ -131,3 +161,30 @@ def open_split(config: DataConfig, split: str) -> DocumentSource:
     if len(records) == 0:
         raise ValueError(f"Split {split!r} of dataset {where} is empty.")
     return DocumentSource(records, config.text_key, domain_key, f"{where}, split {split!r}")
+
+
+def read_labelled_documents(path: str) -> tuple[DocumentSource, tuple[str, ...]]:
+    """Your own evaluation documents with domain labels: a JSON-lines file, one document per
+    line, `{"text": "...", "domain": "legal"}` (any domain names). Returns the source (domains
+    as label ids) and the domain names in order of first appearance."""
+    records: list[dict[str, Any]] = []
+    names: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                text, domain = doc["text"], doc["domain"]
+                if not isinstance(text, str) or not isinstance(domain, str) or not text:
+                    raise TypeError("text and domain must be non-empty strings")
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{path}:{number} is not a labelled document ({type(err).__name__}: {err}); "
+                    'each line must be a JSON object {"text": "...", "domain": "..."}.') from err
+            if domain not in names:
+                names.append(domain)
+            records.append({"text": text.encode("utf-8"), "domain": names.index(domain)})
+    if not records:
+        raise ValueError(f"{path} holds no document; write one JSON object per line.")
+    return DocumentSource(records, "text", "domain", path), tuple(names)

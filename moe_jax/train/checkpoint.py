@@ -3,6 +3,7 @@
     checkpoints = Checkpoints(workdir + "/checkpoints", max_to_keep=2, async_save=True)
     checkpoints.save(step, state, host_state)             # returns at once when async
     state, host_state = checkpoints.restore(step, abstract_state)
+    weights, step = restore_weights(directory, abstract_state)  # another run's weights
 
 A checkpoint directory `<step>/` holds two items: "state" (the `TrainState` pytree, including
 the step and the RNG key) and "host" (JSON: the data iterator's position and other host-side
@@ -90,3 +91,43 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_weights(directory: str, abstract_state: Any,
+                    step: int | None = None) -> tuple[dict[str, Any], int]:
+    """({"params", "model_state"} of checkpoint `step` (default the latest) in `directory` (a
+    run's checkpoints/), read into `abstract_state`'s shapes and shardings; the step read).
+    `state.replace(**weights)` starts a run from them with its own optimizer state and step.
+
+    Raises CheckpointError naming the directory when there is no checkpoint or its parameters
+    do not fit this model."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} does not exist; give the workdir of a run that has "
+                              "written a checkpoint.")
+    options = ocp.CheckpointManagerOptions(create=False)  # reads only: nothing is saved
+    manager = ocp.CheckpointManager(directory, options=options,
+                                    item_names=(STATE_ITEM, HOST_ITEM))
+    try:
+        saved = list(manager.all_steps())
+        step = max(saved, default=None) if step is None else step
+        if step not in saved:
+            raise CheckpointError(f"no checkpoint of step {step} in {directory} (saved: "
+                                  f"{sorted(saved) or 'none'}); train that run first or pick a "
+                                  "saved step.")
+        target = {"params": abstract_state.params, "model_state": abstract_state.model_state}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True)}))[STATE_ITEM]
+        except Exception as err:  # orbax raises many types (ValueError, KeyError, tensorstore)
+            cause = (str(err).splitlines() or [""])[0][:300]
+            raise CheckpointError(
+                f"the checkpoint of step {step} in {directory} does not fit this model "
+                f"({type(err).__name__}: {cause}). Its parameters must have this run's names "
+                "and shapes: the same model section and MoE layer sizes (dropout, temperature, "
+                "capacity and loss settings may differ).") from err
+    finally:
+        manager.close()
+    return restored, step

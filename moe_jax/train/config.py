@@ -15,6 +15,8 @@ from moe_jax import validation
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
 OBJECTIVES = ("causal_lm", "masked_lm")
+# The routing alarms of `MonitorConfig` (moe_jax/train/monitor.py raises them).
+ALARMS = ("collapse", "imbalance", "drops", "instability", "non_finite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,15 @@ class TrainConfig:
     max_to_keep: int = 2  # checkpoints kept in workdir/checkpoints (older ones are deleted)
     async_checkpointing: bool = True  # write checkpoints in a background thread
     progress_bar: bool = True  # tqdm bar on the console (process 0 only)
+    # Fine-tuning: no update to the routers' kernels (the optimizer gives them zero updates and
+    # no weight decay; the sigmoid_bias router's balancing bias still moves unless
+    # moe.bias_update_rate=0).
+    freeze_router: bool = False
+    # Start a new run from another run's weights: the workdir of a run whose latest checkpoint
+    # holds parameters (and model state) of this model's shapes. They replace the initial ones;
+    # the optimizer state is fresh and the step is 0. Used only when this workdir has no
+    # checkpoint yet (a restarted fine-tuning run resumes from its own checkpoints).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_train_steps", "batch_size", "grad_accum_steps", "log_every",
@@ -79,8 +90,10 @@ class TrainConfig:
         if self.warmup_steps > self.num_train_steps:
             validation.fail(self, "warmup_steps", f"exceeds num_train_steps="
                             f"{self.num_train_steps}", "shorten the warmup or train longer")
-        for name in ("progress_bar", "async_checkpointing"):
+        for name in ("progress_bar", "async_checkpointing", "freeze_router"):
             validation.boolean(self, name)
+        validation.text(self, "init_from", optional=True,
+                        fix="give the workdir of the run to start from, or None")
 
     @property
     def micro_batch_size(self) -> int:
@@ -88,3 +101,53 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """Routing alarms checked at every training log (`moe_jax.train.monitor`), per MoE layer.
+
+    The defaults stay silent on the shipped configs' healthy runs (tiny scale, with and without
+    drops) and fire on collapsed, starved or exploding routers. Shares are of the routing
+    assignments before capacity (`assignment_fraction`), logged every `train.log_every` steps
+    as means over the steps since the last log.
+    """
+
+    enabled: bool = True
+    # Distribution alarms (collapse, imbalance, drops) ignore logs before this step: routers
+    # start from random projections and settle during the first steps.
+    grace_steps: int = 100
+    # Collapse: an expert's share below collapse_fraction / E for `patience` consecutive logs.
+    collapse_fraction: float = 0.1
+    # Imbalance: MaxVio = max_e share_e / mean share - 1 (Wang et al. 2024, eq. 7) above this
+    # for `patience` consecutive logs (3.0: the busiest expert takes 4x its balanced share).
+    max_violation: float = 3.0
+    # Drops: dropped share of the assignments above this for `patience` consecutive logs.
+    max_dropped_fraction: float = 0.5
+    patience: int = 3
+    # Instability: the largest router logit or a layer's router z-loss (ST-MoE eq. 5) above
+    # these bounds, or the largest logit grown by more than `logit_growth` times over the last
+    # `growth_window` logs (and above max_router_logit / 2).
+    max_router_logit: float = 30.0
+    max_router_z_loss: float = 100.0
+    logit_growth: float = 2.0
+    growth_window: int = 10
+    # Alarms that stop the run (any of `ALARMS`): the run ends with `RoutingAlarmError` naming
+    # the alarm, before the step's checkpoint is written, so the last checkpoint is a good one.
+    stop_on: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validation.boolean(self, "enabled")
+        for name in ("grace_steps",):
+            validation.integer(self, name, minimum=0)
+        for name in ("patience", "growth_window"):
+            validation.integer(self, name, minimum=1)
+        validation.number(self, "collapse_fraction", above=0, below=1,
+                          fix="0.1 flags an expert below a tenth of its balanced share")
+        for name in ("max_violation", "max_router_logit", "max_router_z_loss"):
+            validation.number(self, name, above=0)
+        validation.number(self, "max_dropped_fraction", above=0, at_most=1)
+        validation.number(self, "logit_growth", above=1)
+        if not isinstance(self.stop_on, tuple) or any(a not in ALARMS for a in self.stop_on):
+            validation.fail(self, "stop_on", "lists an unknown alarm",
+                            f"use a tuple of names from {ALARMS}")

@@ -20,7 +20,7 @@ N = B * L tokens, M sparse blocks, E experts, K choices, D domains.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -40,6 +40,8 @@ Batch = dict[str, Array]
 # The per-layer routing statistics evaluation reports (`routing.STATISTICS`, without the
 # training step's balancing signal `assignment_fraction`; `expert_load` is the load after drops).
 LAYER_STATISTICS = tuple(name for name in routing.STATISTICS if name != "assignment_fraction")
+# Bins of the top-1 gate histograms over [0, 1] (`domain/top1_gate`).
+GATE_BINS = 20
 # The eval masks' stream of key(seed): init_train_state splits key(seed) into fold_in(key, 0)
 # (parameters) and fold_in(key, 1) (training randomness), so 2 is a fresh stream.
 EVAL_MASK_STREAM = 2
@@ -76,9 +78,11 @@ def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeC
         (`routing.reduction`), as it is where it is a max
       with num_domains > 0 (batch["domains"] [B, L] domain ids): domain/num_tokens,
         domain/num_bytes, domain/nll_sum, domain/correct [D], and, with MoE layers,
-        domain/routed_tokens [D], domain/expert_share [M, D, E] and domain/router_entropy
+        domain/routed_tokens [D], domain/expert_share [M, D, E], domain/router_entropy
         [M, D] (routed-token sums of each token's `routing.TokenRouting.expert_share` and
-        `entropy`, as the MoE layers sow them).
+        `entropy`, as the MoE layers sow them), domain/expert_load [M, D, E] (the same for the
+        kept choices only; token-choice routers) and domain/top1_gate [M, D, GATE_BINS]
+        (routed tokens per bin of their first choice's gate).
     """
     objective.check_objective(objective_name, model_config)
     sparse = model_config.sparse_layers
@@ -139,7 +143,21 @@ def _domain_sums(domains: Array, per_token: dict[str, Array], routed: Array,
             [routed_one_hot.T @ t.expert_share() for t in tokens])  # [M, D, E]
         sums["domain/router_entropy"] = jnp.stack(
             [t.entropy() @ routed_one_hot for t in tokens])  # [M, D]
+        if tokens[0].choice is not None:
+            sums["domain/expert_load"] = jnp.stack(
+                [routed_one_hot.T @ t.expert_share(kept=True) for t in tokens])  # [M, D, E]
+        sums["domain/top1_gate"] = jnp.stack(
+            [routed_one_hot.T @ _gate_bins(t) for t in tokens])  # [M, D, GATE_BINS]
     return sums
+
+
+def _gate_bins(tokens: routing.TokenRouting) -> Array:
+    """[N, GATE_BINS] one-hot bin of each token's first-choice gate (the largest routing weight
+    where tokens do not choose) over [0, 1]."""
+    gate = (jnp.max(tokens.probs, axis=-1) if tokens.choice is None
+            else tokens.choice.gate[:, 0])
+    index = jnp.clip(jnp.floor(gate.astype(jnp.float32) * GATE_BINS), 0, GATE_BINS - 1)
+    return jax.nn.one_hot(index.astype(jnp.int32), GATE_BINS, dtype=jnp.float32)
 
 
 class EvalSums:
@@ -157,6 +175,17 @@ class EvalSums:
                 self.totals[name] = np.maximum(self.totals[name], value)
             else:
                 self.totals[name] = self.totals[name] + value
+
+
+def evaluate_batches(eval_step: Callable[..., dict[str, Array]], params: Any,
+                     model_state: dict[str, Any], batches: Iterable[Batch],
+                     to_device: Callable[[Batch], Batch] = lambda batch: batch
+                     ) -> dict[str, np.ndarray]:
+    """The totals (`EvalSums`) of `eval_step` over `batches` (each placed by `to_device`)."""
+    sums = EvalSums()
+    for index, batch in enumerate(batches):
+        sums.add(eval_step(params, model_state, to_device(batch), np.int32(index)))
+    return sums.totals
 
 
 def coefficient_of_variation(load: np.ndarray) -> float:

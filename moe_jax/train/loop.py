@@ -3,8 +3,11 @@
 Files in the workdir:
   config.json          the full config of the run (written at start)
   checkpoints/<step>/  orbax checkpoints: train state + data-iterator position + elapsed time
-  metrics.jsonl        train metrics every `log_every` steps, eval metrics every `eval_every`
-  tensorboard/         the same metrics as TensorBoard events
+  metrics.jsonl        train metrics every `log_every` steps (also per MoE layer), eval metrics
+                       every `eval_every`
+  tensorboard/         the same metrics as TensorBoard events, and the routing alarms
+  alerts.jsonl         the routing alarms (`moe_jax.train.monitor`), one JSON object per line
+  routing_profiles/    `<step>.json` at every evaluation (`moe_jax.train.profiles`)
   summary.json         final losses, params, FLOPs per token, tokens/s, wall time (at the end)
   writer.lock          held while a process trains here (`moe_jax.train.lock`)
 
@@ -14,9 +17,11 @@ rows of every batch, checkpoints are written and read by every process (and rest
 mesh), and only process 0 writes config, metrics and summary files.
 
 A run restarted with the same workdir resumes from its latest checkpoint and continues with the
-same batches and randomness, so its losses equal an uninterrupted run's. A non-finite loss
-stops the run with `NonFiniteLossError` naming the step; checkpoints are only written after the
-losses up to their step were checked, so the last checkpoint is always a good one.
+same batches and randomness, so its losses equal an uninterrupted run's; a new run with
+`train.init_from` starts from another run's weights. A non-finite loss stops the run with
+`NonFiniteLossError` naming the step, an alarm of `monitor.stop_on` with `RoutingAlarmError`;
+checkpoints are only written after the metrics up to their step were checked, so the last
+checkpoint is always a good one.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax import flops, routing, schema, sharding
 from moe_jax.models import Transformer
-from moe_jax.train import evaluate, lock, optim, placement
+from moe_jax.train import evaluate, lock, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
-from moe_jax.train.checkpoint import CheckpointError, Checkpoints
+from moe_jax.train.checkpoint import CheckpointError, Checkpoints, restore_weights
 from moe_jax.train.metrics import (
+    METRICS_FILE,
     MetricsWriter,
     ProgressBar,
     is_logging_process,
+    per_layer,
     read_metrics,
     write_json,
 )
@@ -111,27 +118,30 @@ def setup(experiment: Any, seq_len: int, mesh: Mesh | None = None
     return model, _jit_functions(model, experiment, seq_len, mesh, rules)
 
 
-def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None,
-                  checkpoint_dir: str) -> list[tuple[int, dict[str, float]]]:
-    """Fetches the pending steps' metrics; raises NonFiniteLossError at the first bad loss."""
-    fetched = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
+def _kept(last_good: int | None, checkpoint_dir: str) -> str:
+    """Which checkpoint a stopped run leaves."""
+    return (f"the last good checkpoint is step {last_good} in {checkpoint_dir}"
+            if last_good is not None else f"no checkpoint was written to {checkpoint_dir}")
+
+
+def _check_finite(fetched: list[tuple[int, dict[str, np.ndarray]]], last_good: int | None,
+                  checkpoint_dir: str) -> None:
+    """Raises NonFiniteLossError at the first fetched step with a bad loss."""
     for step, metrics in fetched:
         if not math.isfinite(metrics["loss"]):
-            kept = (f"the last good checkpoint is step {last_good} in {checkpoint_dir}"
-                    if last_good is not None else f"no checkpoint was written to {checkpoint_dir}")
             raise NonFiniteLossError(
-                f"training loss is {metrics['loss']} at step {step}; stopping. Nothing from this "
-                f"step on was saved: {kept}. Common fixes: lower train.learning_rate, keep "
-                "train.grad_clip_norm > 0, add router z-loss (moe.z_loss_coef), or keep the "
-                "router in float32 (moe.router_dtype).")
-    return fetched
+                f"training loss is {float(metrics['loss'])} at step {step}; stopping. Nothing "
+                f"from this step on was saved: {_kept(last_good, checkpoint_dir)}. Common fixes: "
+                "lower train.learning_rate, keep train.grad_clip_norm > 0, add router z-loss "
+                "(moe.z_loss_coef), or keep the router in float32 (moe.router_dtype).")
 
 
-def _mean_metrics(fetched: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """The logged steps' metrics combined: means, or maxima (`routing.reduction`)."""
-    def combine(name: str) -> float:
-        values = [m[name] for _, m in fetched]
-        return max(values) if routing.reduction(name) == "max" else float(np.mean(values))
+def _mean_metrics(fetched: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """The logged steps' metrics combined: means, or maxima (`routing.reduction`), of scalars
+    and of per-layer arrays alike."""
+    def combine(name: str) -> np.ndarray:
+        values = np.stack([np.asarray(m[name], np.float64) for _, m in fetched])
+        return values.max(0) if routing.reduction(name) == "max" else values.mean(0)
 
     return {name: combine(name) for name in fetched[0][1]}
 
@@ -228,9 +238,13 @@ class _Run:
         return self.elapsed_before + time.perf_counter() - self.wall_start
 
     def restore_or_init(self) -> TrainState:
-        """The latest checkpoint's state (and data position), or a fresh state."""
+        """The latest checkpoint's state (and data position), or a fresh state (with the
+        weights of `train.init_from`'s latest checkpoint, when set)."""
         if self.last_good is None:
-            return self.fns["init"](self.experiment.seed)
+            init_from = self.experiment.train.init_from
+            weights = (restore_weights(os.path.join(init_from, CHECKPOINT_DIR),
+                                       self.fns["abstract_state"])[0] if init_from else {})
+            return self.fns["init"](self.experiment.seed).replace(**weights)
         step = self.last_good
         state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
         try:
@@ -263,6 +277,16 @@ class _Run:
         start_step = int(state.step)
         self.writer = MetricsWriter(self.workdir)
         self.bar = ProgressBar(train.num_train_steps, start_step, enabled=train.progress_bar)
+        self.monitor = monitor.Monitor(self.experiment.monitor, self.workdir, self.writer,
+                                       self.bar.write)
+        if start_step and os.path.exists(os.path.join(self.workdir, METRICS_FILE)):
+            earlier = sorted(read_metrics(self.workdir).items())
+        else:  # a new run (or one restarted from step 0)
+            earlier = []
+        self.monitor.resume(start_step, [
+            {"step": step, **{k[len("train/"):]: v for k, v in m.items()
+                              if k.startswith("train/")}}
+            for step, m in earlier if "train/loss" in m])
         pending: list[tuple[int, dict[str, jax.Array]]] = []
         last_train: dict[str, float] = {}
         last_eval: dict[str, Any] = {}
@@ -286,11 +310,15 @@ class _Run:
             last_eval = self.evaluate(state, int(state.step))
         return state, last_train, last_eval
 
-    def log_train(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, float]:
-        """Checks and logs the metrics of the steps since the last log; returns their means."""
-        fetched = _check_finite(pending, self.last_good, self.checkpoint_dir)
+    def log_train(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, Any]:
+        """Checks and logs the metrics of the steps since the last log (per MoE layer too) and
+        lets the monitor raise its alarms; returns their means."""
+        fetched = [(step, jax.device_get(m)) for step, m in pending]
         step = fetched[-1][0]
-        logged = _mean_metrics(fetched)
+        logged = per_layer(_mean_metrics(fetched), self.experiment.model.sparse_layers)
+        alarms = self.monitor.observe(step, logged)
+        _check_finite(fetched, self.last_good, self.checkpoint_dir)
+        self.monitor.stop_if_asked(alarms, _kept(self.last_good, self.checkpoint_dir))
         tokens_per_second = self.throughput.tokens_per_second()
         if tokens_per_second:
             logged["tokens_per_second"] = tokens_per_second
@@ -303,13 +331,15 @@ class _Run:
         """Evaluates on every validation batch and logs the metrics; its time is left out of
         the training throughput."""
         eval_start = time.perf_counter()
-        sums = evaluate.EvalSums()
-        for index, batch in enumerate(self.data.eval_batches()):
-            sums.add(self.fns["eval_step"](state.params, state.model_state,
-                                           self.global_batch(batch), np.int32(index)))
-        metrics = evaluate.summarize(sums.totals, self.experiment.model,
-                                     train_input.domain_names(self.experiment.data))
+        totals = evaluate.evaluate_batches(self.fns["eval_step"], state.params,
+                                           state.model_state, self.data.eval_batches(),
+                                           self.global_batch)
+        domains = train_input.domain_names(self.experiment.data)
+        metrics = evaluate.summarize(totals, self.experiment.model, domains)
         self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if self.experiment.model.sparse_layers and is_logging_process():
+            profiles.save(self.workdir, profiles.from_totals(
+                totals, self.experiment.model, self.experiment.moe, domains, step=step))
         self.bar.write(f"step {step}: eval loss {metrics['loss']:.4f}"
                        + (f", {metrics['bits_per_byte']:.4f} bits/byte"
                           if "bits_per_byte" in metrics else ""))

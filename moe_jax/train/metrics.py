@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -66,6 +66,15 @@ class MetricsWriter:
                 self._tb.add_scalar(name, value, step)
         self._tb.flush()
 
+    def alert(self, step: int, tag: str, value: float, text: str) -> None:
+        """An alarm in TensorBoard: the scalar `tag` at `value`, and `text` (not in
+        metrics.jsonl: alarms have their own file)."""
+        if not self.enabled:
+            return
+        self._tb.add_scalar(tag, value, step)
+        self._tb.add_text(tag, text, step)
+        self._tb.flush()
+
     def _histogram_over_index(self, name: str, values: list[float], step: int) -> None:
         """A per-expert vector as a TensorBoard histogram whose x-axis is the expert index."""
         counts = [v if math.isfinite(v) else 0.0 for v in values]
@@ -80,6 +89,24 @@ class MetricsWriter:
         if self.enabled and not self._jsonl.closed:
             self._jsonl.close()
             self._tb.close()
+
+
+def per_layer(metrics: Mapping[str, Any], sparse_layers: Sequence[int]) -> dict[str, Any]:
+    """Metrics as logged: floats, lists for per-expert vectors, and each `layer/<name>` value
+    stacked over the MoE layers ([M] or [M, E], block order) split into `layer_<i>/<name>` for
+    block i of `sparse_layers`."""
+    def plain(value: np.ndarray) -> float | list[float]:
+        return value.tolist() if value.ndim else float(value)
+
+    out: dict[str, Any] = {}
+    for name, value in metrics.items():
+        value = np.asarray(value, np.float64)
+        if name.startswith("layer/"):
+            for m, layer in enumerate(sparse_layers):
+                out[f"layer_{layer}/{name[len('layer/'):]}"] = plain(value[m])
+        else:
+            out[name] = plain(value)
+    return out
 
 
 def write_json(path: str, value: Any) -> None:

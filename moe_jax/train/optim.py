@@ -50,10 +50,30 @@ def weight_decay_mask(params: Params) -> Params:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def is_router(path: tuple[Any, ...]) -> bool:
+    """Whether the parameter at `path` (a key path of the params tree) belongs to a router:
+    the MoE layers' `router` group (kernel)."""
+    return any(getattr(key, "key", None) == "router" for key in path)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping (if `grad_clip_norm` > 0) followed by AdamW or Adafactor, both on the
     `learning_rate_schedule`, with decoupled weight decay `lr(step) * weight_decay * param` on
-    `weight_decay_mask`."""
+    `weight_decay_mask`. With `freeze_router` the router parameters get zero updates (no decay
+    either) and the others the optimizer above, their clipping norm computed without the
+    routers' gradients."""
+    optimizer = _make_trainable_optimizer(config)
+    if not config.freeze_router:
+        return optimizer
+
+    def labels(params: Params) -> Params:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if is_router(path) else "trained", params)
+
+    return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def _make_trainable_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(config)
     if config.optimizer == "adamw":
         optimizer = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,

@@ -144,8 +144,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     objective_name / mask_rate: `TrainConfig.objective` / `mask_rate` (checked against the model
     by `objective.check_objective`). metrics (float32 scalars): those of
     `objective.compute_loss` (loss, cross_entropy, accuracy, bits_per_byte (causal_lm only), aux
-    losses, routing summaries), plus grad_norm (global norm of the accumulated gradient, before
-    clipping) and, with `schedule`, learning_rate.
+    losses, routing summaries), each routing statistic per MoE layer as `layer/<name>` ([M] or
+    [M, E], block order; `metrics.per_layer` names them by block), plus grad_norm (global norm
+    of the accumulated gradient, before clipping) and, with `schedule`, learning_rate.
     """
     objective.check_objective(objective_name, model_config)
 
@@ -156,6 +157,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                                   **model_inputs(batch), train=True,
                                   rngs={"dropout": k_dropout, "router": k_router})
         loss, metrics = objective.compute_loss(logits, batch, aux, moe_config)
+        metrics |= {f"layer/{name}": value for name, value in aux.items()}  # [M] or [M, E]
         return loss * weight, (metrics, aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
