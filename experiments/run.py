@@ -5,6 +5,8 @@
     python -m experiments.run --suite=balance --members=lb0,lb1e-2 --seeds=1 --dry_run
     python -m experiments.run --suite=capacity --collect_only       # only rebuild the results
     python -m experiments.run --suite=capacity --set=train.num_train_steps=50 --workdir_root=/tmp/x
+    python -m experiments.run --suite=capacity --scale=small --launcher=slurm --slurm.partition=gpu
+    python -m experiments.run --suite=capacity --scale=small --status
 
 Each run is `python -m moe_jax.main --config=... --config.<key>=<value> --workdir=DIR` in its own
 process, so a crash or a diverged run never stops the sweep. DIR is
@@ -14,6 +16,9 @@ git-ignored). A run is skipped when DIR holds a finished summary.json for the sa
 fired: a result, not a runner failure; --retry_diverged reruns those). A killed run resumes from
 its last checkpoint. Every invocation ends by collecting all runs of the suite (members x seeds)
 into experiments/results/<suite>/<scale>.json and .csv (see experiments/suites/results.py).
+
+--launcher=slurm submits the runs to do as one SLURM job array instead and returns (`--wait`
+blocks); --status collects finished runs and shows every run's state (experiments/slurm.py).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from experiments import suites
 from experiments.suites import results as results_lib
@@ -38,10 +43,14 @@ from experiments.suites import stats
 from experiments.suites.base import RunSpec, Suite
 from moe_jax.train.metrics import write_json
 
+if TYPE_CHECKING:  # experiments.slurm imports this module
+    from experiments.slurm import SlurmConfig
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_ROOT = os.path.join(REPO_ROOT, "experiments", "results")
 REQUEST_FILE, SUMMARY_FILE, DIVERGED_FILE = "request.json", "summary.json", "diverged.json"
 RUN_INFO_FILE, LOG_FILE, ANALYSIS_FILE = "run_info.json", "run.log", "analysis.json"
+LAUNCHERS = ("local", "slurm")
 _DIVERGED = re.compile(r"NonFiniteLossError: training loss is (\S+) at step (\d+)")
 LOG_TAIL_LINES = 25
 
@@ -124,13 +133,9 @@ def launch(spec: RunSpec, workdir: str, *, python: str = sys.executable,
     leaves request.json, run_info.json and, if it diverged, diverged.json in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, REQUEST_FILE), _request(spec))
-    command = [python, "-m", "moe_jax.main", *spec.flags(workdir), f"--workdir={workdir}"]
     start = time.perf_counter()
-    with open(os.path.join(workdir, LOG_FILE), "a") as log:
-        log.write(f"\n$ {' '.join(command)}\n")
-        log.flush()
-        returncode = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    env=dict(env or os.environ), check=False).returncode
+    returncode = train_process(spec, workdir, os.path.join(workdir, LOG_FILE), python=python,
+                               env=env)
     seconds = time.perf_counter() - start
     tail = _tail(os.path.join(workdir, LOG_FILE))
     status, step = classify(returncode, tail, _read_json(os.path.join(workdir, SUMMARY_FILE)),
@@ -140,6 +145,18 @@ def launch(spec: RunSpec, workdir: str, *, python: str = sys.executable,
     write_json(os.path.join(workdir, RUN_INFO_FILE),
                 {"status": status, "returncode": returncode, "runner_seconds": seconds})
     return status
+
+
+def train_process(spec: RunSpec, workdir: str, log_path: str, *, python: str = sys.executable,
+                  env: Mapping[str, str] | None = None) -> int:
+    """Runs `python -m moe_jax.main` for `spec` in `workdir`, appending its output to
+    `log_path`; returns its exit code."""
+    command = [python, "-m", "moe_jax.main", *spec.flags(), f"--workdir={workdir}"]
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(env or os.environ), check=False).returncode
 
 
 def run_analysis(module: str, workdir: str, *, python: str = sys.executable,
@@ -237,11 +254,30 @@ def _environment() -> dict[str, str]:
     return env
 
 
+def _prepare(suite: Suite, scale: str, seeds: int, members: Sequence[str],
+             workdir_root: str | None, results_dir: str | None,
+             extra: Mapping[str, Any] | None) -> tuple[list[RunSpec], list[RunSpec], str, str,
+                                                       dict[str, Any], list[dict[str, Any]]]:
+    """(all runs, the selected runs, the run directories' root, the results file's path, its
+    data, the placeholders of all runs) of an invocation."""
+    all_runs = suite.expand(scale, seeds, extra=extra)
+    selected = suite.expand(scale, seeds, members, extra=extra)
+    for spec in all_runs:  # fail fast: a bad override names the key before any training
+        spec.build_config()
+    root = os.path.abspath(workdir_root or default_workdir_root(suite.name))
+    path = results_path(suite.name, scale, results_dir)
+    data = results_lib.load_or_new(path, suite.name, scale, stats.SEED_PAIRED)
+    expected = [placeholder(spec, workdir_of(spec, root)) for spec in all_runs]
+    return all_runs, selected, root, path, data, expected
+
+
 def run_suite(suite: Suite, scale: str = "tiny", seeds: int = 3, members: Sequence[str] = (),
               *, workdir_root: str | None = None, results_dir: str | None = None,
               extra: Mapping[str, Any] | None = None, dry_run: bool = False,
               collect_only: bool = False, retry_diverged: bool = False, replace: bool = False,
-              python: str = sys.executable, log: Callable[[str], None] = print) -> str:
+              launcher: str = "local", slurm: SlurmConfig | None = None, wait: bool = False,
+              poll_seconds: float = 30.0, python: str = sys.executable,
+              log: Callable[[str], None] = print) -> str:
     """Runs (or, with dry_run, prints) the runs of `suite` its results file does not hold yet,
     recording each in the file as soon as it finishes; returns the file's path.
 
@@ -251,24 +287,40 @@ def run_suite(suite: Suite, scale: str = "tiny", seeds: int = 3, members: Sequen
     diverged runs). A run directory that holds a finished run is collected, not rerun; one
     killed midway resumes from its checkpoint. collect_only: record what the run directories
     hold and run nothing.
+
+    launcher: "local" trains the runs here, one after another; "slurm" submits them as one job
+    array with the resources of `slurm` (an `experiments.slurm.SlurmConfig`) and returns at
+    once, or, with `wait`, when the array is done (polling every `poll_seconds`), after
+    collecting its results (see `experiments.slurm`).
     """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher={launcher!r} is unknown; use one of {LAUNCHERS}.")
     if suite.precheck is not None and not collect_only:
         suite.precheck()
-    all_runs = suite.expand(scale, seeds, extra=extra)
-    selected = suite.expand(scale, seeds, members, extra=extra)
-    for spec in all_runs:  # fail fast: a bad override names the key before any training
-        spec.build_config()
-    root = os.path.abspath(workdir_root or default_workdir_root(suite.name))
-    path = results_path(suite.name, scale, results_dir)
-    data = results_lib.load_or_new(path, suite.name, scale, stats.SEED_PAIRED)
-    expected = [placeholder(spec, workdir_of(spec, root)) for spec in all_runs]
+    all_runs, selected, root, path, data, expected = _prepare(
+        suite, scale, seeds, members, workdir_root, results_dir, extra)
     env = _environment()
+    recorded = json.dumps(data, sort_keys=True, default=str)
     todo = _plan(suite, selected, data, root, replace=replace, retry_diverged=retry_diverged,
                  analyse=not dry_run, python=python, env=env, log=log)
     if dry_run:
         for spec in todo:
             log(spec.command(workdir_of(spec, root)))
         log(f"{len(todo)} of {len(selected)} runs to do (dry run: nothing was run or written).")
+        return path
+    if launcher == "slurm" and not collect_only:
+        from experiments import slurm as slurm_lib
+        from experiments import slurm_status
+
+        if json.dumps(data, sort_keys=True, default=str) != recorded:  # collected runs
+            save(data, path, expected, log)
+        slurm_lib.launch(suite, todo, root, slurm or slurm_lib.SlurmConfig(),
+                         retry_diverged=retry_diverged, python=python, log=log)
+        if wait and todo:
+            slurm_lib.wait(todo, root, poll_seconds=poll_seconds, log=log)
+            slurm_lib.collect(suite, all_runs, data, root, path, expected, python=python,
+                              log=log)
+            log(slurm_status.format_states(slurm_status.member_states(selected, data, root)))
         return path
     save(data, path, expected, log)
     start = time.perf_counter()
@@ -351,6 +403,27 @@ def _train(suite: Suite, spec: RunSpec, workdir: str, *, retry_diverged: bool, p
     return status
 
 
+def suite_status(suite: Suite, scale: str = "tiny", seeds: int = 3,
+                 members: Sequence[str] = (), *, workdir_root: str | None = None,
+                 results_dir: str | None = None, extra: Mapping[str, Any] | None = None,
+                 python: str = sys.executable, log: Callable[[str], None] = print
+                 ) -> list[tuple[RunSpec, str, str]]:
+    """Records the finished run directories the results file lacks (collecting again changes
+    nothing), then reports every selected run: finished, diverged, pending or running (its
+    job), failed (the log and its last error line) or missing. Returns (run, state, detail)."""
+    from experiments import slurm as slurm_lib
+    from experiments import slurm_status
+
+    all_runs, selected, root, path, data, expected = _prepare(
+        suite, scale, seeds, members, workdir_root, results_dir, extra)
+    slurm_lib.collect(suite, all_runs, data, root, path, expected, python=python, log=log)
+    states = slurm_status.member_states(selected, data, root)
+    log(f"{suite.name} at scale {scale}: {len(states)} runs (results: {path}, run "
+        f"directories: {os.path.join(root, scale)})")
+    log(slurm_status.format_states(states))
+    return states
+
+
 def parse_setting(text: str) -> tuple[str, Any]:
     """'train.num_train_steps=50' -> ('train.num_train_steps', 50); values are Python literals
     where they parse as one, else strings."""
@@ -379,15 +452,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--retry_diverged", action="store_true", help="rerun diverged runs")
     parser.add_argument("--replace", action="store_true",
                         help="rerun runs the results file holds and replace their entries")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                        help="local: train here, one run after another; slurm: submit the runs "
+                        "as one SLURM job array (resources: --slurm.*) and return")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --launcher=slurm: block until the array is done, then collect")
+    parser.add_argument("--status", action="store_true",
+                        help="collect finished runs into the results file and show every run's "
+                        "state (finished, pending/running with its job, failed, missing)")
+    from experiments import slurm as slurm_lib
+
+    slurm_lib.add_flags(parser)
     args = parser.parse_args(argv)
     if args.scale == "paper":
         raise SystemExit("the paper scale is not run here; `python -m experiments.report "
                          f"--suite={args.suite}` prints its FLOP/parameter table.")
-    run_suite(suites.get(args.suite), args.scale, args.seeds,
-              [m for m in args.members.split(",") if m], workdir_root=args.workdir_root,
-              results_dir=args.results_dir, extra=dict(parse_setting(s) for s in args.set),
-              dry_run=args.dry_run, collect_only=args.collect_only,
-              retry_diverged=args.retry_diverged, replace=args.replace)
+    common = {"workdir_root": args.workdir_root, "results_dir": args.results_dir,
+              "extra": dict(parse_setting(s) for s in args.set)}
+    selection = (suites.get(args.suite), args.scale, args.seeds,
+                 [m for m in args.members.split(",") if m])
+    try:
+        if args.status:
+            suite_status(*selection, **common)
+            return
+        run_suite(*selection, **common, dry_run=args.dry_run, collect_only=args.collect_only,
+                  retry_diverged=args.retry_diverged, replace=args.replace,
+                  launcher=args.launcher, slurm=slurm_lib.config_from_args(args),
+                  wait=args.wait)
+    except slurm_lib.SlurmError as err:
+        raise SystemExit(f"experiments.run: {err}") from err
 
 
 if __name__ == "__main__":

@@ -164,6 +164,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}; settings are flags such as "
                              "--config.train.num_train_steps=100.")
     from moe_jax.train.checkpoint import CheckpointError
+    from moe_jax.train.lock import WorkdirLockedError
     from moe_jax.train.loop import NonFiniteLossError
     from moe_jax.train.monitor import RoutingAlarmError
 
@@ -171,7 +172,7 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         run(flags.FLAGS)
-    except (NonFiniteLossError, CheckpointError, RoutingAlarmError) as err:
+    except (NonFiniteLossError, CheckpointError, RoutingAlarmError, WorkdirLockedError) as err:
         raise SystemExit(f"moe_jax.main: {type(err).__name__}: {err}") from err
 
 

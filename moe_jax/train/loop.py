@@ -9,6 +9,7 @@ Files in the workdir:
   alerts.jsonl         the routing alarms (`moe_jax.train.monitor`), one JSON object per line
   routing_profiles/    `<step>.json` at every evaluation (`moe_jax.train.profiles`)
   summary.json         final losses, params, FLOPs per token, tokens/s, wall time (at the end)
+  writer.lock          held while a process trains here (`moe_jax.train.lock`)
 
 The run is laid out on the mesh of `config.mesh` (`moe_jax.sharding`; one device by default):
 the state is created sharded by jitting the init with out_shardings, each process feeds its own
@@ -37,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax import flops, routing, schema, sharding
 from moe_jax.models import Transformer
-from moe_jax.train import evaluate, init_from, monitor, optim, placement, profiles
+from moe_jax.train import evaluate, init_from, lock, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import CheckpointError, Checkpoints, check_not_initial
 from moe_jax.train.metrics import (
@@ -176,7 +177,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     mesh: a (data, expert, model) `Mesh` to run on instead of the one `config.mesh` describes
       (the expert-parallel form and the rules still come from `config.mesh`).
+
+    Raises `lock.WorkdirLockedError` (naming the holder) if another run writes `workdir`.
     """
+    with lock.hold(workdir):  # one writer per run directory (`moe_jax.train.lock`)
+        return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        mesh: Mesh | None) -> dict[str, Any]:
     experiment = schema.parse_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

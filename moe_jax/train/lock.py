@@ -1,0 +1,285 @@
+"""One writer per run directory: a lock file in the workdir that names its holder.
+
+    with lock.hold(workdir):  # WorkdirLockedError, naming the holder, if another run writes it
+        ...train...
+
+`workdir/writer.lock` is JSON: host, pid (and the pid's start time, so a reused pid is not
+taken for the holder), when the run started, when the lock was last renewed, the lease, and the
+SLURM job and restart count when the holder runs under SLURM. It appears atomically and whole:
+a complete temporary file is hard-linked to the name, which fails if the name exists (also on
+NFS). A thread renews it every `lease_seconds / 4` and the lock is removed at exit.
+
+A lock is stale, and is taken over with a warning that says why, when
+  - its holder ran on this host and that process is gone;
+  - it was not renewed for `lease_seconds` (its holder ran on another host and died; the hosts'
+    clocks must agree to well within the lease);
+  - it was left by an earlier run of this SLURM job (a requeued task: same SLURM_JOB_ID, lower
+    SLURM_RESTART_COUNT) on another host: the requeued task waits until that copy's lease runs
+    out, and refuses if the copy is still renewing it.
+Otherwise the run refuses to start. Only process 0 of a multi-process run holds the lock; the
+other processes learn its outcome through a collective and raise the same error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+LOCK_FILE = "writer.lock"
+LEASE_SECONDS = 120.0
+
+logger = logging.getLogger(__name__)
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another process writes this run directory."""
+
+
+def _pid_start(pid: int) -> int | None:
+    """The start time of process `pid` in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the holder's process (on this host) still runs."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    start = holder.get("pid_start")
+    return start is None or _pid_start(pid) in (None, start)
+
+
+def _slurm() -> tuple[str | None, int]:
+    return os.environ.get("SLURM_JOB_ID") or None, int(os.environ.get("SLURM_RESTART_COUNT", 0))
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
+
+
+def describe(holder: dict[str, Any]) -> str:
+    """'pid 12 on host gpu3 since 2026-12-01T10:00:00+00:00 (SLURM job 55)'."""
+    job = f" (SLURM job {holder['slurm_job']})" if holder.get("slurm_job") else ""
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} since "
+            f"{_iso(holder.get('started', 0.0))}{job}")
+
+
+class WorkdirLock:
+    """The writer lock of one run directory (`acquire`, `release`; renewed by a thread)."""
+
+    def __init__(self, workdir: str, *, lease_seconds: float = LEASE_SECONDS,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.workdir = os.path.abspath(workdir)
+        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _content(self, started: float) -> dict[str, Any]:
+        job, restart = _slurm()
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                "pid_start": _pid_start(os.getpid()), "started": started,
+                "renewed": self.clock(), "lease_seconds": self.lease_seconds,
+                "slurm_job": job, "slurm_restart": restart}
+
+    def _read(self, path: str | None = None) -> dict[str, Any] | None:
+        """The lock's content; None if there is no lock; {} if it is not a lock we can read."""
+        try:
+            with open(path or self.path) as f:
+                content = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return content if isinstance(content, dict) else {}
+
+    def _write_temporary(self, content: dict[str, Any]) -> str:
+        tmp = f"{self.path}.{self.token}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(content, f)
+        return tmp
+
+    def _create(self) -> bool:
+        """Puts a complete lock at `path` unless one exists; True if this call made it."""
+        tmp = self._write_temporary(self._content(self.clock()))
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def _stale_reason(self, holder: dict[str, Any]) -> str | None:
+        """Why `holder` no longer writes the directory, or None if it may still."""
+        if not holder:
+            return "it is not a lock file this code wrote"
+        age = self.clock() - float(holder.get("renewed", 0.0))
+        if holder.get("host") == socket.gethostname():
+            if holder.get("pid") == os.getpid():
+                return "it was left by this process"
+            if not _alive(holder):
+                return "that process is gone"
+            return None
+        if age > float(holder.get("lease_seconds", self.lease_seconds)):
+            return f"its lease ran out (last renewed {age:.0f} s ago)"
+        return None
+
+    def _earlier_copy_of_this_job(self, holder: dict[str, Any]) -> bool:
+        job, restart = _slurm()
+        return (job is not None and holder.get("slurm_job") == job
+                and int(holder.get("slurm_restart") or 0) < restart)
+
+    def _wait_for_lease(self, holder: dict[str, Any]) -> str | None:
+        """Waits (at most one lease) for a requeued job's earlier copy to stop renewing."""
+        lease = float(holder.get("lease_seconds", self.lease_seconds))
+        logger.warning("%s is locked by an earlier run of this SLURM job (%s); waiting up to "
+                       "%.0f s for its lease to run out.", self.workdir, describe(holder), lease)
+        deadline = time.monotonic() + lease + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(min(5.0, lease / 8))
+            current = self._read()
+            if current is None or current.get("token") != holder.get("token"):
+                return "it was released"
+            if current.get("renewed") != holder.get("renewed"):
+                return None  # still renewed: the earlier copy runs
+        return "the earlier run of this SLURM job stopped renewing it (requeued)"
+
+    def _take_over(self, holder: dict[str, Any]) -> bool:
+        """Moves the stale lock `holder` aside and creates ours; False if another process
+        changed the lock in between (the caller looks again)."""
+        aside = f"{self.path}.{self.token}.stale"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = self._read(aside)
+        if moved != holder:  # someone else took it over first: put theirs back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
+        return self._create()
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns the takeover message if it replaced a stale one. Raises
+        WorkdirLockedError naming the holder if another live process has it."""
+        os.makedirs(self.workdir, exist_ok=True)
+        message = None
+        for _ in range(5):
+            if self._create():
+                break
+            holder = self._read()
+            if holder is None:
+                continue  # released meanwhile
+            reason = self._stale_reason(holder)
+            if reason is None and self._earlier_copy_of_this_job(holder):
+                reason = self._wait_for_lease(holder)
+            if reason is None:
+                raise self._locked_error(holder)
+            if self._take_over(holder):
+                message = (f"taking over the lock of {self.workdir} from {describe(holder)}: "
+                           f"{reason}.")
+                logger.warning(message)
+                break
+        else:
+            raise WorkdirLockedError(f"could not take the lock {self.path}: other processes "
+                                     "keep changing it; is the run started several times?")
+        self.held = True
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, daemon=True,
+                                        name=f"lock:{self.workdir}")
+        self._thread.start()
+        return message
+
+    def _locked_error(self, holder: dict[str, Any]) -> WorkdirLockedError:
+        age = self.clock() - float(holder.get("renewed", 0.0))
+        return WorkdirLockedError(
+            f"run directory {self.workdir} is in use: {describe(holder)} writes it (lock "
+            f"{self.path}, renewed {age:.0f} s ago). Two runs in one directory would interleave "
+            "metrics.jsonl and race on its checkpoints. Wait for that run to end or stop it, or "
+            f"use another --workdir; if that process is gone for good, delete {self.path}.")
+
+    def renew(self) -> bool:
+        """Rewrites the lock with a fresh `renewed` time; False (and a warning) if it is no
+        longer ours."""
+        current = self._read()
+        if current is None or current.get("token") != self.token:
+            logger.error("the lock %s of this run was %s; another process may now write %s.",
+                         self.path, "removed" if current is None else
+                         f"taken over by {describe(current)}", self.workdir)
+            return False
+        content = {**current, "renewed": self.clock()}
+        os.replace(self._write_temporary(content), self.path)
+        return True
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 4):
+            try:
+                if not self.renew():
+                    return
+            except OSError as err:  # a file-system hiccup: try again at the next renewal
+                logger.warning("could not renew %s: %s", self.path, err)
+
+    def release(self) -> None:
+        """Stops renewing and removes the lock if it is still ours."""
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.held = False
+        current = self._read()
+        if current is not None and current.get("token") == self.token:
+            os.unlink(self.path)
+
+
+@contextlib.contextmanager
+def hold(workdir: str, *, lease_seconds: float = LEASE_SECONDS) -> Iterator[WorkdirLock | None]:
+    """Holds the writer lock of `workdir` on process 0 for the duration of the block; every
+    process raises WorkdirLockedError if process 0 could not take it."""
+    import jax
+
+    from moe_jax.train import placement
+
+    lock = WorkdirLock(workdir, lease_seconds=lease_seconds) if jax.process_index() == 0 \
+        else None
+    error = ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as err:
+            error = str(err)
+        except OSError as err:  # e.g. a read-only run directory: the other processes stop too
+            error = f"could not take the lock {lock.path}: {err}"
+    error = placement.allgather_json(error)[0]
+    if error:
+        raise WorkdirLockedError(error)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
