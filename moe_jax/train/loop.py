@@ -20,6 +20,8 @@ losses up to their step were checked, so the last checkpoint is always a good on
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import time
@@ -31,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax import flops, routing, schema, sharding
-from moe_jax.models import Transformer
+from moe_jax.models import Transformer, stack
 from moe_jax.train import evaluate, optim, placement
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import CheckpointError, Checkpoints
@@ -108,6 +110,26 @@ def setup(experiment: Any, seq_len: int, mesh: Mesh | None = None
     moe_sharding = sharding.MoeSharding.from_rules(mesh, experiment.mesh.expert_parallel, rules)
     model = Transformer(experiment.model, experiment.moe, moe_sharding=moe_sharding)
     return model, _jit_functions(model, experiment, seq_len, mesh, rules)
+
+
+def restore_state(checkpoints: Checkpoints, step: int, experiment: Any, seq_len: int,
+                  fns: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
+    """(state, host state) of checkpoint `step`, sharded as `fns` (from `setup`) say. A
+    checkpoint of the other block layout (`model.scan_layers`) is read in its own layout and
+    converted (`models.stack.convert_layout`)."""
+    try:
+        saved_scanned = stack.SCAN_NAME in checkpoints.saved_state_tree(step)["params"]
+    except Exception:  # unreadable: the restore below raises CheckpointError naming it
+        saved_scanned = experiment.model.scan_layers
+    if saved_scanned == experiment.model.scan_layers:
+        return checkpoints.restore(step, fns["abstract_state"])
+    saved = dataclasses.replace(experiment,
+                                model=experiment.model.replace(scan_layers=saved_scanned))
+    _, saved_fns = setup(saved, seq_len, fns["batch_sharding"].mesh)
+    state, host = checkpoints.restore(step, saved_fns["abstract_state"])
+    convert = functools.partial(stack.convert_layout, config=experiment.model,
+                                scanned=experiment.model.scan_layers)
+    return jax.jit(convert, out_shardings=fns["state_shardings"])(state), host
 
 
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None,
@@ -223,7 +245,8 @@ class _Run:
         if self.last_good is None:
             return self.fns["init"](self.experiment.seed)
         step = self.last_good
-        state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
+        state, host = restore_state(self.checkpoints, step, self.experiment, self.seq_len,
+                                    self.fns)
         try:
             self.data.train.set_state(_iterator_state(host))
         except (ValueError, KeyError) as err:
