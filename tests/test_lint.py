@@ -34,13 +34,13 @@ LAYERS = (
     ("moe",),
     ("layers",),
     ("models.*",),
-    ("sharding",),
+    ("sharding", "topology", "compiled"),
     ("data.*",),
     ("objective",),
     ("schema",),
     ("flops",),
     ("train.*",),
-    ("main", "demo"),
+    ("main", "demo", "dryrun"),
 )
 
 

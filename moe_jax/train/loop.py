@@ -89,6 +89,7 @@ def _jit_functions(model: Transformer, experiment: Any, seq_len: int, mesh: Mesh
         "abstract_state": placement.with_shardings(abstract, shardings),
         "state_shardings": shardings,
         "batch_sharding": batch,
+        "abstract_batch": train_input.abstract_batch(train.batch_size, seq_len, batch),
         "train_step": jax.jit(placement.in_mesh_context(train_step, mesh, rules),
                               in_shardings=(shardings, batch),
                               out_shardings=(shardings, replicated), donate_argnums=0),
