@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ from moe_jax import flops, schema, sharding
 from moe_jax import topology as topology_lib
 from moe_jax.topology import GIB
 
+# XLA:TPU's refusal of a program over the HBM: "... Used 20.50G of 15.48G hbm. ..."
+_OUT_OF_HBM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
 # Forward passes per training step: forward + backward (2x) + the recomputed forward of full
 # remat. "save_dots" keeps the matmul outputs, so recomputes (almost) no matmul FLOPs.
 PASSES = {"none": 3, "full": 4, "save_dots": 3}
@@ -98,16 +101,17 @@ def _advice(report: Report, experiment: Any) -> list[str]:
     b, hbm = report.bytes, report.hbm_bytes
     over = b["peak"] - hbm
     state = b["parameters"] + b["optimizer"]
+    temporaries = b.get("temporaries", b["peak"] - state - b["batch"])
     micro_rows = experiment.train.micro_batch_size // math.prod(
         report.mesh[a] for a in sharding.mesh_axes("batch", experiment.mesh.logical_rules()))
     tips = [(state / 2, f"fsdp: parameters + optimizer state take {state / GIB:.2f} GiB per "
                         f"device; doubling --config.mesh.fsdp (now {report.mesh['fsdp']}) halves "
                         "them")]
     if experiment.model.remat_policy == "none":
-        tips.append((b["temporaries"] / 2, f"remat: temporaries take {b['temporaries'] / GIB:.2f}"
-                     " GiB; --config.model.remat_policy=full (or save_dots) recomputes "
-                     "activations in the backward pass instead of keeping them"))
-    tips.append((b["temporaries"] / 2, f"smaller batch: each device holds {micro_rows} rows of "
+        tips.append((temporaries / 2, f"remat: temporaries take {temporaries / GIB:.2f} GiB; "
+                     "--config.model.remat_policy=full (or save_dots) recomputes activations "
+                     "in the backward pass instead of keeping them"))
+    tips.append((temporaries / 2, f"smaller batch: each device holds {micro_rows} rows of "
                  f"{report.seq_len} tokens per micro-batch; doubling "
                  "--config.train.grad_accum_steps halves the activations"))
     tips.sort(key=lambda tip: -tip[0])
@@ -126,15 +130,32 @@ def _estimate(report: Report, topology: topology_lib.Topology, useful_flops: flo
             "mfu": useful_flops / (step * topology.device_peak_flops) if step else 0.0}
 
 
-def _analyse(report: Report, executable: Any, fns: dict[str, Any], experiment: Any,
+def _state_bytes(fns: dict[str, Any]) -> dict[str, int]:
+    """Per-device bytes of the train state's parts and the batch, from their shardings."""
+    state = fns["abstract_state"]
+    return {"parameters": device_bytes(state.params),
+            "optimizer": device_bytes(state.opt_state),
+            "other_state": device_bytes((state.model_state, state.step, state.rng)),
+            "batch": device_bytes(fns["abstract_batch"])}
+
+
+def _out_of_memory(report: Report, experiment: Any) -> None:
+    """A compiler error that the program exceeds the HBM: its figures, and the knobs."""
+    match = _OUT_OF_HBM.search(report.error or "")
+    if match:
+        used, used_unit, capacity, capacity_unit = match.groups()
+        scale = {u: 1024 ** i for i, u in enumerate("KMGT", start=1)} | {"": 1}
+        report.bytes["peak"] = int(float(used) * scale[used_unit])
+        report.hbm_bytes = int(float(capacity) * scale[capacity_unit])  # what XLA can use
+        report.fits = False
+        report.advice = _advice(report, experiment)
+
+
+def _analyse(report: Report, executable: Any, experiment: Any,
              topology: topology_lib.Topology) -> None:
-    state, batch = fns["abstract_state"], fns["abstract_batch"]
     memory = compiled_lib.memory_bytes(executable)
-    report.bytes = {"parameters": device_bytes(state.params),
-                    "optimizer": device_bytes(state.opt_state),
-                    "other_state": device_bytes((state.model_state, state.step, state.rng)),
-                    "batch": device_bytes(batch), "temporaries": memory["temp"],
-                    "generated_code": memory["generated_code"], "peak": memory["peak"]}
+    report.bytes |= {"temporaries": memory["temp"], "generated_code": memory["generated_code"],
+                     "peak": memory["peak"]}
     text = executable.as_text()
     found, report.loops_with_unknown_trip_count = compiled_lib.collective_counts(text)
     report.collectives = {k: dataclasses.asdict(v) for k, v in found.items()}
@@ -171,6 +192,7 @@ def dryrun(experiment: Any, topology: str | topology_lib.Topology, *, name: str 
         scan_layers=experiment.model.scan_layers, remat_policy=experiment.model.remat_policy,
         batch_size=experiment.train.batch_size, seq_len=seq_len)
     _, fns = loop.setup(experiment, seq_len, mesh)
+    report.bytes = _state_bytes(fns)
     start = time.perf_counter()
     try:
         executable = fns["train_step"].lower(fns["abstract_state"],
@@ -178,10 +200,11 @@ def dryrun(experiment: Any, topology: str | topology_lib.Topology, *, name: str 
     except Exception as err:  # the compiler's refusal (e.g. out of memory) is the answer
         report.error = f"{type(err).__name__}: {str(err)[:2000]}"
         report.compile_seconds = time.perf_counter() - start
+        _out_of_memory(report, experiment)
         return report
     report.compile_seconds = time.perf_counter() - start
     report.compiled = True
-    _analyse(report, executable, fns, experiment, topo)
+    _analyse(report, executable, experiment, topo)
     return report
 
 
@@ -203,12 +226,12 @@ def _collectives(report: Report) -> str:
 def table_row(report: Report) -> tuple[str, ...]:
     """One report as a row of `TABLE_COLUMNS`."""
     b = report.bytes
-    memory = fits = steps = mfu = "-"
-    if report.compiled:
-        memory = (f"{_gib(b['parameters'] + b['optimizer'])}, {_gib(b['temporaries'])}, "
-                  f"{_gib(b['peak'])}" + (f" / {_gib(report.hbm_bytes)}" if report.hbm_bytes
-                                          else ""))
-        fits = "-" if report.fits is None else ("yes" if report.fits else "**no**")
+    memory = steps = mfu = "-"
+    if b:
+        memory = ", ".join([_gib(b["parameters"] + b["optimizer"]),
+                            *(_gib(b[k]) if k in b else "?" for k in ("temporaries", "peak"))])
+        memory += f" / {_gib(report.hbm_bytes)}" if report.hbm_bytes else ""
+    fits = "-" if report.fits is None else ("yes" if report.fits else "**no**")
     if report.estimate:
         steps = f"{report.estimate['step_seconds']:.3g} s"
         mfu = f"{100 * report.estimate['mfu']:.0f}%"
@@ -231,11 +254,11 @@ def markdown(report: Report) -> str:
              markdown_table([report]), ""]
     if report.error:
         lines += ["Compiler error:", "", "```", report.error, "```"]
-    if report.compiled:
-        b = report.bytes
-        lines += ["Per device: " + ", ".join(f"{k} {_gib(v)} GiB" for k, v in b.items())
+    if report.bytes:
+        lines += ["Per device: " + ", ".join(f"{k} {_gib(v)} GiB" for k, v in report.bytes.items())
                   + (f"; HBM {_gib(report.hbm_bytes)} GiB" if report.hbm_bytes else "") + "."]
         lines += [f"- {tip}" for tip in report.advice]
+    if report.compiled:
         lines += ["", "| collective | instructions | per step | result GiB per step |",
                   "| --- | --- | --- | --- |"]
         lines += [f"| {k} | {c['instructions']} | {c['per_step']} | "

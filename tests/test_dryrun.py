@@ -113,6 +113,23 @@ ENTRY %main (x: f32[8]) -> f32[16] {
     assert found["all-gather"] == compiled.Collective(1, 1, 64, 64)  # -done not counted again
 
 
+def test_a_compile_refused_for_memory_says_by_how_much_and_which_knobs_help():
+    result = dryrun.Report(
+        config="c", topology="v5e:2x2", chip="v5e", devices=4,
+        mesh={"data": 1, "fsdp": 2, "expert": 2, "model": 1}, expert_parallel="gspmd",
+        scan_layers=True, remat_policy="none", batch_size=8, seq_len=32,
+        bytes={"parameters": 2 * topology.GIB, "optimizer": 4 * topology.GIB, "other_state": 0,
+               "batch": 1024},
+        error="XlaRuntimeError: RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
+              "memory in memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm capacity by "
+              "5.02G.")
+    dryrun._out_of_memory(result, experiment(**{"mesh.fsdp": 2, "mesh.expert": 2}))
+    assert result.fits is False and result.bytes["peak"] == int(20.5 * topology.GIB)
+    assert result.hbm_bytes == int(15.48 * topology.GIB)
+    assert result.advice[0] == "over by 5.02 GiB"
+    assert [tip.split(":")[0] for tip in result.advice[1:]] == ["remat", "smaller batch", "fsdp"]
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
