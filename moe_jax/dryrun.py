@@ -39,8 +39,11 @@ from moe_jax import flops, schema, sharding
 from moe_jax import topology as topology_lib
 from moe_jax.topology import GIB
 
-# XLA:TPU's refusal of a program over the HBM: "... Used 20.50G of 15.48G hbm. ..."
-_OUT_OF_HBM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# XLA:TPU's refusals of a program over the HBM: "... Used 20.50G of 15.48G hbm. ..." (all
+# buffers), or "... required for HLO temporaries (54.18G) exceeds available HBM (15.75G)."
+_OUT_OF_HBM = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+               re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                          r"\(([\d.]+)([KMGT]?)\)"))
 # Forward passes per training step: forward + backward (2x) + the recomputed forward of full
 # remat. "save_dots" keeps the matmul outputs, so recomputes (almost) no matmul FLOPs.
 PASSES = {"none": 3, "full": 4, "save_dots": 3}
@@ -141,14 +144,18 @@ def _state_bytes(fns: dict[str, Any]) -> dict[str, int]:
 
 def _out_of_memory(report: Report, experiment: Any) -> None:
     """A compiler error that the program exceeds the HBM: its figures, and the knobs."""
-    match = _OUT_OF_HBM.search(report.error or "")
-    if match:
-        used, used_unit, capacity, capacity_unit = match.groups()
-        scale = {u: 1024 ** i for i, u in enumerate("KMGT", start=1)} | {"": 1}
-        report.bytes["peak"] = int(float(used) * scale[used_unit])
-        report.hbm_bytes = int(float(capacity) * scale[capacity_unit])  # what XLA can use
-        report.fits = False
-        report.advice = _advice(report, experiment)
+    scale = {u: 1024 ** i for i, u in enumerate("KMGT", start=1)} | {"": 1}
+    for kind, pattern in zip(("peak", "temporaries"), _OUT_OF_HBM):
+        if match := pattern.search(report.error or ""):
+            used, used_unit, capacity, capacity_unit = match.groups()
+            report.bytes[kind] = int(float(used) * scale[used_unit])
+            if kind == "temporaries":  # lower bound: the arguments come on top
+                report.bytes["peak"] = report.bytes["temporaries"] + sum(
+                    report.bytes[k] for k in ("parameters", "optimizer", "other_state", "batch"))
+            report.hbm_bytes = int(float(capacity) * scale[capacity_unit])  # what XLA can use
+            report.fits = False
+            report.advice = _advice(report, experiment)
+            return
 
 
 def _analyse(report: Report, executable: Any, experiment: Any,

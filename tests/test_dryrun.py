@@ -128,6 +128,13 @@ def test_a_compile_refused_for_memory_says_by_how_much_and_which_knobs_help():
     assert result.hbm_bytes == int(15.48 * topology.GIB)
     assert result.advice[0] == "over by 5.02 GiB"
     assert [tip.split(":")[0] for tip in result.advice[1:]] == ["remat", "smaller batch", "fsdp"]
+    result.error = ("JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+                    "memory required for HLO temporaries (54.18G) exceeds available HBM "
+                    "(15.75G).")
+    dryrun._out_of_memory(result, experiment(**{"mesh.fsdp": 2, "mesh.expert": 2}))
+    assert result.bytes["temporaries"] == int(54.18 * topology.GIB)
+    assert result.bytes["peak"] == result.bytes["temporaries"] + 6 * topology.GIB + 1024
+    assert result.advice[1].startswith("remat: temporaries take 54.18 GiB")
 
 
 # --- bad input -----------------------------------------------------------------------------------
