@@ -10,7 +10,8 @@ whether it compiled (or the compiler's error); bytes per device of parameters, o
 batch and temporaries against the chip's HBM (fits, or over by how much and which knob helps);
 the collectives in the compiled HLO; XLA's FLOPs and bytes; a roofline estimate of the step
 time and MFU from the chip's published figures; the compile time. `dryrun(experiment,
-topology)` returns the same `Report` for use from Python.
+topology)` returns the same `Report` for use from Python; `compile_train_step` also the
+compiled executable (its HLO text, for checks of what the compiler made of a kernel).
 
 The estimate is a lower bound on the step time: max(compute, HBM traffic) at peak rates, no
 communication, no overlap losses. XLA's cost analysis counts a loop body once, so for programs
@@ -38,6 +39,7 @@ from moe_jax import compiled as compiled_lib
 from moe_jax import flops, schema, sharding
 from moe_jax import topology as topology_lib
 from moe_jax.topology import GIB
+from moe_jax.train import loop
 
 # XLA:TPU's refusals of a program over the HBM: "... Used 20.50G of 15.48G hbm. ..." (all
 # buffers), or "... required for HLO temporaries (54.18G) exceeds available HBM (15.75G)."
@@ -181,13 +183,15 @@ def _analyse(report: Report, executable: Any, experiment: Any,
         report.estimate = _estimate(report, topology, useful, has_loops)
 
 
-def dryrun(experiment: Any, topology: str | topology_lib.Topology, *, name: str = ""
-           ) -> Report:
-    """Compiles `experiment`'s train step for `topology` (a name for `topology.get`, or a
-    `Topology`) and returns the `Report`. Bad topology names and meshes raise ValueError; a
-    failure to lower or compile is recorded in the report (`compiled=False`, `error`)."""
-    from moe_jax.train import loop
-
+def compile_train_step(experiment: schema.Experiment | Any,
+                       topology: str | topology_lib.Topology, *, name: str = ""
+                       ) -> tuple[Report, Any]:
+    """Compiles `experiment`'s train step (an `Experiment`, or its ConfigDict) for `topology`
+    (a name for `topology.get`, or a `Topology`): the `Report` and the compiled executable
+    (`.as_text()` is its optimised HLO), or None for the executable when lowering or compiling
+    failed (`report.error` says why). Bad topology names and meshes raise ValueError."""
+    if not isinstance(experiment, schema.Experiment):
+        experiment = schema.parse_config(experiment)
     topo = topology if isinstance(topology, topology_lib.Topology) else topology_lib.get(
         topology)
     mesh = make_mesh(experiment, topo)
@@ -208,11 +212,17 @@ def dryrun(experiment: Any, topology: str | topology_lib.Topology, *, name: str 
         report.error = f"{type(err).__name__}: {str(err)[:2000]}"
         report.compile_seconds = time.perf_counter() - start
         _out_of_memory(report, experiment)
-        return report
+        return report, None
     report.compile_seconds = time.perf_counter() - start
     report.compiled = True
     _analyse(report, executable, experiment, topo)
-    return report
+    return report, executable
+
+
+def dryrun(experiment: schema.Experiment | Any, topology: str | topology_lib.Topology, *,
+           name: str = "") -> Report:
+    """`compile_train_step`'s report alone."""
+    return compile_train_step(experiment, topology, name=name)[0]
 
 
 # --- output --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 from typing import Any
 
@@ -122,6 +123,9 @@ def get(name: str) -> Topology:
             "with --topology=cpu:8.")
     from jax.experimental import topologies
 
+    # libtpu takes /tmp/libtpu_lockfile to keep a second process off the TPU; compile-only
+    # devices touch no TPU, so several dry runs (or a dry run beside a test) may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         devices = tuple(topologies.get_topology_desc(spec, "tpu").devices)
     except Exception as err:  # libtpu refuses shapes it does not support, with its own message
