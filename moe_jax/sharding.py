@@ -155,9 +155,16 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
         logging.getLogger(__name__).warning(
             "mesh %s uses %d of the %d devices; set one axis to -1 (e.g. --config.mesh.data=-1) "
             "to use all.", dict(zip(MESH_AXES, shape)), used, len(devices))
-    return jax.make_mesh(shape, MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices[:used])
+    try:
+        return jax.make_mesh(shape, MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                             devices=devices[:used])
+    except NotImplementedError as err:  # TPU: an axis that cuts across the chip grid's axes
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} does not lay out on the TPU chip grid: each "
+            "mesh axis must be a product of some of the grid's dimensions (on 4x4x4: 4, 16 or "
+            "64, not 8); choose other --config.mesh sizes. "
+            f"({str(err).splitlines()[0][:160]})") from err
 
 
 def check_divisible(mesh: Mesh, *, num_experts: int | None = None,

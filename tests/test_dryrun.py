@@ -178,6 +178,15 @@ def test_a_mesh_that_leaves_devices_idle_is_refused():
         dryrun.dryrun(experiment(**{"mesh.fsdp": 2, "mesh.expert": 2}), "cpu:8")
 
 
+@needs_libtpu
+def test_a_mesh_axis_across_the_chip_grid_is_refused():
+    """8 = 2 x 4 cuts a 4x4x4 grid's axis of 4 in two: libtpu cannot lay it out."""
+    with pytest.raises(ValueError, match=r"mesh \{'data': 1, 'fsdp': 8, 'expert': 8, 'model': 1\}"
+                       r" does not lay out on the TPU chip grid: each mesh axis must be a "
+                       r"product of some of the grid's dimensions"):
+        dryrun.dryrun(experiment(**{"mesh.fsdp": 8, "mesh.expert": 8}), "v5p:4x4x4")
+
+
 def test_missing_libtpu_says_what_to_install(monkeypatch):
     monkeypatch.setattr(topology, "libtpu_installed", lambda: False)
     with pytest.raises(RuntimeError, match=r'needs libtpu, which is not installed: run `pip '
