@@ -155,10 +155,14 @@ def write_table(results: dict[str, dict[str, Any]]) -> str:
         lines += ["", "Not compiled:", ""]
         lines += [f"- {row['case']}: {row['report'].get('error', '?')[:300]}"
                   for row, _ in failed]
-    machines = {f"{m['cpu_count']}-core {m['cpu']}, jax {m['jax']}, commit {m['commit']}"
+    machines = {f"{m['cpu_count']}-core {m['cpu']}, jax {m['jax']}"
                 for m in (row["machine"] for row in rows)}
-    lines += ["", f"Compiled on {'; '.join(sorted(machines))} (`python -m "
-              "experiments.scale.run`); settings of each case in results.jsonl."]
+    commits = sorted({row["machine"]["commit"] for row in rows})
+    dates = sorted({row["machine"]["date"][:10] for row in rows})
+    span = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    lines += ["", f"Compiled on {'; '.join(sorted(machines))}, {span}, at "
+              f"commits {', '.join(commits)} (`python -m experiments.scale.run`); the settings, "
+              "machine load and commit of each case are in results.jsonl."]
     TABLE.write_text("\n".join(lines) + "\n")
     return TABLE.read_text()
 
