@@ -1,7 +1,9 @@
 """Meshes, logical-axis rules and expert parallelism: the one module that knows about devices.
 
-Mesh axes: `data` (batch), `expert` (experts; also splits the batch outside the experts), and
-`model` (tensor parallelism: FFN hidden units, attention heads, vocabulary).
+Mesh axes: `data` (batch), `fsdp` (batch, and every parameter and optimizer statistic along
+its model dimension: ZeRO-3 / fully sharded data parallelism, Rajbhandari et al. 2020; XLA
+gathers each weight where it is used), `expert` (experts; also splits the batch outside the
+experts), and `model` (tensor parallelism: FFN hidden units, attention heads, vocabulary).
 
 Expert parallelism comes in two forms (`MoeSharding.form`):
 - "gspmd": the MoE layer runs on global arrays; sharding constraints put the routing groups
@@ -35,21 +37,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moe_jax import dispatch, experts, moe, ragged_exchange, routing, validation
 from moe_jax.config import MoeConfig
 
-MESH_AXES = ("data", "expert", "model")
+MESH_AXES = ("data", "fsdp", "expert", "model")
 EXPERT_PARALLEL_FORMS = ("gspmd", "explicit")
 
 # Logical axis name -> mesh axes. Parameters and activations are annotated with logical names
 # (models, layers.LOGICAL_AXES); this table alone decides where they live.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "expert")),
+    ("batch", ("data", "fsdp", "expert")),
     ("expert", "expert"),
     ("mlp", "model"),
     ("heads", "model"),
     ("kv_heads", "model"),
     ("vocab", "model"),
-    ("embed", None),
+    ("embed", "fsdp"),  # parameters only: activations' "batch" takes fsdp first
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked blocks of a scanned model
 )
 LOGICAL_NAMES = tuple(name for name, _ in DEFAULT_RULES)
 Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
@@ -80,8 +83,9 @@ def parse_rules(text: str) -> Rules:
 class MeshConfig:
     """The `mesh` section of an experiment: axis sizes, expert-parallel form, rule overrides.
 
-    data, expert, model: mesh axis sizes; -1 (at most one axis) takes the devices left over.
-      The default (1, 1, 1) runs on one device; `data=-1` spreads the batch over all devices.
+    data, expert, model, fsdp: mesh axis sizes; -1 (at most one axis) takes the devices left
+      over. The default (1, 1, 1, 1) runs on one device; `data=-1` spreads the batch over all
+      devices; `fsdp=n` also splits parameters and optimizer state n ways.
       Sizes whose product is smaller than the device count use the first devices (a
       multi-process run must use all of them).
     expert_parallel: "gspmd" or "explicit" (see the module docstring).
@@ -93,6 +97,7 @@ class MeshConfig:
     model: int = 1
     expert_parallel: str = "gspmd"
     rules: str = ""
+    fsdp: int = 1
 
     def __post_init__(self) -> None:
         sizes = {name: getattr(self, name) for name in MESH_AXES}
@@ -116,9 +121,10 @@ class MeshConfig:
         overrides = dict(parse_rules(self.rules))
         return tuple((name, overrides.get(name, target)) for name, target in DEFAULT_RULES)
 
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
-        """(data, expert, model) sizes on `num_devices` devices, with -1 inferred. Fixed sizes
-        may use fewer devices than there are (the first ones), never more."""
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        """The sizes of `MESH_AXES` (data, fsdp, expert, model) on `num_devices` devices, with
+        -1 inferred. Fixed sizes may use fewer devices than there are (the first ones), never
+        more."""
         sizes = [getattr(self, name) for name in MESH_AXES]
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
@@ -137,7 +143,7 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, expert, model) mesh with Auto axis types (GSPMD propagation) over `devices`
+    """A mesh of `MESH_AXES` with Auto axis types (GSPMD propagation) over `devices`
     (default: all devices of all processes, in `jax.devices()` order, so each process holds
     consecutive positions along the flattened batch axes)."""
     devices = list(devices) if devices is not None else jax.devices()
@@ -151,8 +157,16 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
         logging.getLogger(__name__).warning(
             "mesh %s uses %d of the %d devices; set one axis to -1 (e.g. --config.mesh.data=-1) "
             "to use all.", dict(zip(MESH_AXES, shape)), used, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices[:used])
+    try:
+        return jax.make_mesh(shape, MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                             devices=devices[:used])
+    except NotImplementedError as err:  # TPU: an axis that cuts across the chip grid's axes
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} does not lay out on the TPU chip grid: each "
+            "mesh axis must be a product of some of the grid's dimensions (on 4x4x4: 4, 16 or "
+            "64, not 8); choose other --config.mesh sizes. "
+            f"({str(err).splitlines()[0][:160]})") from err
 
 
 def check_divisible(mesh: Mesh, *, num_experts: int | None = None,

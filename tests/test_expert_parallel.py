@@ -92,7 +92,7 @@ def test_mesh_errors_name_the_numbers_and_the_fix():
         sharding.MeshConfig(data=2, expert=8).shape(8)
     with pytest.raises(ValueError, match="do not divide the 8 available devices"):
         sharding.MeshConfig(data=-1, expert=3).shape(8)
-    assert sharding.MeshConfig(data=-1, expert=4).shape(8) == (2, 4, 1)
+    assert sharding.MeshConfig(data=-1, expert=4).shape(8) == (2, 1, 4, 1)
     mesh = _mesh((2, 4, 1))
     with pytest.raises(ValueError, match="num_experts=6 does not divide over mesh axes"):
         sharding.check_divisible(mesh, num_experts=6)

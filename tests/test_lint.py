@@ -35,14 +35,14 @@ LAYERS = (
     ("layers",),
     ("models.*",),
     ("quantize",),
-    ("ragged_exchange", "sharding"),
+    ("ragged_exchange", "sharding", "topology", "compiled"),
     ("data.*",),
     ("objective",),
     ("schema",),
     ("flops", "memory", "kernels_hlo"),
     ("interop.*",),
     ("train.*",),
-    ("main", "demo", "routing_report", "convert", "upcycle", "sample"),
+    ("main", "demo", "routing_report", "convert", "upcycle", "sample", "dryrun"),
 )
 
 

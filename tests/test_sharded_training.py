@@ -31,7 +31,9 @@ from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.state import init_train_state
 
-MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
+# Mesh shapes in `sharding.MESH_AXES` order: (data, fsdp, expert, model).
+MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1), (2, 1, 2, 2),
+          (1, 8, 1, 1), (1, 2, 4, 1), (1, 2, 2, 2)]
 SEQ, ROWS, STEPS = (SETTINGS["model.max_seq_len"], SETTINGS["train.batch_size"],
                     SETTINGS["train.num_train_steps"])
 # Per routing group of 16 tokens and 8 experts: capacity factor 1 gives C = 2k slots per expert
@@ -39,11 +41,10 @@ SEQ, ROWS, STEPS = (SETTINGS["model.max_seq_len"], SETTINGS["train.batch_size"],
 DROPS = {True: {"moe.capacity_factor": 1.0}, False: {"moe.expert_capacity": 16}}
 
 
-def make_config(mesh=(1, 1, 1), form="gspmd", **settings):
-    data, expert, model = mesh
+def make_config(mesh=(1, 1, 1, 1), form="gspmd", **settings):
+    sizes = {f"mesh.{axis}": size for axis, size in zip(sharding.MESH_AXES, mesh, strict=True)}
     return apply_settings(schema.load_config(CONFIG), {
-        **SETTINGS, "mesh.data": data, "mesh.expert": expert, "mesh.model": model,
-        "mesh.expert_parallel": form, **settings})
+        **SETTINGS, **sizes, "mesh.expert_parallel": form, **settings})
 
 
 def make_batch() -> dict[str, np.ndarray]:
@@ -95,8 +96,9 @@ def sharded_setup(mesh, form, **settings):
                                                                  ROWS)
 
 
-FAST = {((2, 4, 1), "explicit", 2, True), ((2, 2, 2), "gspmd", 1, False),
-        ((2, 2, 2), "explicit", 1, True)}
+FAST = {((2, 1, 4, 1), "explicit", 2, True), ((2, 1, 2, 2), "gspmd", 1, False),
+        ((2, 1, 2, 2), "explicit", 1, True), ((1, 8, 1, 1), "gspmd", 2, True),
+        ((1, 2, 2, 2), "explicit", 2, False)}
 
 
 @pytest.mark.parametrize(("mesh", "form", "k", "drops"), [
@@ -130,13 +132,13 @@ def _leaf(tree, *suffix):
 
 
 def test_parameters_optimizer_state_batch_and_buffers_are_laid_out_as_intended():
-    _, _, fns, state, batch = sharded_setup((2, 2, 2), "gspmd")
-    expected = {("block_1", "moe", "experts", "wi"): PartitionSpec("expert", None, "model"),
-                ("block_1", "moe", "experts", "wo"): PartitionSpec("expert", "model", None),
-                ("block_1", "moe", "router", "kernel"): PartitionSpec(None, None),
-                ("block_0", "ffn", "wi"): PartitionSpec(None, "model"),
-                ("block_0", "attention", "query"): PartitionSpec(None, "model", None),
-                ("embedding",): PartitionSpec("model", None)}
+    _, _, fns, state, batch = sharded_setup((1, 2, 2, 2), "gspmd")
+    expected = {("block_1", "moe", "experts", "wi"): PartitionSpec("expert", "fsdp", "model"),
+                ("block_1", "moe", "experts", "wo"): PartitionSpec("expert", "model", "fsdp"),
+                ("block_1", "moe", "router", "kernel"): PartitionSpec("fsdp", None),
+                ("block_0", "ffn", "wi"): PartitionSpec("fsdp", "model"),
+                ("block_0", "attention", "query"): PartitionSpec("fsdp", "model", None),
+                ("embedding",): PartitionSpec("model", "fsdp")}
     for path, spec in expected.items():
         (param,) = _leaf(state.params, *path)
         assert param.sharding.spec == spec, path
@@ -144,16 +146,17 @@ def test_parameters_optimizer_state_batch_and_buffers_are_laid_out_as_intended()
         assert len(moments) == 2 and all(m.sharding.spec == spec for m in moments), path
     assert state.step.sharding.spec == PartitionSpec()
     for array in batch.values():
-        assert array.sharding.spec == PartitionSpec(("data", "expert"), None)
+        assert array.sharding.spec == PartitionSpec(("data", "fsdp", "expert"), None)
 
     text = fns["train_step"].lower(state, batch).as_text()
-    # MoE buffers [G, E, C, d]: groups over data, experts over expert.
-    assert re.search(r'\[\{"data"\}, \{"expert"\}, \{\}, \{\}\]> : tensor<8x8x\d+x32xf32>', text)
+    # MoE buffers [G, E, C, d]: groups over (data, fsdp), experts over expert.
+    assert re.search(r'\[\{"data", "fsdp"\}, \{"expert"\}, \{\}, \{\}\]> : tensor<8x8x\d+x32xf32>',
+                     text)
     # The model's logical constraints (rules in context): micro-batches [A, B/A, L] and the
     # residual stream [B, L, d] after the embedding and each block (and their transposes in
-    # the backward pass) over (data, expert).
-    assert '[{}, {"data", "expert"}, {}]> : tensor<1x8x16xi32>' in text
-    residual = '[{"data", "expert"}, {}, {}]> : tensor<8x16x32xf32>'
+    # the backward pass) over (data, fsdp, expert).
+    assert '[{}, {"data", "fsdp", "expert"}, {}]> : tensor<1x8x16xi32>' in text
+    residual = '[{"data", "fsdp", "expert"}, {}, {}]> : tensor<8x16x32xf32>'
     assert text.count(residual) >= 2 * (1 + SETTINGS["model.num_layers"]), text.count(residual)
 
 
@@ -178,11 +181,11 @@ def _replica_groups(text: str) -> list[list[list[int]]]:
 
 
 def test_explicit_train_step_exchanges_over_the_expert_axis_and_keeps_experts_local():
-    _, _, fns, state, batch = sharded_setup((2, 4, 1), "explicit")
+    _, _, fns, state, batch = sharded_setup((2, 1, 4, 1), "explicit")
     mesh = fns["batch_sharding"].mesh
     hlo = fns["train_step"].lower(state, batch).compile().as_text()
-    ids = np.vectorize(lambda d: d.id)(mesh.devices)  # [data, expert, model]
-    expert_groups = sorted(sorted(g) for g in ids.transpose(0, 2, 1).reshape(-1, 4).tolist())
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)  # [data, fsdp, expert, model]
+    expert_groups = sorted(sorted(g) for g in np.moveaxis(ids, 2, -1).reshape(-1, 4).tolist())
     groups = _replica_groups(hlo)
     assert groups, "no all-to-all in the compiled train step"
     for found in groups:
@@ -192,6 +195,28 @@ def test_explicit_train_step_exchanges_over_the_expert_axis_and_keeps_experts_lo
         assert sharding.device_bytes(param) * 4 == param.nbytes  # 1/expert_axis per device
         for moment in _leaf(state.opt_state, "block_1", "moe", "experts", name):
             assert sharding.device_bytes(moment) * 4 == moment.nbytes
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1, 1), (1, 2, 4, 1)])
+def test_fsdp_splits_every_parameter_and_optimizer_statistic(mesh):
+    """ZeRO-3: each device holds 1/fsdp of every parameter and AdamW moment (every parameter
+    has a model dimension, "embed"), expert weights also 1/expert."""
+    _, _, _, state, _ = sharded_setup(mesh, "gspmd")
+    fsdp, expert = mesh[1], mesh[2]
+
+    def expected(path, leaf):
+        return leaf.nbytes // (fsdp * (expert if "experts" in path else 1))
+
+    params = jax.tree_util.tree_leaves_with_path(state.params)
+    for path, leaf in params:
+        assert sharding.device_bytes(leaf) == expected(placement.path_keys(path), leaf), path
+    moments = [(p, leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+               if leaf.ndim]
+    assert len(moments) == 2 * len(params)  # AdamW's mu and nu, nothing else per parameter
+    per_device = sum(sharding.device_bytes(leaf) for _, leaf in moments)
+    assert per_device == 2 * sum(expected(placement.path_keys(p), x) for p, x in params)
+    total = sum(leaf.nbytes for _, leaf in params)
+    assert per_device < 2 * total / fsdp + 1  # < the replicated share, by the expert factor
 
 
 def test_factored_optimizer_statistics_follow_their_parameter():
@@ -227,13 +252,13 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def single_device_run(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("single"))
-    return workdir, _run(data_dir, workdir, (1, 1, 1))
+    return workdir, _run(data_dir, workdir, (1, 1, 1, 1))
 
 
 @pytest.fixture(scope="module")
 def explicit_run(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("explicit"))
-    return workdir, _run(data_dir, workdir, (2, 4, 1), "explicit")
+    return workdir, _run(data_dir, workdir, (2, 1, 4, 1), "explicit")
 
 
 def test_explicit_expert_parallel_training_follows_the_single_device_loss_curve(
@@ -245,10 +270,10 @@ def test_explicit_expert_parallel_training_follows_the_single_device_loss_curve(
     np.testing.assert_allclose(summary["eval_loss"], ref["eval_loss"], rtol=1e-4)
 
 
-@pytest.mark.parametrize("mesh", [(2, 4, 1), (4, 2, 1), (1, 1, 1)])
+@pytest.mark.parametrize("mesh", [(2, 1, 4, 1), (4, 1, 2, 1), (1, 1, 1, 1), (1, 4, 2, 1)])
 def test_checkpoint_restores_onto_another_mesh_with_identical_values(explicit_run, mesh):
     workdir, _ = explicit_run
-    saved_on = schema.parse_config(make_config((2, 4, 1), "explicit"))
+    saved_on = schema.parse_config(make_config((2, 1, 4, 1), "explicit"))
     experiment = schema.parse_config(make_config(mesh, "explicit"))
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     try:
@@ -262,8 +287,8 @@ def test_checkpoint_restores_onto_another_mesh_with_identical_values(explicit_ru
                  restored, saved)
     (wi,) = _leaf(restored.params, "block_1", "moe", "experts", "wi")
     assert wi.sharding.mesh.shape == dict(zip(sharding.MESH_AXES, mesh))
-    assert wi.sharding.spec == PartitionSpec("expert", None, "model")
-    assert sharding.device_bytes(wi) * mesh[1] == wi.nbytes
+    assert wi.sharding.spec == PartitionSpec("expert", "fsdp", "model")
+    assert sharding.device_bytes(wi) * mesh[1] * mesh[2] == wi.nbytes
 
 
 @pytest.mark.slow
@@ -273,7 +298,7 @@ def test_a_run_resumes_on_another_mesh_and_form(single_device_run, explicit_run,
     workdir = str(tmp_path / "moved")
     shutil.copytree(explicit_run[0], workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
-    _run(data_dir, workdir, (4, 2, 1), "gspmd")
+    _run(data_dir, workdir, (4, 1, 2, 1), "gspmd")
     np.testing.assert_allclose(_losses(workdir), _losses(single_device_run[0]), rtol=1e-4)
 
 
@@ -281,18 +306,20 @@ def test_a_run_resumes_on_another_mesh_and_form(single_device_run, explicit_run,
 
 
 @pytest.mark.parametrize(("mesh", "form", "settings", "message"), [
-    ((1, 8, 1), "gspmd", {"moe.num_experts": 4}, r"num_experts=4 does not divide over mesh "
+    ((1, 1, 8, 1), "gspmd", {"moe.num_experts": 4}, r"num_experts=4 does not divide over mesh "
      r"axes \('expert',\) of total size 8"),
-    ((8, 1, 1), "gspmd", {"train.batch_size": 4}, r"global batch=4 does not divide"),
-    ((8, 1, 1), "gspmd", {"train.grad_accum_steps": 2}, r"micro-batch of train.batch_size / "
+    ((8, 1, 1, 1), "gspmd", {"train.batch_size": 4}, r"global batch=4 does not divide"),
+    ((8, 1, 1, 1), "gspmd", {"train.grad_accum_steps": 2}, r"micro-batch of train.batch_size / "
      r"train.grad_accum_steps = 8 / 2 = 4 sequences does not divide over the 8 devices"),
-    ((2, 1, 4), "gspmd", {}, r"num_heads=2 does not divide over mesh axes \('model',\)"),
-    ((8, 1, 1), "explicit", {"moe.group_size": 32}, r"moe.group_size=32 does not divide the 16 "
+    ((2, 1, 1, 4), "gspmd", {}, r"num_heads=2 does not divide over mesh axes \('model',\)"),
+    ((8, 1, 1, 1), "explicit", {"moe.group_size": 32}, r"moe.group_size=32 does not divide the 16 "
      r"tokens of one device"),
-    ((2, 1, 4), "gspmd", {"model.num_heads": 4, "moe.d_ff": 30},
+    ((2, 1, 1, 4), "gspmd", {"model.num_heads": 4, "moe.d_ff": 30},
      r"block_1/moe/experts/wi of shape \(8, 32, 30\): dimension 2 \('mlp', size 30\) does not "
      r"divide over mesh axes \('model',\) of total size 4.*mesh.rules='mlp='"),
-    ((2, 8, 1), "gspmd", {}, r"needs 16 devices but 8 are available"),
+    ((2, 1, 8, 1), "gspmd", {}, r"needs 16 devices but 8 are available"),
+    ((1, 8, 1, 1), "gspmd", {"model.d_model": 36}, r"dimension 0 \('embed', size 36\) does not "
+     r"divide over mesh axes \('fsdp',\) of total size 8"),
 ])
 def test_a_mesh_that_does_not_fit_fails_before_any_work(mesh, form, settings, message):
     experiment = schema.parse_config(make_config(mesh, form, **settings))

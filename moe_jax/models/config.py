@@ -18,6 +18,11 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rotary", "learned")
 QK_NORMS = ("none", "per_head", "projection")
 DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each block in the backward pass (`models.stack`): "none" keeps every
+# activation; "full" keeps only each block's input and recomputes the rest; "save_dots" keeps
+# the outputs of matmuls without batch dimensions (the projections and FFNs, not the attention
+# scores): `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`.
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,11 @@ class ModelConfig:
     dtype: str = "float32"  # activations; the router always runs in MoeConfig.router_dtype
     param_dtype: str = "float32"
     embed_init_std: float = 1.0  # token (and learned position) embeddings ~ N(0, std^2)
+    # One `nn.scan` over the repeating unit of blocks (moe_every=2: a dense then a sparse block),
+    # parameters stacked along a leading "layers" axis: compile time independent of depth.
+    # Blocks before the repeating unit stay unrolled (`models.stack`).
+    scan_layers: bool = False
+    remat_policy: str = "none"  # see REMAT_POLICIES
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "vocab_multiple", "d_model", "num_layers", "num_heads", "d_ff",
@@ -95,7 +105,8 @@ class ModelConfig:
         for name in ("norm_eps", "rope_base", "embed_init_std"):
             validation.number(self, name, above=0)
         validation.number(self, "dropout_rate", at_least=0, below=1)
-        for name in ("tie_embeddings", "qkv_bias", "causal"):
+        validation.one_of(self, "remat_policy", REMAT_POLICIES)
+        for name in ("tie_embeddings", "qkv_bias", "causal", "scan_layers"):
             validation.boolean(self, name)
         if self.moe_layers is not None:
             layers = tuple(self.moe_layers)

@@ -32,26 +32,24 @@ from moe_jax import experts, routing
 from moe_jax import moe as moe_lib
 from moe_jax.config import MoeConfig
 from moe_jax.layers import ROUTING, MoeLayer
+from moe_jax.models import stack
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.models.norms import Norm
 from moe_jax.models.positions import default_positions
+from moe_jax.models.stack import MOE_NAME, block_name
 
 Array = jax.Array
 
 ACTIVATION_AXES = ("batch", "length", "embed")
-# Block i is the submodule `block_name(i)`; a sparse block's MoE layer is its submodule MOE_NAME.
-MOE_NAME = "moe"
-
-
-def block_name(layer: int) -> str:
-    return f"block_{layer}"
 
 
 def moe_layer_variables(collection: dict[str, Any], config: ModelConfig) -> list[Any]:
     """The variables of each sparse block's MoE layer in one collection (e.g. the "moe_state"
-    or "routing" collection of `model.apply`), in block order (the order of the stacked aux)."""
-    return [collection[block_name(i)][MOE_NAME] for i in config.sparse_layers]
+    or "routing" collection of `model.apply`), in block order (the order of the stacked aux);
+    a scanned model's stacked variables are sliced per block."""
+    unrolled = stack.convert_layout(collection, config, scanned=False)
+    return [unrolled[block_name(i)][MOE_NAME] for i in config.sparse_layers]
 
 
 def layer_routing(collections: dict[str, Any], config: ModelConfig) -> list[routing.TokenRouting]:
@@ -65,11 +63,11 @@ def layer_routing(collections: dict[str, Any], config: ModelConfig) -> list[rout
 def with_moe_layer_variables(collection: dict[str, Any], config: ModelConfig,
                              values: list[Any]) -> dict[str, Any]:
     """`collection` with each sparse block's MoE-layer variables replaced by `values` (block
-    order); the inverse of `moe_layer_variables`."""
-    out = dict(collection)
+    order), in the model's layout; the inverse of `moe_layer_variables`."""
+    out = stack.convert_layout(collection, config, scanned=False)
     for layer, value in zip(config.sparse_layers, values, strict=True):
         out[block_name(layer)] = {**out[block_name(layer)], MOE_NAME: value}
-    return out
+    return stack.convert_layout(out, config, scanned=True) if config.scan_layers else out
 
 
 class DenseFfn(nn.Module):
@@ -105,7 +103,7 @@ class Block(nn.Module):
     moe_sharding: moe_lib.Layout | None = None
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array, positions: Array, *,
+    def __call__(self, x: Array, segment_ids: Array, positions: Array,
                  train: bool) -> tuple[Array, dict[str, Array] | None]:
         c = self.config
         dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
@@ -176,13 +174,8 @@ class Transformer(nn.Module):
         x = nn.Dropout(c.dropout_rate, deterministic=not train)(x)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
-        sparse = set(c.sparse_layers)
-        layer_aux = []
-        for i in range(c.num_layers):
-            x, aux = Block(c, self.moe if i in sparse else None, self.moe_sharding,
-                           name=block_name(i))(x, segment_ids, positions, train=train)
-            if aux is not None:
-                layer_aux.append(aux)
+        x, aux = stack.apply_blocks(Block, c, self.moe, self.moe_sharding, x, segment_ids,
+                                    positions, train=train)
 
         x = Norm(c.norm, c.norm_eps, c.jnp_param_dtype, name="final_norm")(x)
         if c.tie_embeddings:
@@ -195,6 +188,5 @@ class Transformer(nn.Module):
                 c.jnp_param_dtype)
             logits = jnp.einsum("bld,dv->blv", x, kernel.astype(c.jnp_dtype),
                                 preferred_element_type=jnp.float32)
-        aux = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0]} if layer_aux else {}
         return logits[..., :c.vocab_size], aux
 

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE_ITEM = "state"
 HOST_ITEM = "host"
@@ -64,6 +65,12 @@ class Checkpoints:
 
     def step_directory(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
+
+    def saved_state_tree(self, step: int) -> Any:
+        """The tree of checkpoint `step`'s train state, with array metadata (shape, dtype) for
+        leaves, read without restoring any array."""
+        return ocp.StandardCheckpointHandler().metadata(
+            epath.Path(self.step_directory(step)) / STATE_ITEM)
 
     def save(self, step: int, state: Any, host_state: dict[str, Any]) -> None:
         """Saves `state` and the JSON-serialisable `host_state` as checkpoint `step`."""

@@ -42,6 +42,14 @@ def domain_names(config: DataConfig) -> tuple[str, ...]:
     return ()
 
 
+def abstract_batch(batch_size: int, seq_len: int, sharding: jax.sharding.Sharding
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and sharding of one global batch (`pipeline.BATCH_FEATURES`, each
+    [B, L]): what the train step is compiled for, without reading any data."""
+    return {name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding)
+            for name, dtype in pipeline.BATCH_FEATURES.items()}
+
+
 def make_inputs(config: DataConfig, model_config: ModelConfig, *, batch_size: int, seq_len: int,
                 seed: int) -> Inputs:
     """The train iterator and the validation batches of this process (rows [h B/P, (h+1) B/P)

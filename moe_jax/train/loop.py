@@ -26,6 +26,8 @@ checked, so the last checkpoint is always a good one.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import time
@@ -37,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax import flops, routing, schema, sharding
-from moe_jax.models import Transformer
+from moe_jax.models import Transformer, stack
 from moe_jax.train import evaluate, init_from, lock, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import CheckpointError, Checkpoints, check_not_initial
@@ -95,6 +97,7 @@ def _jit_functions(model: Transformer, experiment: Any, seq_len: int, mesh: Mesh
         "abstract_state": placement.with_shardings(abstract, shardings),
         "state_shardings": shardings,
         "batch_sharding": batch,
+        "abstract_batch": train_input.abstract_batch(train.batch_size, seq_len, batch),
         "train_step": jax.jit(placement.in_mesh_context(train_step, mesh, rules),
                               in_shardings=(shardings, batch),
                               out_shardings=(shardings, replicated), donate_argnums=0),
@@ -116,6 +119,26 @@ def setup(experiment: Any, seq_len: int, mesh: Mesh | None = None
     moe_sharding = sharding.MoeSharding.from_rules(mesh, experiment.mesh.expert_parallel, rules)
     model = Transformer(experiment.model, experiment.moe, moe_sharding=moe_sharding)
     return model, _jit_functions(model, experiment, seq_len, mesh, rules)
+
+
+def restore_state(checkpoints: Checkpoints, step: int, experiment: Any, seq_len: int,
+                  fns: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
+    """(state, host state) of checkpoint `step`, sharded as `fns` (from `setup`) say. A
+    checkpoint of the other block layout (`model.scan_layers`) is read in its own layout and
+    converted (`models.stack.convert_layout`)."""
+    try:
+        saved_scanned = stack.SCAN_NAME in checkpoints.saved_state_tree(step)["params"]
+    except Exception:  # unreadable: the restore below raises CheckpointError naming it
+        saved_scanned = experiment.model.scan_layers
+    if saved_scanned == experiment.model.scan_layers:
+        return checkpoints.restore(step, fns["abstract_state"])
+    saved = dataclasses.replace(experiment,
+                                model=experiment.model.replace(scan_layers=saved_scanned))
+    _, saved_fns = setup(saved, seq_len, fns["batch_sharding"].mesh)
+    state, host = checkpoints.restore(step, saved_fns["abstract_state"])
+    convert = functools.partial(stack.convert_layout, config=experiment.model,
+                                scanned=experiment.model.scan_layers)
+    return jax.jit(convert, out_shardings=fns["state_shardings"])(state), host
 
 
 def _kept(last_good: int | None, checkpoint_dir: str) -> str:
@@ -249,7 +272,8 @@ class _Run:
                                                 optim.make_optimizer(self.experiment.train))
             return state
         step = self.last_good
-        state, host = self.checkpoints.restore(step, self.fns["abstract_state"])
+        state, host = restore_state(self.checkpoints, step, self.experiment, self.seq_len,
+                                    self.fns)
         try:
             self.data.train.set_state(_iterator_state(host))
         except (ValueError, KeyError) as err:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe_jax.models import stack
 from moe_jax.train.config import TrainConfig
 
 Params = Any
@@ -46,8 +47,13 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 def weight_decay_mask(params: Params) -> Params:
     """True for parameters that decay: matrices and higher (kernels, embeddings, experts);
-    False for vectors (norm scales, biases)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    False for vectors (norm scales, biases). The stacked dimension of a scanned model's blocks
+    (`models.stack`) does not count."""
+    def decays(path: tuple[Any, ...], p: jax.Array) -> bool:
+        stacked = any(getattr(k, "key", None) == stack.SCAN_NAME for k in path)
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def is_router(path: tuple[Any, ...]) -> bool:

@@ -1,0 +1,201 @@
+"""Will it fit? The train steps of `dense.py:base`, `switch.py:base_e128` and the published MoE
+models compiled for TPU slices by `moe_jax.dryrun`, gathered into one table.
+
+    python -m experiments.scale.run                   # every case not yet in results.jsonl
+    python -m experiments.scale.run --only=mixtral    # cases whose name contains "mixtral"
+    python -m experiments.scale.run --table           # rewrite results.md from results.jsonl
+
+Each case compiles in its own process with a time limit: a crash or a timeout is recorded as
+such, and every finished case is appended to `results.jsonl` at once (a rerun skips the cases
+already there; `--rerun` compiles them again), then `results.md` is rewritten. Needs libtpu
+(`pip install -e ".[tpu]"`). Compiling a 47B-parameter model for 128 chips takes minutes of a
+CPU core; the table says how long each took, on which machine and at which commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = pathlib.Path(__file__).parent
+RESULTS = HERE / "results.jsonl"
+TABLE = HERE / "results.md"
+# Realistic training settings: bfloat16 activations (float32 parameters and AdamW moments),
+# one routing group per sequence (what the explicit form needs, and a size where capacity
+# padding is small), scanned blocks (compile time independent of depth).
+COMMON = {"model.dtype": "bfloat16", "model.scan_layers": True}
+# Fixed capacity instead of the published models' dropless dispatch: what the explicit form
+# needs, and (under gspmd) a dispatch that the compiler partitions by routing group.
+CAPACITY = {"moe.dispatch": "gather", "moe.capacity_factor": 1.25}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One dry run: `config` with `settings` (dotted overrides) compiled for `topology`."""
+
+    name: str
+    config: str
+    topology: str
+    settings: dict[str, Any]
+
+
+def _published(name: str, config: str, seq: int, meshes: dict[str, tuple[int, int]],
+               remat: str = "full") -> list[Case]:
+    """On each topology: gspmd as published (dropless), gspmd and explicit with capacity."""
+    cases = []
+    for topology, (fsdp, expert) in meshes.items():
+        base = {**COMMON, "train.seq_len": seq, "train.batch_size": 256, "moe.group_size": seq,
+                "model.remat_policy": remat, "mesh.fsdp": fsdp, "mesh.expert": expert}
+        cases.append(Case(f"{name} gspmd", config, topology, base))
+        cases.append(Case(f"{name} gspmd cf1.25", config, topology, {**base, **CAPACITY}))
+        cases.append(Case(f"{name} explicit", config, topology,
+                          {**base, **CAPACITY, "mesh.expert_parallel": "explicit"}))
+    return cases
+
+
+def cases() -> list[Case]:
+    dense = {**COMMON, "train.seq_len": 1024, "train.batch_size": 256}
+    switch = {**dense, "moe.group_size": 1024}
+    out = [Case("dense base", "configs/dense.py:base", "v5e:4x4", {**dense, "mesh.data": 16}),
+           Case("dense base remat=full", "configs/dense.py:base", "v5e:4x4",
+                {**dense, "mesh.data": 16, "model.remat_policy": "full"}),
+           Case("dense base", "configs/dense.py:base", "v5p:2x2x4",
+                {**dense, "mesh.data": 16})]
+    for topology, (fsdp, expert) in {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)}.items():
+        mesh = {"mesh.fsdp": fsdp, "mesh.expert": expert}
+        out += [Case("switch base_e128 gspmd", "configs/switch.py:base_e128", topology,
+                     {**switch, **mesh}),
+                Case("switch base_e128 explicit", "configs/switch.py:base_e128", topology,
+                     {**switch, **mesh, "mesh.expert_parallel": "explicit"})]
+    for policy in ("full", "save_dots"):  # remat vs none (above) on the same compilation
+        out.append(Case(f"switch base_e128 gspmd remat={policy}", "configs/switch.py:base_e128",
+                        "v5p:4x4x4", {**switch, "mesh.fsdp": 16, "mesh.expert": 4,
+                                      "model.remat_policy": policy}))
+    out += _published("Mixtral-8x7B", "configs/published/mixtral_8x7b.py", 4096,
+                      {"v5p:4x4x8": (16, 8), "v5e:16x16": (32, 8)})
+    out += _published("DeepSeekMoE-16B", "configs/published/deepseek_moe_16b.py", 4096,
+                      {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)})
+    out += _published("OLMoE-1B-7B", "configs/published/olmoe_1b_7b.py", 4096,
+                      {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)})
+    out += _published("Qwen1.5-MoE-A2.7B", "configs/published/qwen1_5_moe_a2_7b.py", 4096,
+                      {"v5p:4x4x4": (16, 4), "v5e:16x16": (64, 4)})
+    return out
+
+
+def key(case: Case) -> str:
+    return f"{case.name} @ {case.topology}"
+
+
+def run_case(case: Case, out: str) -> None:
+    """The worker: one dry run, its report written to `out` as JSON."""
+    from moe_jax import dryrun, schema
+    from moe_jax.main import apply_settings
+
+    experiment = schema.parse_config(apply_settings(schema.load_config(case.config),
+                                                    case.settings))
+    report = dryrun.dryrun(experiment, case.topology, name=case.name)
+    pathlib.Path(out).write_text(report.to_json())
+
+
+def _machine() -> dict[str, Any]:
+    from experiments.benchmarks.timing import machine_info
+
+    return machine_info()
+
+
+def compile_case(case: Case, timeout: float) -> dict[str, Any]:
+    """Runs the worker for `case` in a subprocess; the report, or a record of the failure."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, "-m", "experiments.scale.run", f"--case={key(case)}",
+                   f"--out={out.name}"]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            report = json.loads(pathlib.Path(out.name).read_text() or "{}")
+            error = None if report else (done.stderr.strip().splitlines() or ["?"])[-1]
+        except subprocess.TimeoutExpired:
+            report, error = {}, (f"not finished: still compiling after {timeout / 60:.0f} min "
+                                 "on this machine's 2 shared CPU cores")
+    wall = time.perf_counter() - start
+    if not report:
+        report = {"config": case.name, "topology": case.topology, "compiled": False,
+                  "error": error}
+    return {"case": key(case), "settings": case.settings, "spec": case.config,
+            "wall_seconds": wall, "machine": _machine(), "report": report}
+
+
+def read_results() -> dict[str, dict[str, Any]]:
+    if not RESULTS.exists():
+        return {}
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {row["case"]: row for row in rows}  # the last line of a case wins
+
+
+def write_table(results: dict[str, dict[str, Any]]) -> str:
+    from moe_jax import dryrun
+
+    order = [key(c) for c in cases()]
+    rows = [results[k] for k in order if k in results]
+    reports = []
+    for row in rows:
+        fields = {f.name for f in dataclasses.fields(dryrun.Report)}
+        report = row["report"]
+        reports.append(dryrun.Report(**{k: v for k, v in report.items() if k in fields}) if
+                       "mesh" in report else None)
+    lines = [dryrun.markdown_table([r for r in reports if r is not None])]
+    failed = [(row, r) for row, r in zip(rows, reports) if r is None or not r.compiled]
+    if failed:
+        lines += ["", "Not compiled:", ""]
+        lines += [f"- {row['case']}: {row['report'].get('error', '?')[:300]}"
+                  for row, _ in failed]
+    machines = {f"{m['cpu_count']}-core {m['cpu']}, jax {m['jax']}"
+                for m in (row["machine"] for row in rows)}
+    commits = sorted({row["machine"]["commit"] for row in rows})
+    dates = sorted({row["machine"]["date"][:10] for row in rows})
+    span = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    lines += ["", f"Compiled on {'; '.join(sorted(machines))}, {span}, at "
+              f"commits {', '.join(commits)} (`python -m experiments.scale.run`); the settings, "
+              "machine load and commit of each case are in results.jsonl."]
+    TABLE.write_text("\n".join(lines) + "\n")
+    return TABLE.read_text()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run cases whose name contains this")
+    parser.add_argument("--rerun", action="store_true", help="compile cases already done")
+    parser.add_argument("--timeout_minutes", type=float, default=45.0)
+    parser.add_argument("--table", action="store_true", help="only rewrite results.md")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    by_key = {key(c): c for c in cases()}
+    if args.case:
+        run_case(by_key[args.case], args.out)
+        return
+    if not args.table:
+        done = read_results()
+        for case in cases():
+            if args.only.lower() not in key(case).lower() or (key(case) in done
+                                                              and not args.rerun):
+                continue
+            print(f"== {key(case)}", flush=True)
+            row = compile_case(case, args.timeout_minutes * 60)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            report = row["report"]
+            print(f"   compiled={report['compiled']} in {row['wall_seconds']:.0f} s "
+                  f"{report.get('error') or ''}"[:400], flush=True)
+            write_table(read_results())
+    print(write_table(read_results()))
+
+
+if __name__ == "__main__":
+    main()
