@@ -3,7 +3,7 @@
     python -m moe_jax.dryrun --config=configs/switch.py:base_e128 --topology=v5p:4x4x4 \
         --config.mesh.fsdp=16 --config.mesh.expert=4
 
-builds exactly what training builds (`train.loop.setup`: the same state and batch shardings and
+builds exactly what training builds (`train.functions.setup`: the same state and batch shardings and
 the same jitted train step) on a mesh of the topology's devices, lowers and compiles it with no
 TPU attached (libtpu: `pip install -e ".[tpu]"`), and prints, and writes as JSON and Markdown:
 whether it compiled (or the compiler's error); bytes per device of parameters, optimizer state,
@@ -39,7 +39,7 @@ from moe_jax import compiled as compiled_lib
 from moe_jax import flops, schema, sharding
 from moe_jax import topology as topology_lib
 from moe_jax.topology import GIB
-from moe_jax.train import loop
+from moe_jax.train import functions
 
 # XLA:TPU's refusals of a program over the HBM: "... Used 20.50G of 15.48G hbm. ..." (all
 # buffers), or "... required for HLO temporaries (54.18G) exceeds available HBM (15.75G)."
@@ -202,7 +202,7 @@ def compile_train_step(experiment: schema.Experiment | Any,
         expert_parallel=experiment.mesh.expert_parallel,
         scan_layers=experiment.model.scan_layers, remat_policy=experiment.model.remat_policy,
         batch_size=experiment.train.batch_size, seq_len=seq_len)
-    _, fns = loop.setup(experiment, seq_len, mesh)
+    _, fns = functions.setup(experiment, seq_len, mesh)
     report.bytes = _state_bytes(fns)
     start = time.perf_counter()
     try:

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from moe_jax import flops, schema, sharding
+from moe_jax import distributed, flops, schema
 
 DEFAULT_RUNS_DIR = "runs"
 MAIN_JOB = (("dense", "dense.py:tiny"), ("switch", "switch.py:e8"))
@@ -131,7 +131,7 @@ def _print(*args: Any) -> None:
 def run(flag_values: flags.FlagValues) -> list[tuple[str, str, dict[str, Any]]]:
     """Runs what the parsed flags ask for; returns (name, config spec, summary) rows.
     Joins a multi-process run first when the flags or the environment ask for it."""
-    sharding.initialize_distributed(
+    distributed.initialize_distributed(
         force=flag_values.distributed, coordinator_address=flag_values.coordinator_address,
         num_processes=flag_values.num_processes, process_id=flag_values.process_id)
     if jax.process_index() != 0:

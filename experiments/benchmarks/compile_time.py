@@ -2,7 +2,7 @@
 
     python -m experiments.benchmarks.compile_time      # -> results/compile-<platform>-<date>.*
 
-Lowers and compiles (no step runs) the real jitted train step (`train.loop.setup`) of
+Lowers and compiles (no step runs) the real jitted train step (`train.functions.setup`) of
 `dense.py:base` and `switch.py:base_e128` on one device of the default backend, for a batch of
 8 sequences of 512 tokens, unrolled and scanned: the traced program holds 24 blocks or one
 repeating unit (a dense block; a dense and a sparse block), so compile time stops growing with
@@ -28,12 +28,12 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 def compile_seconds(spec: str, scan: bool) -> dict[str, Any]:
     from moe_jax import schema
     from moe_jax.main import apply_settings
-    from moe_jax.train import loop
+    from moe_jax.train import functions
 
     experiment = schema.parse_config(apply_settings(schema.load_config(spec), {
         **SETTINGS, "model.scan_layers": scan}))
     seq_len = experiment.model.max_seq_len
-    _, fns = loop.setup(experiment, seq_len)
+    _, fns = functions.setup(experiment, seq_len)
     start = time.perf_counter()
     lowered = fns["train_step"].lower(fns["abstract_state"], fns["abstract_batch"])
     lowered_at = time.perf_counter()

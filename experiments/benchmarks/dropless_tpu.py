@@ -2,7 +2,7 @@
 
     JAX_PLATFORMS=cpu python -m experiments.benchmarks.dropless_tpu --topology=v5p:2x2x1
 
-Compiles the real jitted train step (`loop.setup`, as `moe_jax.train` runs it) of the tiny
+Compiles the real jitted train step (`functions.setup`, as `moe_jax.train` runs it) of the tiny
 Mixtral (configs/mixtral.py:e8: top-2 of 8 SwiGLU experts in every block) for a TPU topology,
 on libtpu's compile-only devices (`jax.experimental.topologies`; needs `pip install
 "jax[tpu]"`), in three variants on a mesh with every chip on the expert axis: dropless with
@@ -33,7 +33,7 @@ from absl import app, flags
 from moe_jax import kernels_hlo, schema, sharding
 from moe_jax.data.pipeline import BATCH_FEATURES
 from moe_jax.main import apply_settings
-from moe_jax.train import loop
+from moe_jax.train import functions
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "dropless_explicit": {"moe.dispatch": "dropless", "mesh.expert_parallel": "explicit"},
@@ -59,7 +59,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) ->
     experiment = schema.parse_config(config)
     seq_len = experiment.train.seq_len or experiment.model.max_seq_len
     mesh = sharding.make_mesh(experiment.mesh, devices)
-    _, fns = loop.setup(experiment, seq_len, mesh)
+    _, fns = functions.setup(experiment, seq_len, mesh)
     shape = (experiment.train.batch_size, seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=fns["batch_sharding"])
              for name, dtype in BATCH_FEATURES.items()}

@@ -1,7 +1,7 @@
 """Training throughput of the real jitted train step: dense models vs their FLOP-matched sparse
 models.
 
-Each config is built the way `moe_jax.train.loop` builds it (`loop.setup`: the model, the
+Each config is built the way `moe_jax.train.loop` builds it (`functions.setup`: the model, the
 optimizer, the state created by the jitted init on the config's mesh, the jitted train step
 donating its state), without data files or checkpoints: the step runs on one synthetic batch of
 the config's batch size and sequence length (random tokens, one document per row), fed the
@@ -38,7 +38,7 @@ from experiments.suites import base
 from moe_jax import flops, schema
 from moe_jax.data.pipeline import BATCH_FEATURES
 from moe_jax.main import apply_settings
-from moe_jax.train import loop, placement
+from moe_jax.train import functions, placement
 
 # Dense bfloat16 peak FLOP/s per device (no 2:4 structured sparsity), matched against
 # `device.device_kind` in order (first substring that matches). Sources: NVIDIA H100 Tensor
@@ -136,7 +136,7 @@ def time_train_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmu
     experiment = schema.parse_config(config)
     train = experiment.train
     seq_len = train.seq_len or experiment.model.max_seq_len
-    _, fns = loop.setup(experiment, seq_len)
+    _, fns = functions.setup(experiment, seq_len)
     state = fns["init"](experiment.seed)
     batch = placement.global_batch(
         synthetic_batch(train.batch_size, seq_len, experiment.model.vocab_size),
