@@ -49,6 +49,14 @@ def run(workdir: str, prompts: Sequence[str], *, max_new_tokens: int,
     experiment = restored.experiment
     model = decode.decoding_model(experiment.model, experiment.moe)
     tokenizer = pipeline.get_tokenizer(experiment.data)
+    if experiment.model.vocab_size > tokenizer.vocab_size:
+        raise ValueError(
+            f"the model in {workdir} has a vocabulary of {experiment.model.vocab_size} tokens but "
+            f"its data tokenizer ({tokenizer!r}) has {tokenizer.vocab_size}: the model was "
+            "converted from a checkpoint whose own tokenizer moe_jax does not ship, so text "
+            "cannot be encoded or decoded here. Tokenize with the model's own tokenizer and call "
+            "moe_jax.models.decode.generate on the ids (README, Decoding), or train the model "
+            "on moe_jax's data first.")
     encoded = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in prompts]
     tokens, lengths = decode.pad_prompts(encoded, tokenizer.pad_id)
     kwargs = dict(key=jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,

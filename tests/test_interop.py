@@ -17,9 +17,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from moe_jax import convert, flops, interop, layers, schema
+from moe_jax import convert, flops, interop, layers, sample, schema
 from moe_jax.interop import hf_weights
 from moe_jax.models import Transformer
+from moe_jax.models.sampling import SamplingConfig
 from moe_jax.train import checkpoint, evaluate
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -217,6 +218,10 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
         np.testing.assert_array_equal(value, original[name], err_msg=name)
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert.export_hf(out, back)
+    # Sampling text needs the model's own tokenizer, which moe_jax does not ship: refused
+    # before anything compiles, saying what to do.
+    with pytest.raises(ValueError, match=r"vocabulary of .* tokenizer .*decode\.generate"):
+        sample.run(out, ["def "], max_new_tokens=2, sampling=SamplingConfig(), seed=0)
 
 
 @pytest.mark.slow
