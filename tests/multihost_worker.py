@@ -1,6 +1,6 @@
 """One process of the two-process test (tests/test_multihost.py), and the tiny MoE experiment
 that the sharded-training tests share (`CONFIG`, `SETTINGS`), so that their compilations are
-shared through the persistent compilation cache.
+shared through the persistent compilation cache (the two worker processes run without it).
 
     JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \

@@ -51,7 +51,11 @@ def _run_two_processes(workdir: str, data_dir: str, tmp_path,
                        settings: dict = EXPLICIT_EXPERT_PARALLEL,
                        step_counts: str = f"{FIRST_STEPS},{STEPS}") -> list[str]:
     """Starts both workers, waits (bounded), kills what is left; returns their logs."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+    # No persistent compilation cache: JAX writes it from process 0 only, so with a warm cache
+    # process 0 would reach the first collective while process 1 still compiles, and gloo's
+    # rendezvous (30 s) can time out on a loaded machine.
+    inherited = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {**inherited, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
     flags = [f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
