@@ -69,10 +69,11 @@ def test_kv_cache_bytes_equal_the_decoding_cache():
     assert nbytes(keys_values) == plan.kv_cache_per_token * 3 * experiment.model.max_seq_len
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (2, 1, 4)])
-def test_per_device_bytes_equal_the_sharded_arrays_on_8_devices(shape):
+@pytest.mark.parametrize("sizes", [{"data": 2, "expert": 2, "model": 2}, {"expert": 8},
+                                   {"data": 2, "model": 4}, {"fsdp": 2, "expert": 4}])
+def test_per_device_bytes_equal_the_sharded_arrays_on_8_devices(sizes):
     experiment = EXPERIMENTS["switch"]
-    sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
+    sizes = {axis: sizes.get(axis, 1) for axis in sharding.MESH_AXES}
     mesh = sharding.make_mesh(sharding.MeshConfig(**sizes))
     rules = sharding.DEFAULT_RULES
     model = Transformer(experiment.model, experiment.moe)
