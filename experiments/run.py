@@ -151,7 +151,7 @@ def train_process(spec: RunSpec, workdir: str, log_path: str, *, python: str = s
                   env: Mapping[str, str] | None = None) -> int:
     """Runs `python -m moe_jax.main` for `spec` in `workdir`, appending its output to
     `log_path`; returns its exit code."""
-    command = [python, "-m", "moe_jax.main", *spec.flags(), f"--workdir={workdir}"]
+    command = [python, "-m", "moe_jax.main", *spec.flags(workdir), f"--workdir={workdir}"]
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()

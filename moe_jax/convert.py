@@ -12,7 +12,7 @@ Qwen3-MoE, OLMoE, dense Llama and Qwen2) and writes to OUT:
                         --workdir=runs/NAME` fine-tunes from the converted parameters
   checkpoints/0/        an initial orbax checkpoint: the parameters and model state
                         (`train.checkpoint.write_initial`), read by training, the routing
-                        analysis and `checkpoint.read_variables`
+                        analysis and `checkpoint.read_weights`
   hf/                   the original config.json and tokenizer files (export reuses them)
 
 Export writes RUN's newest checkpoint (a training run, or a converted or upcycled directory) as
@@ -118,7 +118,7 @@ def export_hf(workdir: str, target: str, family_name: str | None = None,
     """Writes the newest checkpoint of `workdir` as a Hugging Face directory `target`."""
     experiment = schema.parse_config(schema.config_from_json(os.path.join(workdir,
                                                                           CONFIG_FILE)))
-    variables = checkpoint.read_variables(workdir)
+    variables = checkpoint.read_weights(workdir)[0]
     base = recorded_hf(workdir)
     if family_name:
         if family_name not in interop.FAMILIES:

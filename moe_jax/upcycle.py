@@ -41,7 +41,7 @@ def read_dense(source: str) -> dict[str, Any]:
     """The dense parameters of a run/converted directory or a Hugging Face directory."""
     if interop.is_hf_directory(source):
         return interop.load(source).variables["params"]
-    return checkpoint.read_variables(source)["params"]
+    return checkpoint.read_weights(source)[0]["params"]
 
 
 def upcycle(source: str, config: Any, workdir: str, *, noise: float = 0.0,

@@ -207,7 +207,7 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
     assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "hf"]
     config = schema.load_config(os.path.join(out, "config.json"))  # a run's config.json
     assert config.init.checkpoint == os.path.abspath(out) and config.moe.shared_expert_gate
-    variables = checkpoint.read_variables(out)
+    variables = checkpoint.read_weights(out)[0]
     jax.tree.map(np.testing.assert_array_equal, variables, _imported("qwen2_moe").variables)
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert.import_hf(source, out)
@@ -243,7 +243,7 @@ def test_a_converted_model_fine_tunes_analyses_and_exports(tmp_path, data_dir):
     analysis = routing_stats.route_batches(run_dir, max_batches=1)
     assert analysis["num_experts"] == 4 and analysis["layers"] == [0, 1]
     assert convert.export_hf(run_dir, back)["family"] == "mixtral"
-    tuned = checkpoint.read_variables(run_dir)["params"]
+    tuned = checkpoint.read_weights(run_dir)[0]["params"]
     again = interop.load(back).variables["params"]
     jax.tree.map(np.testing.assert_array_equal, again, tuned)
     start = _imported("mixtral").variables["params"]

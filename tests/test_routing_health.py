@@ -182,7 +182,7 @@ def _params(workdir: str) -> dict:
     model = Transformer(experiment.model, experiment.moe)
     abstract = jax.eval_shape(lambda k: init_train_state(
         k, model, optim.make_optimizer(experiment.train), seq_len=32), jax.random.key(0))
-    weights, _ = checkpoint.restore_weights(os.path.join(workdir, "checkpoints"), abstract)
+    weights, _ = checkpoint.read_weights(workdir, abstract)
     return jax.tree.map(np.asarray, weights["params"])
 
 

@@ -139,7 +139,7 @@ def test_upcycling_the_hf_llama_fixture_keeps_its_logits(tmp_path):
     assert written["sparse_layers"] == [0, 1]
     experiment = schema.parse_config(schema.load_config(written["config"]))
     assert experiment.init.checkpoint == os.path.abspath(out) and not experiment.init.upcycle
-    variables = checkpoint.read_variables(out)
+    variables = checkpoint.read_weights(out)[0]
     model = Transformer(experiment.model, experiment.moe)
     expected = np.load(os.path.join(FIXTURES, "llama", "expected.npz"))
     logits, _ = model.apply({"params": variables["params"]}, jnp.asarray(expected["input_ids"]),

@@ -3,7 +3,7 @@
     checkpoints = Checkpoints(workdir + "/checkpoints", max_to_keep=2, async_save=True)
     checkpoints.save(step, state, host_state)             # returns at once when async
     state, host_state = checkpoints.restore(step, abstract_state)
-    weights, step = restore_weights(directory, abstract_state)  # another run's weights
+    weights, step = read_weights(workdir, abstract_state)  # parameters only
 
 A checkpoint directory `<step>/` holds two items: "state" (the `TrainState` pytree, including
 the step and the RNG key) and "host" (JSON: the data iterator's position and other host-side
@@ -16,13 +16,14 @@ directory.
 An *initial* checkpoint (`write_initial`, used by `moe_jax.convert` and `moe_jax.upcycle`) is
 the same layout with only {"params", "model_state"} as its state and {"initial": {...}} (where
 the parameters came from) as its host item: a starting point for runs (`InitConfig.checkpoint`),
-not a run to resume. `read_variables` reads the parameters and model state of either kind.
+not a run to resume. `read_weights` reads the parameters and model state of either kind.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -111,44 +112,6 @@ class Checkpoints:
         self._manager.close()
 
 
-def restore_weights(directory: str, abstract_state: Any,
-                    step: int | None = None) -> tuple[dict[str, Any], int]:
-    """({"params", "model_state"} of checkpoint `step` (default the latest) in `directory` (a
-    run's checkpoints/), read into `abstract_state`'s shapes and shardings; the step read).
-    `state.replace(**weights)` starts a run from them with its own optimizer state and step.
-
-    Raises CheckpointError naming the directory when there is no checkpoint or its parameters
-    do not fit this model."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory} does not exist; give the workdir of a run that has "
-                              "written a checkpoint.")
-    options = ocp.CheckpointManagerOptions(create=False)  # reads only: nothing is saved
-    manager = ocp.CheckpointManager(directory, options=options,
-                                    item_names=(STATE_ITEM, HOST_ITEM))
-    try:
-        saved = list(manager.all_steps())
-        step = max(saved, default=None) if step is None else step
-        if step not in saved:
-            raise CheckpointError(f"no checkpoint of step {step} in {directory} (saved: "
-                                  f"{sorted(saved) or 'none'}); train that run first or pick a "
-                                  "saved step.")
-        target = {"params": abstract_state.params, "model_state": abstract_state.model_state}
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.PyTreeRestore(
-                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True)}))[STATE_ITEM]
-        except Exception as err:  # orbax raises many types (ValueError, KeyError, tensorstore)
-            cause = (str(err).splitlines() or [""])[0][:300]
-            raise CheckpointError(
-                f"the checkpoint of step {step} in {directory} does not fit this model "
-                f"({type(err).__name__}: {cause}). Its parameters must have this run's names "
-                "and shapes: the same model section and MoE layer sizes (dropout, temperature, "
-                "capacity and loss settings may differ).") from err
-    finally:
-        manager.close()
-    return restored, step
 def check_not_initial(workdir: str) -> None:
     """Raises CheckpointError if `workdir` holds an initial checkpoint (moe_jax.convert or
     moe_jax.upcycle output): a starting point for runs, never trained in (checkpoint rotation
@@ -169,11 +132,11 @@ def read_host(step_directory: str) -> dict[str, Any]:
         os.path.join(step_directory, HOST_ITEM))
 
 
-def step_directory(path: str) -> str:
-    """The checkpoint directory `path` names: a workdir (its newest checkpoint), its checkpoints/
-    directory (the newest), or one checkpoints/<step> directory. Raises CheckpointError."""
+def step_directory(path: str, step: int | None = None) -> str:
+    """The checkpoint directory `path` names: a workdir or its checkpoints/ directory (checkpoint
+    `step`, default the newest), or one checkpoints/<step> directory. Raises CheckpointError."""
     path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    if os.path.isdir(os.path.join(path, STATE_ITEM)) and step is None:
         return path
     directory = os.path.join(path, CHECKPOINT_DIR) if os.path.isdir(
         os.path.join(path, CHECKPOINT_DIR)) else path
@@ -185,26 +148,44 @@ def step_directory(path: str) -> str:
             f"no checkpoint in {path}: expected a run's workdir (with checkpoints/<step>/), a "
             "directory written by moe_jax.convert or moe_jax.upcycle, or one checkpoints/<step> "
             "directory.")
-    return os.path.join(directory, str(steps[-1]))
+    if step is not None and step not in steps:
+        raise CheckpointError(f"no checkpoint of step {step} in {directory} (saved: {steps}); "
+                              "train that run first or pick a saved step.")
+    return os.path.join(directory, str(steps[-1] if step is None else step))
 
 
-def read_variables(path: str) -> dict[str, Any]:
-    """{"params": ..., "model_state": ...} as NumPy arrays, from the checkpoint `path` names
-    (see `step_directory`): a run's (its optimizer state is not read) or an initial one."""
-    directory = os.path.join(step_directory(path), STATE_ITEM)
-    checkpointer = ocp.PyTreeCheckpointer()
-    try:  # the handler's metadata: the checkpointer's also looks for a step-level metadata file
-        tree = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(directory)).tree
-        target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                     tree.get(name, {})) for name in VARIABLES}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))
+def read_weights(path: str, target: Any = None,
+                 step: int | None = None) -> tuple[dict[str, Any], int]:
+    """({"params": ..., "model_state": ...}, the step read) of the checkpoint `path` names (see
+    `step_directory`): a run's (its optimizer state is not read) or an initial one.
+
+    With `target` (a mapping or train state holding "params" and "model_state" as abstract
+    arrays, e.g. `jax.eval_shape` of the train state, with or without shardings) the arrays are
+    read into its shapes and shardings; without it, as NumPy arrays of the saved shapes. Raises
+    CheckpointError naming the directory when there is no such checkpoint or it does not fit."""
+    directory = step_directory(path, step)
+    try:
+        if target is None:  # the saved shapes, from the handler's metadata
+            tree = ocp.PyTreeCheckpointHandler().metadata(
+                pathlib.Path(directory, STATE_ITEM)).tree
+            item = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                       tree.get(name, {})) for name in VARIABLES}
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        else:
+            item = {name: target[name] if isinstance(target, Mapping) else getattr(target, name)
+                    for name in VARIABLES}
+            restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        weights = ocp.PyTreeCheckpointer().restore(
+            os.path.join(directory, STATE_ITEM), args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
     except Exception as err:  # orbax raises many types (ValueError, OSError, tensorstore)
         cause = (str(err).splitlines() or [""])[0][:300]
-        raise CheckpointError(f"could not read the parameters of the checkpoint in "
-                              f"{os.path.dirname(directory)}: {type(err).__name__}: {cause}"
-                              ) from err
+        raise CheckpointError(
+            f"could not read the parameters of the checkpoint in {directory} into this model "
+            f"({type(err).__name__}: {cause}). They must have this run's names and shapes: the "
+            "same model section and MoE layer sizes (dropout, temperature, capacity and loss "
+            "settings may differ).") from err
+    return weights, int(os.path.basename(directory))
 
 
 def write_initial(workdir: str, variables: dict[str, Any], source: dict[str, Any]) -> str:

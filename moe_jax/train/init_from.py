@@ -27,7 +27,7 @@ def initial_variables(experiment: Any, fresh: TrainState) -> dict[str, Any]:
     """{"params", "model_state"} of `experiment.init.checkpoint` in the structure of `fresh`
     (upcycled when `init.upcycle`). Raises CheckpointError or ValueError naming the problem."""
     init = experiment.init
-    source = checkpoint.read_variables(init.checkpoint)
+    source = checkpoint.read_weights(init.checkpoint)[0]
     what = (f"cannot start from {init.checkpoint}: its parameters do not match this run's "
             "model config")
     if not init.upcycle:

@@ -9,7 +9,7 @@ metrics and the routing profile (`moe_jax.train.profiles`).
 
 The run's config comes from its config.json (`schema.config_from_json`); `settings` change it
 before the model is built, so they must keep the parameters' shapes (evaluation settings, data
-settings). Only the parameters and model state are read (`checkpoint.restore_weights`). Runs on
+settings). Only the parameters and model state are read (`checkpoint.read_weights`). Runs on
 one device.
 """
 
@@ -26,8 +26,8 @@ from moe_jax.data import pipeline, sources
 from moe_jax.models import Transformer
 from moe_jax.train import evaluate, optim, profiles
 from moe_jax.train import inputs as train_input
-from moe_jax.train.checkpoint import restore_weights
-from moe_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
+from moe_jax.train.checkpoint import read_weights
+from moe_jax.train.loop import CONFIG_FILE
 from moe_jax.train.state import init_train_state
 
 
@@ -54,7 +54,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None,
     optimizer = optim.make_optimizer(experiment.train)
     abstract = jax.eval_shape(lambda key: init_train_state(key, model, optimizer,
                                                            seq_len=seq_len), jax.random.key(0))
-    weights, step = restore_weights(os.path.join(workdir, CHECKPOINT_DIR), abstract, step)
+    weights, step = read_weights(workdir, abstract, step)
     source, domains = None, train_input.domain_names(experiment.data)
     if eval_data is not None:
         source, domains = sources.read_labelled_documents(eval_data)

@@ -7,7 +7,7 @@
 The training loop writes `config.json` (the full config) at the start of a run and orbax
 checkpoints under `checkpoints/<step>/`; this rebuilds the `schema.Experiment` from the first
 (`reevaluate.run_experiment`) and reads the parameters and model state (e.g. the sigmoid_bias
-router's bias) of the second (`checkpoint.restore_weights`) onto one device. Nothing in the
+router's bias) of the second (`checkpoint.read_weights`) onto one device. Nothing in the
 workdir is written.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -23,8 +22,7 @@ import jax
 from moe_jax import schema
 from moe_jax.models import Transformer
 from moe_jax.train import optim
-from moe_jax.train.checkpoint import restore_weights
-from moe_jax.train.loop import CHECKPOINT_DIR
+from moe_jax.train.checkpoint import read_weights
 from moe_jax.train.reevaluate import run_experiment
 from moe_jax.train.state import init_train_state
 
@@ -58,7 +56,6 @@ def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
     seq_len = experiment.train.seq_len or experiment.model.max_seq_len
     init = functools.partial(init_train_state, model=model,
                              optimizer=optim.make_optimizer(experiment.train), seq_len=seq_len)
-    weights, step = restore_weights(os.path.join(workdir, CHECKPOINT_DIR),
-                                    jax.eval_shape(init, jax.random.key(0)), step)
+    weights, step = read_weights(workdir, jax.eval_shape(init, jax.random.key(0)), step)
     return RestoredRun(experiment=experiment, params=weights["params"],
                        model_state=weights["model_state"], step=int(step))
