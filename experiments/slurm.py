@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from experiments import run
+from experiments import run, run_dir
 from experiments import slurm_status as status
 from experiments.suites import results as results_lib
 from experiments.suites.base import RunSpec, Suite
@@ -225,7 +225,7 @@ def submit(suite: Suite, specs: Sequence[RunSpec], root: str, config: SlurmConfi
                                **config.executor_parameters(len(specs)))
     task = slurm_task.RunTask(suite, root, retry_diverged=retry_diverged, python=python,
                               max_requeues=config.max_requeues)
-    path = os.pathsep.join(p for p in (run.REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (run_dir.REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     try:  # the tasks import experiments/ from this checkout, whatever their directory
         with submitit.helpers.environment_variables(PYTHONPATH=path):
             jobs = executor.map_array(task, specs)
@@ -237,7 +237,7 @@ def submit(suite: Suite, specs: Sequence[RunSpec], root: str, config: SlurmConfi
         record = {"job_id": str(job.job_id), "executor": config.executor,
                   "submitted": submitted, "stdout": str(job.paths.stdout),
                   "stderr": str(job.paths.stderr), "resources": dataclasses.asdict(config)}
-        workdir = run.workdir_of(spec, root)
+        workdir = run_dir.workdir_of(spec, root)
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, status.JOB_FILE), record)
         records.append(record)
@@ -271,7 +271,7 @@ def launch(suite: Suite, todo: Sequence[RunSpec], root: str, config: SlurmConfig
         array = records[0]["job_id"].split("_")[0]
         log(f"submitted {runs} as job array {array}: {ids}")
         folder = os.path.join(job_folder(root, fresh[0].scale), f"{array}_<task>")
-    log(f"logs: {folder}/ (submitit's, per task) and <run directory>/{run.LOG_FILE} (the "
+    log(f"logs: {folder}/ (submitit's, per task) and <run directory>/{run_dir.LOG_FILE} (the "
         "training's); follow with --status (same flags). Finished runs are collected into the "
         "results file by --status, --wait or the next run.")
     return fresh
@@ -298,17 +298,17 @@ def collect(suite: Suite, specs: Sequence[RunSpec], data: dict[str, Any], root: 
             log: Callable[[str], None]) -> int:
     """Records into the results file what the local path records: finished and diverged run
     directories (`run._plan`'s collection) and runs whose training failed and whose job has
-    ended (`run.collect_run`, with the end of the log). Writes the file only if that changed
+    ended (`run_dir.collect_run`, with the end of the log). Writes the file only if that changed
     it, so collecting again changes nothing. Returns how many runs were recorded."""
     before = json.dumps([data["runs"], data["other_runs"]], sort_keys=True, default=str)
     lines: list[str] = []
     run._plan(suite, specs, data, root, replace=False, retry_diverged=False, analyse=True,
-              python=python, env=run._environment(), log=lines.append)
+              python=python, env=run_dir.environment(), log=lines.append)
     recorded = [line for line in lines if line.startswith("collected ")]
     for spec, state, _ in status.member_states(specs, data, root):
-        workdir = run.workdir_of(spec, root)
+        workdir = run_dir.workdir_of(spec, root)
         if state == results_lib.FAILED and status.failed_here(spec, workdir):
-            entry = run.collect_run(spec, workdir)
+            entry = run_dir.collect_run(spec, workdir)
             held = results_lib.recorded(data, entry)
             if held is None or (held["status"], held["error"]) != (entry["status"],
                                                                    entry["error"]):

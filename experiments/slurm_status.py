@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from experiments import run
+from experiments import run_dir
 from experiments.suites import results as results_lib
 from experiments.suites.base import RunSpec
 
@@ -31,7 +31,7 @@ _ERROR_LINE = re.compile(r"error|exception|cancelled|killed|time limit|oom|out o
 
 
 def read_job(workdir: str) -> dict[str, Any] | None:
-    return run._read_json(os.path.join(workdir, JOB_FILE))
+    return run_dir.read_json(os.path.join(workdir, JOB_FILE))
 
 
 def queue_states(records: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]] | None:
@@ -91,7 +91,7 @@ def job_state(record: dict[str, Any], queue: dict[str, tuple[str, str]]) -> str 
 
 def last_error_line(path: str) -> str:
     """The last line of a log that reads like an error (else its last line)."""
-    lines = [line.strip() for line in run._tail(path, 200).splitlines() if line.strip()]
+    lines = [line.strip() for line in run_dir.tail(path, 200).splitlines() if line.strip()]
     errors = [line for line in lines if _ERROR_LINE.search(line)
               and not line.startswith("Traceback")]
     return (errors or lines or ["(empty log)"])[-1]
@@ -100,13 +100,13 @@ def last_error_line(path: str) -> str:
 def failure(workdir: str, record: dict[str, Any] | None) -> tuple[str, str]:
     """(log path, its last error line) of a failed run: the training log when the training
     process raised, else the task's stderr (SLURM's CANCELLED, TIME LIMIT, OOM lines)."""
-    training_log = os.path.join(workdir, run.LOG_FILE)
-    info = run._read_json(os.path.join(workdir, run.RUN_INFO_FILE)) or {}
+    training_log = os.path.join(workdir, run_dir.LOG_FILE)
+    info = run_dir.read_json(os.path.join(workdir, run_dir.RUN_INFO_FILE)) or {}
     candidates = [training_log] if info.get("returncode", -1) > 0 or record is None else []
     if record is not None:
         candidates += [record["stderr"], training_log]
     for path in candidates:
-        if os.path.exists(path) and _ERROR_LINE.search(run._tail(path, 200)):
+        if os.path.exists(path) and _ERROR_LINE.search(run_dir.tail(path, 200)):
             return path, last_error_line(path)
     path = next((p for p in candidates if os.path.exists(p)), None)
     if path is None:  # cancelled while pending, or refused by the node before it started
@@ -119,16 +119,16 @@ def member_states(specs: Sequence[RunSpec], data: dict[str, Any], root: str
     """(run, state, detail) for every run: finished / diverged (in the results file or its run
     directory), pending / running (its job), failed (with the log and its last error line),
     missing."""
-    records = {spec.workdir_name: read_job(run.workdir_of(spec, root)) for spec in specs}
+    records = {spec.workdir_name: read_job(run_dir.workdir_of(spec, root)) for spec in specs}
     queue = queue_states(r for r in records.values() if r)
     out = []
     for spec in specs:
-        workdir = run.workdir_of(spec, root)
+        workdir = run_dir.workdir_of(spec, root)
         record = records[spec.workdir_name]
-        held = results_lib.recorded(data, run.placeholder(spec, workdir))
+        held = results_lib.recorded(data, run_dir.placeholder(spec, workdir))
         if held is not None and held["status"] in (results_lib.FINISHED, results_lib.DIVERGED):
             out.append((spec, held["status"], "in the results file"))
-        elif (status := run.run_status(spec, workdir)) != results_lib.MISSING:
+        elif (status := run_dir.run_status(spec, workdir)) != results_lib.MISSING:
             out.append((spec, status, f"in {workdir}"))
         elif record is not None and queue is None:
             out.append((spec, SUBMITTED, f"job {record['job_id']} (no squeue here to tell "
@@ -148,9 +148,9 @@ def member_states(specs: Sequence[RunSpec], data: dict[str, Any], root: str
 
 def failed_here(spec: RunSpec, workdir: str) -> bool:
     """The run's last training process (of this request) failed."""
-    info = run._read_json(os.path.join(workdir, run.RUN_INFO_FILE)) or {}
-    return info.get("status") == results_lib.FAILED and run._read_json(
-        os.path.join(workdir, run.REQUEST_FILE)) == run._request(spec)
+    info = run_dir.read_json(os.path.join(workdir, run_dir.RUN_INFO_FILE)) or {}
+    return info.get("status") == results_lib.FAILED and run_dir.read_json(
+        os.path.join(workdir, run_dir.REQUEST_FILE)) == run_dir.request(spec)
 
 
 def format_states(states: Sequence[tuple[RunSpec, str, str]]) -> str:

@@ -20,7 +20,7 @@ import sys
 
 import submitit
 
-from experiments import run
+from experiments import run, run_dir
 from experiments.suites import results as results_lib
 from experiments.suites.base import RunSpec, Suite
 
@@ -39,8 +39,8 @@ class RunTask(submitit.helpers.Checkpointable):
 
     def __call__(self, spec: RunSpec) -> str:
         job = submitit.JobEnvironment()
-        workdir = run.workdir_of(spec, self.root)
-        env = run._environment()
+        workdir = run_dir.workdir_of(spec, self.root)
+        env = run_dir.environment()
         if job.num_tasks > 1:
             env.update(JAX_NUM_PROCESSES=str(job.num_tasks), JAX_PROCESS_ID=str(job.global_rank))
             if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -51,7 +51,7 @@ class RunTask(submitit.helpers.Checkpointable):
         if job.global_rank > 0:
             os.makedirs(workdir, exist_ok=True)
             log = os.path.join(workdir, f"run.{job.global_rank}.log")
-            code = run.train_process(spec, workdir, log, python=self.python, env=env)
+            code = run_dir.train_process(spec, workdir, log, python=self.python, env=env)
             return f"process {job.global_rank} exited with {code}"
         print(f"{job}: {spec.workdir_name} in {workdir} (restart {self.restarts} of at most "
               f"{self.max_requeues})", flush=True)
@@ -59,8 +59,8 @@ class RunTask(submitit.helpers.Checkpointable):
             status = run._train(self.suite, spec, workdir,
                                 retry_diverged=self.retry_diverged and self.restarts == 0,
                                 python=self.python, env=env, log=print)
-            print(f"{spec.workdir_name}: {status} (log: {workdir}/{run.LOG_FILE})", flush=True)
-            info = run._read_json(os.path.join(workdir, run.RUN_INFO_FILE)) or {}
+            print(f"{spec.workdir_name}: {status} (log: {workdir}/{run_dir.LOG_FILE})", flush=True)
+            info = run_dir.read_json(os.path.join(workdir, run_dir.RUN_INFO_FILE)) or {}
             if (status != results_lib.FAILED or info.get("returncode", -1) < 0
                     or job.num_tasks > 1 or self.restarts >= self.max_requeues):
                 return status

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import report, run, suites
+from experiments import report, run, run_dir, suites
 from experiments.suites import checks, routing_stats, stats
 from experiments.suites.base import (
     Member,
@@ -81,21 +81,21 @@ def test_rerun_skips_finished_members(micro, monkeypatch):
     summaries = [os.path.join(runs_dir, d, "summary.json") for d in ("dense_s0", "switch_s0")]
     before = [os.stat(p).st_mtime_ns for p in summaries]
     launched = []
-    monkeypatch.setattr(run, "launch", lambda spec, *a, **k: launched.append(spec))
+    monkeypatch.setattr(run_dir, "launch", lambda spec, *a, **k: launched.append(spec))
     lines: list[str] = []
     run.run_suite(suite, "tiny", seeds=1, log=lines.append, **paths)
     assert launched == []
     assert [os.stat(p).st_mtime_ns for p in summaries] == before
     assert sum(line.startswith("skip ") for line in lines) == 2
     # A changed request for the same directory is refused instead of silently mixed.
-    with pytest.raises(run.WorkdirConflictError, match=r"train\.num_train_steps"):
+    with pytest.raises(run_dir.WorkdirConflictError, match=r"train\.num_train_steps"):
         run.run_suite(suite, "tiny", seeds=1, extra={"train.num_train_steps": 4},
                       log=lines.append, **paths)
     assert launched == []
 
 
 def _fake_training(losses: dict[str, float], launched: list[str], stop_after: int | None = None):
-    """A stand-in for `run.launch` that writes what a finished training leaves in its workdir
+    """A stand-in for `run_dir.launch` that writes what a finished training leaves in its workdir
     (request.json, summary.json, metrics.jsonl) with a made-up loss, and raises
     KeyboardInterrupt (a killed sweep) when asked to start run number `stop_after`."""
     def launch(spec, workdir, **_):
@@ -103,8 +103,8 @@ def _fake_training(losses: dict[str, float], launched: list[str], stop_after: in
             raise KeyboardInterrupt
         launched.append(spec.workdir_name)
         os.makedirs(workdir, exist_ok=True)
-        write_json(os.path.join(workdir, run.REQUEST_FILE), run._request(spec))
-        write_json(os.path.join(workdir, run.SUMMARY_FILE),
+        write_json(os.path.join(workdir, run_dir.REQUEST_FILE), run_dir.request(spec))
+        write_json(os.path.join(workdir, run_dir.SUMMARY_FILE),
                    {"steps": spec.num_train_steps, "eval_loss": losses[spec.workdir_name]})
         with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 1, "train/loss": 3.0}) + "\n")
@@ -124,7 +124,7 @@ def test_interrupted_suite_resumes_from_the_committed_results_alone(micro, tmp_p
     paths = {"workdir_root": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
     losses = {"dense_s0": 2.5, "switch_s0": 2.4, "dense_s1": 2.6, "switch_s1": 2.3}
     launched: list[str] = []
-    monkeypatch.setattr(run, "launch", _fake_training(losses, launched, stop_after=3))
+    monkeypatch.setattr(run_dir, "launch", _fake_training(losses, launched, stop_after=3))
     with pytest.raises(KeyboardInterrupt):
         run.run_suite(suite, "tiny", seeds=2, log=lambda _: None, **paths)
     path = run.results_path("micro", "tiny", paths["results_dir"])
@@ -135,7 +135,7 @@ def test_interrupted_suite_resumes_from_the_committed_results_alone(micro, tmp_p
     # A fresh clone has the results file but no run directories.
     shutil.rmtree(paths["workdir_root"])
     launched.clear()
-    monkeypatch.setattr(run, "launch", _fake_training(losses, launched))
+    monkeypatch.setattr(run_dir, "launch", _fake_training(losses, launched))
     lines: list[str] = []
     run.run_suite(suite, "tiny", seeds=2, log=lines.append, **paths)
     assert launched == ["switch_s1"]
@@ -152,7 +152,7 @@ def test_a_run_recorded_without_its_analysis_is_analysed_on_restart(micro, tmp_p
     suite, _, _, _ = micro
     paths = {"workdir_root": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
     launched: list[str] = []
-    monkeypatch.setattr(run, "launch", _fake_training({"dense_s0": 2.5, "switch_s0": 2.4},
+    monkeypatch.setattr(run_dir, "launch", _fake_training({"dense_s0": 2.5, "switch_s0": 2.4},
                                                       launched))
     analysed: list[str] = []
 
@@ -160,10 +160,10 @@ def test_a_run_recorded_without_its_analysis_is_analysed_on_restart(micro, tmp_p
         analysed.append(os.path.basename(workdir))
         if len(analysed) == 1:
             return False
-        write_json(os.path.join(workdir, run.ANALYSIS_FILE), {"by": module})
+        write_json(os.path.join(workdir, run_dir.ANALYSIS_FILE), {"by": module})
         return True
 
-    monkeypatch.setattr(run, "run_analysis", analysis)
+    monkeypatch.setattr(run_dir, "run_analysis", analysis)
     analysed_suite = dataclasses.replace(suite, analysis="some.analysis")
     run.run_suite(analysed_suite, "tiny", seeds=1, log=lambda _: None, **paths)
     path = run.results_path("micro", "tiny", paths["results_dir"])
@@ -182,7 +182,7 @@ def test_rerunning_one_member_never_erases_other_results(micro, tmp_path, monkey
     results_dir = str(tmp_path / "results")
     losses = {"dense_s0": 2.5, "switch_s0": 2.4, "dense_s1": 2.6, "switch_s1": 2.3}
     launched: list[str] = []
-    monkeypatch.setattr(run, "launch", _fake_training(losses, launched))
+    monkeypatch.setattr(run_dir, "launch", _fake_training(losses, launched))
     run.run_suite(suite, "tiny", seeds=2, log=lambda _: None, results_dir=results_dir,
                   workdir_root=str(tmp_path / "runs"))
     path = run.results_path("micro", "tiny", results_dir)
@@ -235,7 +235,7 @@ def test_routing_statistics_of_a_trained_micro_run(micro):
     (1, "Traceback ...\nValueError: config.moe.router='x'", None, ("failed", None)),
 ])
 def test_classify_run_outcomes(returncode, tail, summary, expected):
-    assert run.classify(returncode, tail, summary, steps=10) == expected
+    assert run_dir.classify(returncode, tail, summary, steps=10) == expected
 
 
 # --- the verdict rule on hand-made numbers -----------------------------------------------------

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from experiments import run, slurm, slurm_status
+from experiments import run, run_dir, slurm, slurm_status
 from experiments.suites.base import Member, Suite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +152,7 @@ def test_local_executor_array_status_requeue_failure_and_resubmission(fake):
         os.kill(json.load(f)["task_pid"], signal.SIGUSR2)
     slurm.wait(suite.expand("tiny", 1), paths["workdir_root"], poll_seconds=0.2,
                log=lambda _: None)
-    with open(os.path.join(root, "switch_s0", run.LOG_FILE)) as f:
+    with open(os.path.join(root, "switch_s0", run_dir.LOG_FILE)) as f:
         assert "resumed from fake_checkpoint" in f.read()
     with open(records["switch"]["stdout"]) as f:
         assert "restart 1 of at most 1" in f.read()
@@ -160,7 +160,7 @@ def test_local_executor_array_status_requeue_failure_and_resubmission(fake):
     states = _states(suite, paths, python)
     assert [states[n][0] for n in ("dense", "switch", "top2")] == [
         "finished", "finished", "failed"]
-    top2_log = os.path.join(root, "top2_s0", run.LOG_FILE)
+    top2_log = os.path.join(root, "top2_s0", run_dir.LOG_FILE)
     assert states["top2"][1].endswith(f"ValueError: the fake training fails (log: {top2_log})")
     with open(top2_log) as f:  # restarted once within the task (max_requeues=1), then failed
         assert f.read().count("ValueError: the fake training fails") == 2
@@ -236,7 +236,7 @@ def test_bad_input_names_the_problem_and_submits_nothing(fake, tmp_path, monkeyp
 def test_a_job_that_ended_before_it_started_is_failed_without_a_log(tmp_path):
     suite = micro_suite(names=("dense",))
     spec = suite.expand("tiny", 1)[0]
-    workdir = run.workdir_of(spec, str(tmp_path))
+    workdir = run_dir.workdir_of(spec, str(tmp_path))
     os.makedirs(workdir)
     with open(os.path.join(workdir, slurm_status.JOB_FILE), "w") as f:  # a process long gone
         json.dump({"job_id": "999999999", "executor": "local",
