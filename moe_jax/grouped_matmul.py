@@ -68,8 +68,12 @@ def _for_blocks(start: Array, end: Array, block_sizes: tuple[int, ...], num_rows
 
 
 def _usable(block_sizes: tuple[int, ...], num_rows: int) -> tuple[int, ...]:
-    """The block sizes that fit in `num_rows` rows (a single block of all rows if none does)."""
-    return tuple(b for b in block_sizes if b <= num_rows) or (num_rows,)
+    """The block sizes smaller than `num_rows` (a single block of all rows if none is).
+
+    A full-block loop over blocks of all `num_rows` rows would slice the whole operand, which
+    does not depend on the loop index: XLA hoists that matmul out of the loop and computes it
+    for every expert, also where the loop runs zero times (E whole-batch matmuls per call)."""
+    return tuple(b for b in block_sizes if b < num_rows) or (num_rows,)
 
 
 def _grouped(x: Array, w: Array, group_sizes: Array, transpose_w: bool,

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from moe_jax import cpu_ffi, grouped_matmul_cpu
-from moe_jax.grouped_matmul import blas_grouped_matmul, blocked_grouped_matmul, grouped_matmul
+from moe_jax.grouped_matmul import (
+    BLOCK_SIZES,
+    _usable,
+    blas_grouped_matmul,
+    blocked_grouped_matmul,
+    grouped_matmul,
+)
 
 IMPLS = {"blocked": blocked_grouped_matmul, "blas": blas_grouped_matmul}
 
@@ -31,6 +37,7 @@ UNTESTED = ("0.0.1", (0, 3))  # a jaxlib version that is not in TESTED, with a t
     [0, 300, 5, 33, 0, 1],  # empty groups, full 256-row blocks, 32-row tails
     [64, 0, 0, 0, 0, 0],    # one expert takes everything
     [1, 1, 1, 1, 1, 300],
+    [40, 40, 40, 40, 40, 49],  # 256 rows in all: as many as the largest block
 ])
 def test_grouped_matmul_equals_ragged_dot(impl, sizes):
     rng = np.random.default_rng(0)
@@ -50,6 +57,14 @@ def test_grouped_matmul_equals_ragged_dot(impl, sizes):
     expected = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_no_block_spans_all_rows():
+    """A block of all rows slices the whole operand whatever the loop index, so XLA hoists its
+    matmul out of the loop and runs it for every expert (8x slower decoding at 256 rows)."""
+    for rows in (33, 255, 256, 257, 512):
+        assert all(b < rows for b in _usable(BLOCK_SIZES, rows))
+    assert _usable(BLOCK_SIZES, 32) == (32,) and _usable(BLOCK_SIZES, 20) == (20,)
 
 
 @requires_blas
