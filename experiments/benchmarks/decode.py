@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
             "trained": trained, "trained_run": run}
     m = machine_info()
     m["load_average_before"] = load_before
-    command = "python -m experiments.benchmarks.decode" + (" --quick" if args.quick else "")
+    command = " ".join(["python -m experiments.benchmarks.decode",
+                        *(sys.argv[1:] if argv is None else argv)])
     header = (measured_line(m, command) + f" Load average at the start {load_before:.2f}: the "
               "2 cores were shared with other jobs, so absolute times are upper bounds; models "
               "are interleaved within each batch size, so ratios are fairer than times.")
