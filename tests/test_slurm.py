@@ -361,7 +361,9 @@ def test_micro_suite_as_a_slurm_array_equals_the_local_run(cluster, data_dir, tm
     states = _states(suite, paths, sys.executable)
     assert states == {"dense": ("finished", "in the results file"),
                       "switch": ("finished", "in the results file")}
-    assert all(_queue_state(job) == "COMPLETED" for job in jobs.values())
+    # The run directories are complete before SLURM has closed the jobs (COMPLETING, under load).
+    _until(lambda: all(_queue_state(job) == "COMPLETED" for job in jobs.values()),
+           "the array's jobs to be COMPLETED", timeout=300)
     ours, theirs = _results(path), _results(local)
     for member in ("dense", "switch"):
         assert ours[member]["status"] == theirs[member]["status"] == "finished"
