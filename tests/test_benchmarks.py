@@ -168,3 +168,25 @@ def test_decode_benchmark_expert_counts_follow_the_expectation():
     for e, k, b in [(8, 2, 4), (64, 8, 16), (8, 2, 64)]:
         assert decode.uniform_distinct(e, k, b) == pytest.approx(
             decode.expected_distinct(e, k, b), rel=0.03)
+
+
+def test_command_line_quotes_arguments_for_the_shell():
+    import shlex
+
+    from experiments.benchmarks.timing import command_line
+
+    argv = ["runs/a b", "--out=x;y.md"]
+    line = command_line("experiments.benchmarks.quantized_experts", argv)
+    assert shlex.split(line) == ["python", "-m", "experiments.benchmarks.quantized_experts",
+                                 *argv]
+
+
+def test_quantized_experts_refuses_to_overwrite_a_results_file(tmp_path, capsys):
+    from experiments.benchmarks import quantized_experts
+
+    out = tmp_path / "q.md"
+    out.write_text("earlier results\n")
+    with pytest.raises(SystemExit):  # before restoring the (missing) run
+        quantized_experts.main([str(tmp_path / "no_run"), f"--out={out}"])
+    assert "would be overwritten" in capsys.readouterr().err
+    assert out.read_text() == "earlier results\n"

@@ -87,7 +87,7 @@ def child(variant: str) -> dict[str, Any]:
 
 
 def run(rounds: int, variants: tuple[str, ...]) -> dict[str, Any]:
-    from experiments.benchmarks.timing import machine_info
+    from experiments.benchmarks.timing import command_line, machine_info
 
     rows = []
     out = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"blas_threads_{os.getpid()}.json"
@@ -105,7 +105,7 @@ def run(rounds: int, variants: tuple[str, ...]) -> dict[str, Any]:
                 f"{m} {row[m]['ms']:.0f} ms" for m in METRICS)
                 + f" (load {row['load_before']:.1f} -> {row['load_after']:.1f})", flush=True)
     return {"machine": machine_info(), "rounds": rounds,
-            "command": " ".join(["python -m experiments.benchmarks.blas_threads", *sys.argv[1:]]),
+            "command": command_line("experiments.benchmarks.blas_threads"),
             "rows": rows}
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 from typing import Any
 
-from experiments.benchmarks.timing import machine_info, measured_line
+from experiments.benchmarks.timing import command_line, machine_info, measured_line
 
 CONFIGS = ("configs/dense.py:base", "configs/switch.py:base_e128")
 SETTINGS = {"train.batch_size": 8, "model.dtype": "bfloat16"}
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(compile_seconds(spec, scan))
             print(rows[-1], flush=True)
     machine = machine_info()
-    command = " ".join(["python -m experiments.benchmarks.compile_time", *sys.argv[1:]])
+    command = command_line("experiments.benchmarks.compile_time")
     stem = pathlib.Path(args.out) if args.out else RESULTS / (
         f"compile-{machine['platform']}-{machine['date'][:10]}")
     lines = [measured_line(machine, command), "",

@@ -50,7 +50,7 @@ import numpy as np
 
 from experiments.benchmarks import layer
 from experiments.benchmarks.run import RESULTS
-from experiments.benchmarks.timing import machine_info, measure, measured_line
+from experiments.benchmarks.timing import command_line, machine_info, measure, measured_line
 from moe_jax import flops, quantize
 from moe_jax.config import MoeConfig
 from moe_jax.models import ModelConfig, decode
@@ -412,8 +412,7 @@ def main(argv: list[str] | None = None) -> None:
             "trained": trained, "trained_run": run}
     m = machine_info()
     m["load_average_before"] = load_before
-    command = " ".join(["python -m experiments.benchmarks.decode",
-                        *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("experiments.benchmarks.decode", argv)
     header = (measured_line(m, command) + f" Load average at the start {load_before:.2f}: the "
               "2 cores were shared with other jobs, so absolute times are upper bounds; models "
               "are interleaved within each batch size, so ratios are fairer than times.")

@@ -6,19 +6,21 @@ of the expert weights measured from the arrays, and the validation loss before a
 restores each run's newest checkpoint, evaluates it on its validation batches as the training
 loop does (`evaluate.make_eval_step`: the training config's dispatch and eval capacity) with
 float32 experts, then with the experts quantized and dequantized, and writes
-results/quantized-experts-<platform>-<date>.md. The float32 row reproduces the run's
-summary.json eval_loss (a check that the evaluation is the loop's).
+results/quantized-experts-<platform>-<date>.md (`--out=PATH.md` to name it; an existing file is
+never overwritten). The float32 row reproduces the run's summary.json eval_loss (a check that
+the evaluation is the loop's).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import pathlib
 
 import jax
 import numpy as np
 
 from experiments.benchmarks.run import RESULTS
-from experiments.benchmarks.timing import machine_info, measured_line
+from experiments.benchmarks.timing import command_line, machine_info, measured_line
 from moe_jax import quantize
 from moe_jax.models import Transformer
 from moe_jax.train import evaluate
@@ -62,8 +64,19 @@ def evaluate_run(workdir: str) -> list[dict]:
     return rows
 
 
-def main(argv: list[str]) -> None:
-    rows = [row for workdir in argv for row in evaluate_run(workdir)]
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="WORKDIR", help="trained run directories")
+    parser.add_argument("--out", default=None, metavar="PATH.md",
+                        help="results file (default: results/quantized-experts-<platform>-"
+                             "<date>.md)")
+    args = parser.parse_args(argv)
+    m = machine_info()
+    out = pathlib.Path(args.out) if args.out else (
+        RESULTS / f"quantized-experts-{m['platform']}-{m['date'][:10]}.md")
+    if out.exists():  # checked before the evaluations, which take minutes
+        parser.error(f"{out} exists and would be overwritten; pass --out=ANOTHER.md or move it")
+    rows = [row for workdir in args.runs for row in evaluate_run(workdir)]
     lines = ["| run | experts | expert MB | model MB | val loss | change |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -71,13 +84,12 @@ def main(argv: list[str]) -> None:
         lines.append(f"| {row['run']} | {row['precision']} | {row['expert_bytes'] / 1e6:.2f} | "
                      f"{row['model_bytes'] / 1e6:.2f} | {row['val_loss']:.4f} | "
                      f"{row['val_loss'] - base['val_loss']:+.4f} |")
-    m = machine_info()
-    command = "python -m experiments.benchmarks.quantized_experts " + " ".join(argv)
-    out = RESULTS / f"quantized-experts-{m['platform']}-{m['date'][:10]}.md"
+    m = machine_info()  # again, after the evaluations: its load average is the one at the end
+    command = command_line("experiments.benchmarks.quantized_experts", argv)
     out.write_text("\n".join([measured_line(m, command), "", *lines]) + "\n")
     print("\n".join(lines))
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

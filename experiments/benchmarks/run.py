@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from experiments.benchmarks import layer, train
-from experiments.benchmarks.timing import machine_info, measured_line
+from experiments.benchmarks.timing import command_line, machine_info, measured_line
 
 SUITES = ("ceiling", "layer", "dropless", "growth", "train", "expert_parallel")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -73,7 +73,7 @@ def run(suites: tuple[str, ...], quick: bool, train_small: bool | None = None,
             rows += _run_expert_parallel(quick)
         print(f"[{suite}] {time.perf_counter() - start:.0f} s", flush=True)
     return {"machine": machine_info(), "quick": quick,
-            "command": " ".join(["python -m experiments.benchmarks.run", *sys.argv[1:]]),
+            "command": command_line("experiments.benchmarks.run"),
             "rows": rows}
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -104,6 +106,12 @@ def machine_info() -> dict[str, Any]:
         "jax": jax.__version__,
         "load_average_1m": os.getloadavg()[0],
     }
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """The shell command that ran `python -m module` with `argv` (default: this process's
+    arguments), quoted so that it can be pasted back into a shell."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def measured_line(machine: dict[str, Any], command: str) -> str:
