@@ -24,13 +24,13 @@ finished variant is evaluated again from its checkpoint, an unfinished one resta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from experiments import run_dir
 from experiments.suites.routing_drift import (
     EVALUATION,
     FINETUNE,
@@ -45,11 +45,6 @@ from moe_jax.train.metrics import write_json
 
 FINETUNE_DIR = "finetune"
 ANALYSIS_FILE = "analysis.json"
-
-
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 def finetune_settings(pretrain: schema.Experiment, workdir: str) -> dict[str, Any]:
@@ -98,7 +93,10 @@ def analyse(workdir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{workdir} has no routing profile: train it to the end first.")
     before = profiles.load(workdir, saved[-1])
     domains = before["domains"]
-    before_metrics = read_json(os.path.join(workdir, SUMMARY_FILE))["eval"]
+    summary = run_dir.read_json(os.path.join(workdir, SUMMARY_FILE))
+    if summary is None:
+        raise FileNotFoundError(f"{workdir} has no {SUMMARY_FILE}: train it to the end first.")
+    before_metrics = summary["eval"]
     settings = finetune_settings(pretrain, workdir)
     out: dict[str, Any] = {
         "pretrain": {"step": before["step"], "loss": domain_losses(before_metrics, domains),
