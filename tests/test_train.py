@@ -32,7 +32,7 @@ from moe_jax.data import corpus
 from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
 from moe_jax.models.config import ModelConfig
-from moe_jax.train import evaluate, functions, inputs, loop, optim, step
+from moe_jax.train import checkpoint, evaluate, functions, inputs, loop, optim, step
 from moe_jax.train import state as state_lib
 from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.config import TrainConfig
@@ -562,3 +562,18 @@ def test_killed_masked_lm_run_resumes_with_identical_losses(mlm_run, mlm_config,
     summary = loop.train_and_evaluate(mlm_config, workdir)
     np.testing.assert_array_equal(_train_losses(workdir), _train_losses(mlm_run[0]))
     assert summary["eval_loss"] == mlm_run[1]["eval_loss"]
+
+
+def test_step_directory_names_what_a_path_holds(tmp_path):
+    for saved in (10, 20):
+        os.makedirs(tmp_path / checkpoint.CHECKPOINT_DIR / str(saved) / checkpoint.STATE_ITEM)
+    steps_dir = tmp_path / checkpoint.CHECKPOINT_DIR
+    assert checkpoint.step_directory(str(tmp_path)) == str(steps_dir / "20")
+    assert checkpoint.step_directory(str(steps_dir), 10) == str(steps_dir / "10")
+    assert checkpoint.step_directory(str(steps_dir / "10"), 10) == str(steps_dir / "10")
+    with pytest.raises(checkpoint.CheckpointError, match="is one checkpoint, not a run"):
+        checkpoint.step_directory(str(steps_dir / "10"), 20)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint of step 30 .*\[10, 20\]"):
+        checkpoint.step_directory(str(tmp_path), 30)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+        checkpoint.step_directory(str(tmp_path / "nowhere"))

@@ -136,8 +136,12 @@ def step_directory(path: str, step: int | None = None) -> str:
     """The checkpoint directory `path` names: a workdir or its checkpoints/ directory (checkpoint
     `step`, default the newest), or one checkpoints/<step> directory. Raises CheckpointError."""
     path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, STATE_ITEM)) and step is None:
-        return path
+    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+        if step is None or os.path.basename(path) == str(step):
+            return path
+        raise CheckpointError(
+            f"{path} is one checkpoint, not a run, so step {step} cannot be chosen in it; pass "
+            "the run's workdir (or its checkpoints/ directory) to choose a step, or no step.")
     directory = os.path.join(path, CHECKPOINT_DIR) if os.path.isdir(
         os.path.join(path, CHECKPOINT_DIR)) else path
     steps = sorted(int(name) for name in (os.listdir(directory) if os.path.isdir(directory)
