@@ -190,3 +190,19 @@ def test_quantized_experts_refuses_to_overwrite_a_results_file(tmp_path, capsys)
         quantized_experts.main([str(tmp_path / "no_run"), f"--out={out}"])
     assert "would be overwritten" in capsys.readouterr().err
     assert out.read_text() == "earlier results\n"
+
+
+def test_quantized_change_standard_error_is_the_ratio_estimators():
+    import numpy as np
+
+    from experiments.benchmarks.quantized_experts import change_standard_error
+
+    tokens = [100.0, 200.0, 300.0]
+    # The same change per token in every batch: no spread.
+    assert change_standard_error(np.array([1.0, 2.0, 3.0]), tokens) == pytest.approx(0.0)
+    # Changes 0, 4, 0 nats: ratio 4 / 600; residuals -1/1.5 * ..., worked by hand.
+    d, t = np.array([0.0, 4.0, 0.0]), np.array(tokens)
+    r = 4.0 / 600.0
+    expected = np.sqrt(3 / 2 * np.sum((d - r * t) ** 2)) / 600.0
+    assert change_standard_error(d, tokens) == pytest.approx(expected)
+    assert expected > 0

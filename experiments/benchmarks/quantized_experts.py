@@ -5,7 +5,8 @@ of the expert weights measured from the arrays, and the validation loss before a
 
 restores each run's newest checkpoint, evaluates it on its validation batches as the training
 loop does (`evaluate.make_eval_step`: the training config's dispatch and eval capacity) with
-float32 experts, then with the experts quantized and dequantized, and writes
+float32 experts, then with the experts quantized and dequantized (the change with its
+standard error over the validation batches, paired), and writes
 results/quantized-experts-<platform>-<date>.md (`--out=PATH.md` to name it; an existing file is
 never overwritten). The float32 row reproduces the run's summary.json eval_loss (a check that
 the evaluation is the loop's).
@@ -44,24 +45,45 @@ def evaluate_run(workdir: str) -> list[dict]:
     domains = train_inputs.domain_names(e.data)
     step = jax.jit(evaluate.make_eval_step(model, e.model, e.moe, num_domains=len(domains),
                                            seed=e.seed, objective_name=e.train.objective))
+    data_seq_len = e.train.seq_len or e.model.max_seq_len
     data = train_inputs.make_inputs(e.data, e.model, batch_size=e.train.batch_size,
-                                    seq_len=e.train.seq_len or e.model.max_seq_len, seed=e.seed)
+                                    seq_len=data_seq_len, seed=e.seed)
     batches = list(data.eval_batches())
-    rows = []
+    rows, float32_nll = [], None
     for precision in ("float32", "int8", "int4"):
         stored = run.params if precision == "float32" else quantize.quantize_experts(
             run.params, e.model, precision)
         params = quantize.dequantize_experts(stored, e.model) if precision != "float32" \
             else stored
         sums = evaluate.EvalSums()
+        nll, tokens = [], []  # per batch, for the standard error of the change
         for i, batch in enumerate(batches):
-            sums.add(step(params, run.model_state, batch, np.int32(i)))
+            out = jax.device_get(step(params, run.model_state, batch, np.int32(i)))
+            sums.add(out)
+            nll.append(float(out["nll_sum"]))
+            tokens.append(float(out["num_tokens"]))
         metrics = evaluate.summarize(sums.totals, e.model, domains)
-        rows.append({"run": workdir, "precision": precision,
+        float32_nll = nll if float32_nll is None else float32_nll
+        rows.append({"run": workdir, "precision": precision, "step": run.step,
+                     "tokens_trained": run.step * e.train.batch_size * data_seq_len,
+                     "val_tokens": int(sum(tokens)),
                      "expert_bytes": expert_bytes(stored, e.model),
                      "model_bytes": quantize.array_bytes(stored),
-                     "val_loss": metrics["loss"]})
+                     "val_loss": metrics["loss"],
+                     "change_se": change_standard_error(np.subtract(nll, float32_nll), tokens)})
     return rows
+
+
+def change_standard_error(nll_change: np.ndarray, tokens: list[float]) -> float:
+    """Standard error of the change in loss per token, sum(nll_change) / sum(tokens), over
+    batches (the ratio estimator's: sqrt(n / (n - 1) * sum((d_i - r t_i)^2)) / sum(t_i)); the
+    same batches are evaluated at every precision, so the change is paired. [batches]"""
+    t = np.asarray(tokens)
+    if len(t) < 2:
+        return float("nan")
+    ratio = nll_change.sum() / t.sum()
+    residual = nll_change - ratio * t
+    return float(np.sqrt(len(t) / (len(t) - 1) * np.sum(residual ** 2)) / t.sum())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,13 +99,16 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists():  # checked before the evaluations, which take minutes
         parser.error(f"{out} exists and would be overwritten; pass --out=ANOTHER.md or move it")
     rows = [row for workdir in args.runs for row in evaluate_run(workdir)]
-    lines = ["| run | experts | expert MB | model MB | val loss | change |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | step | tokens trained | val tokens | experts | expert MB | model MB | "
+             "val loss | change ± SE |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         base = next(r for r in rows if r["run"] == row["run"] and r["precision"] == "float32")
-        lines.append(f"| {row['run']} | {row['precision']} | {row['expert_bytes'] / 1e6:.2f} | "
-                     f"{row['model_bytes'] / 1e6:.2f} | {row['val_loss']:.4f} | "
-                     f"{row['val_loss'] - base['val_loss']:+.4f} |")
+        change = "" if row is base else (
+            f"{row['val_loss'] - base['val_loss']:+.4f} ± {row['change_se']:.4f}")
+        lines.append(f"| {row['run']} | {row['step']} | {row['tokens_trained'] / 1e6:.2f}M | "
+                     f"{row['val_tokens']} | {row['precision']} | "
+                     f"{row['expert_bytes'] / 1e6:.2f} | {row['model_bytes'] / 1e6:.2f} | "
+                     f"{row['val_loss']:.4f} | {change} |")
     m = machine_info()  # again, after the evaluations: its load average is the one at the end
     command = command_line("experiments.benchmarks.quantized_experts", argv)
     out.write_text("\n".join([measured_line(m, command), "", *lines]) + "\n")
