@@ -206,3 +206,25 @@ def test_quantized_change_standard_error_is_the_ratio_estimators():
     expected = np.sqrt(3 / 2 * np.sum((d - r * t) ** 2)) / 600.0
     assert change_standard_error(d, tokens) == pytest.approx(expected)
     assert expected > 0
+
+
+def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path, monkeypatch):
+    import subprocess
+
+    from experiments.benchmarks.timing import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-q", "-m", "f")
+    monkeypatch.chdir(tmp_path)
+    clean = git_commit()
+    assert clean and "uncommitted" not in clean
+    (tmp_path / "untracked.md").write_text("results\n")  # a new results file is not a change
+    assert git_commit() == clean
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert git_commit() == clean + "+uncommitted changes"

@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         base = next(r for r in rows if r["run"] == row["run"] and r["precision"] == "float32")
         change = "" if row is base else (
-            f"{row['val_loss'] - base['val_loss']:+.4f} ± {row['change_se']:.4f}")
+            f"{row['val_loss'] - base['val_loss']:+.5f} ± {row['change_se']:.5f}")
         lines.append(f"| {row['run']} | {row['step']} | {row['tokens_trained'] / 1e6:.2f}M | "
                      f"{row['val_tokens']} | {row['precision']} | "
                      f"{row['expert_bytes'] / 1e6:.2f} | {row['model_bytes'] / 1e6:.2f} | "
-                     f"{row['val_loss']:.4f} | {change} |")
+                     f"{row['val_loss']:.5f} | {change} |")
     m = machine_info()  # again, after the evaluations: its load average is the one at the end
     command = command_line("experiments.benchmarks.quantized_experts", argv)
     out.write_text("\n".join([measured_line(m, command), "", *lines]) + "\n")

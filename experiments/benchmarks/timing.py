@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import platform
 import shlex
 import statistics
@@ -88,20 +89,42 @@ def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
                   (cost or {}).get("flops"), statistics.median(cpu_times))
 
 
+def git_commit() -> str:
+    """The checked-out commit, with "+uncommitted changes" when tracked files differ from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+uncommitted changes"
+    return commit
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the machine type."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     """Where and when a figure was measured."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()
     device = jax.devices()[0]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "commit": commit,
         "platform": device.platform,
         "device_kind": getattr(device, "device_kind", ""),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "load_average_1m": os.getloadavg()[0],
@@ -117,6 +140,7 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
 def measured_line(machine: dict[str, Any], command: str) -> str:
     """The first line of a results file: where, when and how its figures were measured."""
     m = machine
-    return (f"Measured {m['date']} on {m['platform']} ({m['device_kind'] or m['cpu']}, "
-            f"{m['cpu_count']} cores), jax {m['jax']}, commit {m['commit']}, load average "
+    kind = m["device_kind"] if m["platform"] != "cpu" else m["cpu"]
+    return (f"Measured {m['date']} on {m['platform']} ({kind}, {m['cpu_count']} cores), "
+            f"jax {m['jax']}, commit {m['commit']}, load average "
             f"{m['load_average_1m']:.2f} at the end; command `{command}`.")
