@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from experiments.provenance import command_output, cpu_model, git_commit
 from experiments.suites import results as results_lib
 from experiments.suites.base import RunSpec
 from moe_jax.train.metrics import write_json
@@ -176,17 +177,10 @@ def collect_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
 
 def machine_info() -> dict[str, Any]:
     """Where and when (no JAX backend is started: the runner must leave the GPU to its runs)."""
-    def output(*command: str) -> str:
-        try:
-            return subprocess.run(command, capture_output=True, text=True, check=False,
-                                  cwd=REPO_ROOT).stdout.strip()
-        except OSError:
-            return ""
-
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "commit": output("git", "rev-parse", "--short", "HEAD"),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "gpu": output("nvidia-smi", "--query-gpu=name", "--format=csv,noheader"),
+            "commit": git_commit(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "gpu": command_output("nvidia-smi", "--query-gpu=name", "--format=csv,noheader"),
             "python": platform.python_version(), "load_average_1m": os.getloadavg()[0]}
 
 

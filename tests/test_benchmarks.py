@@ -208,10 +208,10 @@ def test_quantized_change_standard_error_is_the_ratio_estimators():
     assert expected > 0
 
 
-def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path, monkeypatch):
+def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
     import subprocess
 
-    from experiments.benchmarks.timing import git_commit
+    from experiments.provenance import git_commit
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
@@ -221,10 +221,9 @@ def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path, monkeypatch
     (tmp_path / "f.py").write_text("a = 1\n")
     git("add", "f.py")
     git("commit", "-q", "-m", "f")
-    monkeypatch.chdir(tmp_path)
-    clean = git_commit()
+    clean = git_commit(tmp_path)
     assert clean and "uncommitted" not in clean
     (tmp_path / "untracked.md").write_text("results\n")  # a new results file is not a change
-    assert git_commit() == clean
+    assert git_commit(tmp_path) == clean
     (tmp_path / "f.py").write_text("a = 2\n")
-    assert git_commit() == clean + "+uncommitted changes"
+    assert git_commit(tmp_path) == clean + "+uncommitted changes"

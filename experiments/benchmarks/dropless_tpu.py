@@ -21,8 +21,6 @@ import importlib.util
 import json
 import pathlib
 import platform
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -30,6 +28,8 @@ import jax
 import ml_collections
 from absl import app, flags
 
+from experiments.benchmarks.timing import command_line
+from experiments.provenance import git_commit
 from moe_jax import kernels_hlo, schema, sharding
 from moe_jax.data.pipeline import BATCH_FEATURES
 from moe_jax.main import apply_settings
@@ -110,21 +110,14 @@ def run(topology: str, variants: dict[str, dict[str, Any]] = VARIANTS,
                          for name, row in rows.items()}}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str]) -> None:
     del argv
     result = run(flags.FLAGS.topology, batch_size=flags.FLAGS.batch_size)
     result |= {"machine": f"{platform.node()} ({platform.machine()}), jax {jax.__version__}",
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
-               "command": "JAX_PLATFORMS=cpu python -m experiments.benchmarks.dropless_tpu "
-                          + " ".join(sys.argv[1:])}
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "commit": git_commit() or "unknown",
+               "command": "JAX_PLATFORMS=cpu "
+                          + command_line("experiments.benchmarks.dropless_tpu")}
     print(json.dumps(result, indent=1))
     if flags.FLAGS.write:
         RESULTS.write_text(json.dumps(result, indent=1) + "\n")

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from experiments.provenance import cpu_model, git_commit
 
 
 @dataclasses.dataclass
@@ -89,39 +88,12 @@ def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
                   (cost or {}).get("flops"), statistics.median(cpu_times))
 
 
-def git_commit() -> str:
-    """The checked-out commit, with "+uncommitted changes" when tracked files differ from it."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True,
-                                  check=False).stdout.strip()
-        except OSError:
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+uncommitted changes"
-    return commit
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else the machine type."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """Where and when a figure was measured."""
-    commit = git_commit()
     device = jax.devices()[0]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "commit": commit,
+        "commit": git_commit(),
         "platform": device.platform,
         "device_kind": getattr(device, "device_kind", ""),
         "cpu": cpu_model(),
