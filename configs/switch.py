@@ -1,17 +1,17 @@
 """Switch Transformer (Fedus et al. 2022) top-1 routing, FLOP-matched to the dense baselines.
 
-Members `e{E}` (tiny scale) and `{scale}_e{E}` for E in {4, 8, 16, 32, 64, 128}: every other
-block sparse (blocks 1, 3, ...), top-1 with raw softmax gates, capacity factor 1.25 in training
-and 2.0 in evaluation, rank (token-order) drop priority, load-balancing loss 1e-2, no z-loss
-(Switch predates it; see aux_loss.py). Experts have the dense FFN's width minus the router's
-FLOPs (`flops.match_flops`), so every member costs the same FLOPs per token as
-`dense.py:{scale}` while holding ~E/2 times its FFN parameters.
+Members `e{E}` (tiny scale) and `{scale}_e{E}` (scale mini, small or base) for E in
+{4, 8, 16, 32, 64, 128}: every other block sparse (blocks 1, 3, ...), top-1 with raw softmax
+gates, capacity factor 1.25 in training and 2.0 in evaluation, rank (token-order) drop priority,
+load-balancing loss 1e-2, no z-loss (Switch predates it; see aux_loss.py). Experts have the
+dense FFN's width minus the router's FLOPs (`flops.match_flops`), so every member costs the same
+FLOPs per token as `dense.py:{scale}` while holding ~E/2 times its FFN parameters.
 """
 
 from moe_jax import flops, schema
 
 EXPERTS = (4, 8, 16, 32, 64, 128)
-SCALES = ("tiny", "small", "base")
+SCALES = ("tiny", "mini", "small", "base")
 MEMBERS = tuple(f"e{e}" for e in EXPERTS) + tuple(
     f"{s}_e{e}" for s in SCALES[1:] for e in EXPERTS)
 

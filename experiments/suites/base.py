@@ -24,9 +24,10 @@ import ml_collections
 
 from moe_jax import flops, schema
 
-SCALE_NAMES = ("tiny", "cpu", "small", "paper")
-# The model sizes each scale trains: `cpu` trains the tiny models for longer (more tokens per run).
-MODEL_SIZE = {"tiny": "tiny", "cpu": "tiny", "small": "small", "paper": "base"}
+SCALE_NAMES = ("tiny", "cpu", "mini", "small", "paper")
+# The model sizes each scale trains: `cpu` trains the tiny models for longer (more tokens per run);
+# `mini` trains smaller models (dense.py:mini) on far more tokens per parameter.
+MODEL_SIZE = {"tiny": "tiny", "cpu": "tiny", "mini": "mini", "small": "small", "paper": "base"}
 
 # Training settings shared by every suite at a scale (a suite may change any of them).
 SCALES: dict[str, dict[str, Any]] = {
@@ -45,6 +46,13 @@ SCALES: dict[str, dict[str, Any]] = {
         "data.name": "embedded", "data.eval_batches": 16, "train.batch_size": 16,
         "train.learning_rate": 3e-3, "train.log_every": 10, "train.eval_every": 0,
         "train.checkpoint_every": 150, "train.max_to_keep": 1, "train.progress_bar": False,
+    },
+    # 2 CPU cores, calibrated so that model capacity shows (experiments/README.md, "The mini
+    # scale"): d 64 models trained on tens of tokens per parameter. Checkpoints every 500 steps.
+    "mini": {
+        "data.name": "embedded", "data.eval_batches": 32, "train.batch_size": 16,
+        "train.learning_rate": 3e-3, "train.log_every": 20, "train.eval_every": 0,
+        "train.checkpoint_every": 500, "train.max_to_keep": 1, "train.progress_bar": False,
     },
     # One GPU (sized for ~1 hour per suite; an estimate, not measured: see README).
     "small": {

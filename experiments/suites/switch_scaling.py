@@ -39,16 +39,23 @@ LARGEST = SPARSE[-1]
 # Bigger dense baselines, by model size (`MODEL_SIZE`): layers x2 (2x FLOPs); layers x2 and
 # width x sqrt(2) (4x FLOPs).
 BIGGER_DENSE = {
+    "mini": {"model.d_model": 92, "model.d_ff": 368, "moe.d_ff": 368},
     "tiny": {"model.d_model": 272, "model.d_ff": 1088, "moe.d_ff": 1088},
     "small": {"model.d_model": 896, "model.num_heads": 14, "model.d_ff": 3584,
               "moe.d_ff": 3584},
     "base": {"model.d_model": 1088, "model.num_heads": 17, "model.d_ff": 4352,
               "moe.d_ff": 4352},
 }
-LAYERS = {"tiny": 4, "small": 12, "base": 24}
+LAYERS = {"mini": 4, "tiny": 4, "small": 12, "base": 24}
 # The cpu scale trains fewer members for longer: the dense baselines, and E = 4, 16, 64 for the
 # trend (its power reasoning is in experiments/README.md, "The cpu scale").
 CPU_MEMBERS = ("dense", "switch_e4", "switch_e16", "switch_e64", "dense_4x")
+# The mini scale: the whole dense ladder, E = 4, 16, 64 as published (capacity factor 1.25), and
+# two controls for the small-routing-group confound: E=64 dropless (nothing dropped whatever
+# the group) and top-2 at E=16 (twice the assignments per expert and group, FLOP-matched).
+MINI_MEMBERS = ("dense", "dense_2x", "dense_4x", "switch_e4", "switch_e16", "switch_e64",
+                "switch_e64_dropless", "switch_top2_e16")
+SCALE_MEMBERS = {"cpu": CPU_MEMBERS, "mini": MINI_MEMBERS}
 
 
 def members(scale: str) -> tuple[Member, ...]:
@@ -66,7 +73,15 @@ def members(scale: str) -> tuple[Member, ...]:
     out.append(Member("dense_2x", dense, deeper, {"experts": 1, "flops_x": 2}))
     out.append(Member("dense_4x", dense, {**deeper, **BIGGER_DENSE[size]},
                       {"experts": 1, "flops_x": 4}))
-    return tuple(m for m in out if scale != "cpu" or m.name in CPU_MEMBERS)
+    if scale in SCALE_MEMBERS:
+        out.append(Member("switch_e64_dropless", family("switch.py", scale, "e64"),
+                          {"moe.dispatch": "dropless"}, {"experts": 64, "flops_x": 1}))
+        out.append(rematched("switch_top2_e16", family("switch.py", scale, "e16"), top_k=2,
+                             tags={"experts": 16, "flops_x": 1}))
+        order = SCALE_MEMBERS[scale]
+        return tuple(sorted((m for m in out if m.name in order),
+                            key=lambda m: order.index(m.name)))
+    return tuple(out)
 
 
 # Switch Fig. 4 left (the same points as Fig. 1 left): test loss of Switch-Base with E experts
@@ -174,6 +189,7 @@ SUITE = Suite(
     train={
         "tiny": {"train.num_train_steps": 100, "train.warmup_steps": 10},
         "cpu": {"train.num_train_steps": 600, "train.warmup_steps": 60},
+        "mini": {"train.num_train_steps": 4000, "train.warmup_steps": 200},
         "small": {"train.num_train_steps": 1000, "train.warmup_steps": 100},
     },
     claims=(
