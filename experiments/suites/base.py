@@ -48,9 +48,10 @@ SCALES: dict[str, dict[str, Any]] = {
         "train.checkpoint_every": 150, "train.max_to_keep": 1, "train.progress_bar": False,
     },
     # 2 CPU cores, calibrated so that model capacity shows (experiments/README.md, "The mini
-    # scale"): d 64 models trained on tens of tokens per parameter. Checkpoints every 500 steps.
+    # scale"): d 64 models trained on tens of tokens per parameter, on the large embedded corpus
+    # (~14M training tokens: no run sees a token twice). Checkpoints every 500 steps.
     "mini": {
-        "data.name": "embedded", "data.eval_batches": 32, "train.batch_size": 16,
+        "data.name": "embedded_large", "data.eval_batches": 128, "train.batch_size": 16,
         "train.learning_rate": 3e-3, "train.log_every": 20, "train.eval_every": 0,
         "train.checkpoint_every": 500, "train.max_to_keep": 1, "train.progress_bar": False,
     },

@@ -13,8 +13,9 @@ import re
 from moe_jax import validation
 
 # Built-in corpus (moe_jax.data.corpus) names -> TFDS builder config. "embedded_tiny" is a
-# ~100 KB variant for tests and smoke runs; "embedded" is the full ~6 MB corpus.
-EMBEDDED_DATASETS = {"embedded": "default", "embedded_tiny": "tiny"}
+# ~100 KB variant for tests and smoke runs; "embedded" is the ~6 MB corpus; "embedded_large" the
+# ~14 MB one (for runs of many more tokens per parameter).
+EMBEDDED_DATASETS = {"embedded": "default", "embedded_tiny": "tiny", "embedded_large": "large"}
 # The embedded corpus's domain labels, in label order (moe_jax.data.corpus).
 EMBEDDED_DOMAINS = ("code", "prose", "math")
 TOKENIZERS = ("bytes", "sentencepiece")
