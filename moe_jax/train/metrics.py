@@ -7,19 +7,27 @@ Each metrics.jsonl line is {"step": s, "time": unix seconds, name: value, ...}; 
 per-expert histograms (TensorBoard shows them as histograms over the expert index). A resumed run
 appends, so a step re-run after a restart can appear twice: `read_metrics` keeps the last line.
 Only process 0 writes (multi-host runs); elsewhere the writer and the progress bar do nothing.
+
+On object storage (a gs:// workdir), which cannot append, metrics.jsonl is a series of objects
+(`storage.JsonLines`: metrics.jsonl, metrics.jsonl.0001, ...) that `read_metrics` reads as one,
+and the TensorBoard events are written to a local directory and uploaded at every flush, one
+event file at a time (`_TensorBoard`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+
+from moe_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -38,33 +46,76 @@ def _plain(value: Any) -> Any:
     return float(value)
 
 
+class _TensorBoard:
+    """tensorboardX's SummaryWriter for `directory`. For object storage it writes to a local
+    directory and `flush` uploads the event file whole; past `segment_bytes` the file is closed
+    and the next flush starts a new one (TensorBoard reads a directory's event files in order),
+    so an upload stays small however long the run."""
+
+    def __init__(self, directory: str, segment_bytes: int = storage.SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.remote = storage.is_url(directory)
+        self.segment_bytes = segment_bytes
+        self._local = tempfile.mkdtemp(prefix="moe_jax_tensorboard_") if self.remote \
+            else directory
+        self._files = 0
+        self.writer = self._open()
+
+    def _open(self) -> Any:
+        from tensorboardX import SummaryWriter
+
+        self._files += 1
+        # A suffix keeps the names of files opened within one second apart.
+        return SummaryWriter(self._local, filename_suffix=f".{self._files}" if self.remote
+                             else "")
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if not self.remote:
+            return
+        # The local directory holds the one open event file (earlier ones were uploaded whole).
+        for name in storage.upload(self._local, self.directory):
+            if os.path.getsize(os.path.join(self._local, name)) >= self.segment_bytes:
+                self.writer.close()
+                storage.copy_file(os.path.join(self._local, name),
+                                  storage.join(self.directory, name))
+                os.remove(os.path.join(self._local, name))
+                self.writer = self._open()
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        if self.remote:
+            shutil.rmtree(self._local, ignore_errors=True)
+
+
 class MetricsWriter:
     """Appends metrics to workdir/metrics.jsonl and TensorBoard events in workdir/tensorboard."""
 
     def __init__(self, workdir: str) -> None:
         self.enabled = is_logging_process()
-        self._jsonl = None
-        self._tb = None
+        self._jsonl: storage.JsonLines | None = None
+        self._tensorboard: _TensorBoard | None = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
+            storage.makedirs(workdir)
+            self._jsonl = storage.JsonLines(storage.join(workdir, METRICS_FILE))
+            self._tensorboard = _TensorBoard(storage.join(workdir, TENSORBOARD_DIR))
 
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
-            self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    @property
+    def _tb(self) -> Any:
+        return self._tensorboard.writer
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         values = {name: _plain(value) for name, value in metrics.items()}
-        record = {"step": int(step), "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append([{"step": int(step), "time": time.time(), **values}])
         for name, value in values.items():
             if isinstance(value, list):
                 self._histogram_over_index(name, value, step)
             elif isinstance(value, int | float):
                 self._tb.add_scalar(name, value, step)
-        self._tb.flush()
+        self._tensorboard.flush()
 
     def alert(self, step: int, tag: str, value: float, text: str) -> None:
         """An alarm in TensorBoard: the scalar `tag` at `value`, and `text` (not in
@@ -73,7 +124,7 @@ class MetricsWriter:
             return
         self._tb.add_scalar(tag, value, step)
         self._tb.add_text(tag, text, step)
-        self._tb.flush()
+        self._tensorboard.flush()
 
     def _histogram_over_index(self, name: str, values: list[float], step: int) -> None:
         """A per-expert vector as a TensorBoard histogram whose x-axis is the expert index."""
@@ -86,9 +137,10 @@ class MetricsWriter:
             global_step=step)
 
     def close(self) -> None:
-        if self.enabled and not self._jsonl.closed:
+        if self.enabled and self._tensorboard is not None:
             self._jsonl.close()
-            self._tb.close()
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 def per_layer(metrics: Mapping[str, Any], sparse_layers: Sequence[int]) -> dict[str, Any]:
@@ -110,24 +162,22 @@ def per_layer(metrics: Mapping[str, Any], sparse_layers: Sequence[int]) -> dict[
 
 
 def write_json(path: str, value: Any) -> None:
-    """Writes `value` as JSON atomically (temp file + rename): readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes `value` as JSON atomically (temp file + rename, or one upload to object storage):
+    readers never see half a file."""
+    storage.write_json(path, value)
 
 
 def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
-    """metrics.jsonl as {step: merged metrics}; later lines win (a resumed run's re-run steps)."""
-    path = os.path.join(workdir, METRICS_FILE)
+    """metrics.jsonl as {step: merged metrics}; later lines win (a resumed run's re-run steps).
+    FileNotFoundError when the run wrote none."""
     by_step: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_step.setdefault(record["step"], {}).update(record)
+    for record in storage.JsonLines(storage.join(workdir, METRICS_FILE)).read():
+        by_step.setdefault(record["step"], {}).update(record)
     return by_step
+
+
+def has_metrics(workdir: str) -> bool:
+    return storage.JsonLines(storage.join(workdir, METRICS_FILE)).exists()
 
 
 class ProgressBar:

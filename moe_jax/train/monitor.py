@@ -31,15 +31,14 @@ three; the logs before `grace_steps` never count for them) and again only after 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from moe_jax import storage
 from moe_jax.train.config import MonitorConfig
 from moe_jax.train.metrics import MetricsWriter, is_logging_process
 
@@ -215,7 +214,8 @@ class Monitor:
     def __init__(self, config: MonitorConfig, workdir: str, writer: MetricsWriter | None,
                  echo: Callable[[str], None] = print) -> None:
         self.config = config
-        self.path = os.path.join(workdir, ALERTS_FILE)
+        self.path = storage.join(workdir, ALERTS_FILE)
+        self._alerts = storage.JsonLines(self.path)
         self.writer = writer
         self.echo = echo
         self.history: list[Record] = []
@@ -227,10 +227,8 @@ class Monitor:
         alerts.jsonl. A resumed run's alarms are then those of an uninterrupted one."""
         self.history = [dict(r) for r in logged if r["step"] <= start_step]
         del self.history[:-(self.config.patience + self.config.growth_window + 1)]
-        kept = [a for a in read_alerts(os.path.dirname(self.path)) if a["step"] <= start_step]
-        if is_logging_process() and os.path.exists(self.path):
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(a, allow_nan=True) + "\n" for a in kept)
+        if is_logging_process() and self._alerts.exists():
+            self._alerts.rewrite([a for a in self._alerts.read() if a["step"] <= start_step])
 
     def observe(self, step: int, logged: Mapping[str, Any]) -> list[Alarm]:
         """Adds one log's metrics; reports and returns the alarms they raise."""
@@ -240,9 +238,7 @@ class Monitor:
         del self.history[:-(self.config.patience + self.config.growth_window + 1)]
         alarms = alarms_at(self.history, self.config)
         if alarms and is_logging_process():
-            with open(self.path, "a") as f:
-                for alarm in alarms:
-                    f.write(json.dumps(alarm.record(), allow_nan=True) + "\n")
+            self._alerts.append([alarm.record() for alarm in alarms])
             for alarm in alarms:
                 self.echo(alarm.message())
                 if self.writer is not None:
@@ -261,8 +257,5 @@ class Monitor:
 
 def read_alerts(workdir: str) -> list[dict[str, Any]]:
     """workdir/alerts.jsonl as a list of alarm records ([] when there is none)."""
-    path = os.path.join(workdir, ALERTS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    alerts = storage.JsonLines(storage.join(workdir, ALERTS_FILE))
+    return alerts.read() if alerts.exists() else []

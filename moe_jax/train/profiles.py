@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from moe_jax import storage
 from moe_jax.config import MoeConfig
 from moe_jax.models.config import ModelConfig
 from moe_jax.train.evaluate import GATE_BINS
@@ -88,32 +88,29 @@ def _layer_entry(totals: dict[str, np.ndarray], m: int) -> dict[str, Any]:
 # --- files ---------------------------------------------------------------------------------------
 
 def directory(workdir: str) -> str:
-    return os.path.join(workdir, PROFILES_DIR)
+    return storage.join(workdir, PROFILES_DIR)
 
 
 def save(workdir: str, profile: Profile) -> str:
     """Writes workdir/routing_profiles/<step>.json (atomically); returns its path."""
-    os.makedirs(directory(workdir), exist_ok=True)
-    path = os.path.join(directory(workdir), f"{profile['step']}.json")
+    storage.makedirs(directory(workdir))
+    path = storage.join(directory(workdir), f"{profile['step']}.json")
     write_json(path, profile)
     return path
 
 
 def steps(workdir: str) -> list[int]:
     """The steps with a saved profile, ascending."""
-    if not os.path.isdir(directory(workdir)):
-        return []
-    return sorted(int(name[:-5]) for name in os.listdir(directory(workdir))
+    return sorted(int(name[:-5]) for name in storage.listdir(directory(workdir))
                   if name.endswith(".json") and name[:-5].isdigit())
 
 
 def load(workdir: str, step: int) -> Profile:
-    path = os.path.join(directory(workdir), f"{step}.json")
-    if not os.path.exists(path):
+    path = storage.join(directory(workdir), f"{step}.json")
+    if not storage.exists(path):
         raise FileNotFoundError(f"no routing profile of step {step} in {directory(workdir)}; "
                                 f"saved steps: {steps(workdir) or 'none'}.")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 # --- divergences ---------------------------------------------------------------------------------
