@@ -5,8 +5,9 @@
         --config.moe.num_experts=32 --config.train.num_train_steps=2000
 
 `--config` takes `file.py[:member]` (relative paths are also looked up in configs/) and any
-`--config.<section>.<field>=value` override; `--workdir` (default runs/<config name>) holds the
-checkpoints, metrics and summary.json, and a rerun with the same workdir resumes.
+`--config.<section>.<field>=value` override; `--workdir` (default runs/<config name>; a local
+path or gs://bucket/path, `moe_jax.storage`) holds the checkpoints, metrics and summary.json,
+and a rerun with the same workdir resumes.
 
 On a mesh: `--config.mesh.data=-1` (all devices, data parallel), `--config.mesh.expert=8
 --config.mesh.expert_parallel=explicit`, ... (see `moe_jax.sharding.MeshConfig`). Several
@@ -30,7 +31,7 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from moe_jax import distributed, flops, schema
+from moe_jax import distributed, flops, schema, storage
 
 DEFAULT_RUNS_DIR = "runs"
 MAIN_JOB = (("dense", "dense.py:tiny"), ("switch", "switch.py:e8"))
@@ -118,7 +119,7 @@ def run_main_job(workdir: str, settings: Mapping[str, Any] = MAIN_JOB_SETTINGS
     _print()
     _print(comparison_table(rows))
     _print(f"\nmain job: {time.perf_counter() - start:.0f} s in this process; results in "
-           f"{os.path.abspath(workdir)}/<model>/summary.json")
+           f"{storage.absolute(workdir)}/<model>/summary.json")
     return rows
 
 
@@ -144,9 +145,9 @@ def run(flag_values: flags.FlagValues) -> list[tuple[str, str, dict[str, Any]]]:
     spec = flag_values["config"].config_filename
     workdir = flag_values.workdir or default_workdir(spec)
     summary = train_and_evaluate(config, workdir)
-    rows = [(os.path.basename(workdir), spec, summary)]
+    rows = [(os.path.basename(storage.absolute(workdir)), spec, summary)]
     _print(comparison_table(rows))
-    _print(f"results in {os.path.abspath(workdir)}")
+    _print(f"results in {storage.absolute(workdir)}")
     return rows
 
 
@@ -165,14 +166,15 @@ def main(argv: Sequence[str]) -> None:
                              "--config.train.num_train_steps=100.")
     from moe_jax.train.checkpoint import CheckpointError
     from moe_jax.train.lock import WorkdirLockedError
-    from moe_jax.train.loop import NonFiniteLossError
+    from moe_jax.train.loop import AnotherRunError, NonFiniteLossError
     from moe_jax.train.monitor import RoutingAlarmError
 
     if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every save at INFO
         logging.set_verbosity(logging.WARNING)
     try:
         run(flags.FLAGS)
-    except (NonFiniteLossError, CheckpointError, RoutingAlarmError, WorkdirLockedError) as err:
+    except (NonFiniteLossError, CheckpointError, RoutingAlarmError, WorkdirLockedError,
+            AnotherRunError, storage.StorageError) as err:
         raise SystemExit(f"moe_jax.main: {type(err).__name__}: {err}") from err
 
 

@@ -22,7 +22,6 @@ import dataclasses
 import importlib.resources
 import importlib.util
 import json
-import os
 import types
 import typing
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
+from moe_jax import storage
 from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
 from moe_jax.models.config import ModelConfig, check_compatible
@@ -195,11 +195,10 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     """The config a run wrote to `<workdir>/config.json` (or `moe_jax.convert` / `upcycle`
     wrote), as a locked ConfigDict: `base_config()` with the file's values (lists become
     tuples), so sections the file lacks keep their defaults. Not validated here."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"config file {path!r} not found; give the config.json of a run's "
                                 "workdir (or of a directory written by moe_jax.convert).")
-    with open(path) as f:
-        values = json.load(f)
+    values = json.loads(storage.read_text(path))
     config = base_config()
     for key, value in values.items():
         if isinstance(value, dict) and key in config:

@@ -8,10 +8,11 @@
 A checkpoint directory `<step>/` holds two items: "state" (the `TrainState` pytree, including
 the step and the RNG key) and "host" (JSON: the data iterator's position and other host-side
 progress), so a restored run sees the same batches and randomness as an uninterrupted one.
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoints intact. Restoring never deletes or rewrites
-anything; a checkpoint that cannot be read raises `CheckpointError` naming the step and the
-directory.
+Orbax writes each checkpoint to a temporary directory and renames it when complete (on
+Cloud Storage, which cannot rename, it writes a commit_success.txt last), so a run killed
+mid-save leaves the previous checkpoints intact. Directories may be gs:// URLs (`storage`).
+Restoring never deletes or rewrites anything; a checkpoint that cannot be read raises
+`CheckpointError` naming the step and the directory.
 
 An *initial* checkpoint (`write_initial`, used by `moe_jax.convert` and `moe_jax.upcycle`) is
 the same layout with only {"params", "model_state"} as its state and {"initial": {...}} (where
@@ -22,7 +23,6 @@ not a run to resume. `read_weights` reads the parameters and model state of eith
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,11 +31,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moe_jax import storage
+
 STATE_ITEM = "state"
 HOST_ITEM = "host"
 CHECKPOINT_DIR = "checkpoints"  # <workdir>/checkpoints/<step>/
 INITIAL = "initial"  # host-item key of an initial (parameters-only) checkpoint
 VARIABLES = ("params", "model_state")  # what an initial checkpoint holds, and what runs read
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it last into a checkpoint on gs://
 
 
 class CheckpointError(RuntimeError):
@@ -50,7 +53,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True) -> None:
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=False)
@@ -117,7 +120,7 @@ def check_not_initial(workdir: str) -> None:
     moe_jax.upcycle output): a starting point for runs, never trained in (checkpoint rotation
     would delete it)."""
     directory = os.path.join(workdir, CHECKPOINT_DIR, "0")
-    if os.path.isdir(os.path.join(directory, HOST_ITEM)) and INITIAL in read_host(directory):
+    if storage.isdir(os.path.join(directory, HOST_ITEM)) and INITIAL in read_host(directory):
         raise CheckpointError(
             f"{workdir} holds the initial parameters written by moe_jax.convert or "
             "moe_jax.upcycle, a starting point rather than a run to resume; train in a new "
@@ -135,18 +138,16 @@ def read_host(step_directory: str) -> dict[str, Any]:
 def step_directory(path: str, step: int | None = None) -> str:
     """The checkpoint directory `path` names: a workdir or its checkpoints/ directory (checkpoint
     `step`, default the newest), or one checkpoints/<step> directory. Raises CheckpointError."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    path = storage.absolute(path)
+    if storage.isdir(os.path.join(path, STATE_ITEM)):
         if step is None or os.path.basename(path) == str(step):
             return path
         raise CheckpointError(
             f"{path} is one checkpoint, not a run, so step {step} cannot be chosen in it; pass "
             "the run's workdir (or its checkpoints/ directory) to choose a step, or no step.")
-    directory = os.path.join(path, CHECKPOINT_DIR) if os.path.isdir(
+    directory = os.path.join(path, CHECKPOINT_DIR) if storage.isdir(
         os.path.join(path, CHECKPOINT_DIR)) else path
-    steps = sorted(int(name) for name in (os.listdir(directory) if os.path.isdir(directory)
-                                          else ()) if name.isdigit()
-                   and os.path.isdir(os.path.join(directory, name, STATE_ITEM)))
+    steps = complete_steps(directory)
     if not steps:
         raise CheckpointError(
             f"no checkpoint in {path}: expected a run's workdir (with checkpoints/<step>/), a "
@@ -156,6 +157,21 @@ def step_directory(path: str, step: int | None = None) -> str:
         raise CheckpointError(f"no checkpoint of step {step} in {directory} (saved: {steps}); "
                               "train that run first or pick a saved step.")
     return os.path.join(directory, str(steps[-1] if step is None else step))
+
+
+def complete_steps(directory: str) -> list[int]:
+    """The steps of the complete checkpoints in a checkpoints/ directory, ascending."""
+    return sorted(int(name) for name in storage.listdir(directory) if name.isdigit()
+                  and _complete(os.path.join(directory, name)))
+
+
+def _complete(step_directory: str) -> bool:
+    """Whether a checkpoint directory was written to the end: it has its state item and, on
+    Cloud Storage, orbax's commit marker (there a killed save leaves its directory behind)."""
+    if not storage.isdir(os.path.join(step_directory, STATE_ITEM)):
+        return False
+    return (storage.scheme(step_directory) != "gs"
+            or storage.exists(os.path.join(step_directory, COMMIT_MARKER)))
 
 
 def read_weights(path: str, target: Any = None,
@@ -171,7 +187,7 @@ def read_weights(path: str, target: Any = None,
     try:
         if target is None:  # the saved shapes, from the handler's metadata
             tree = ocp.PyTreeCheckpointHandler().metadata(
-                pathlib.Path(directory, STATE_ITEM)).tree
+                epath.Path(directory) / STATE_ITEM).tree
             item = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                        tree.get(name, {})) for name in VARIABLES}
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)

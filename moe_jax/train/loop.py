@@ -1,7 +1,7 @@
 """The training loop: `train_and_evaluate(config, workdir) -> summary`.
 
 Files in the workdir:
-  config.json          the full config of the run (written at start)
+  config.json          the full config of the run (written once the state is restored)
   checkpoints/<step>/  orbax checkpoints: train state + data-iterator position + elapsed time
   metrics.jsonl        train metrics every `log_every` steps (also per MoE layer), eval metrics
                        every `eval_every`
@@ -10,6 +10,9 @@ Files in the workdir:
   routing_profiles/    `<step>.json` at every evaluation (`moe_jax.train.profiles`)
   summary.json         final losses, params, FLOPs per token, tokens/s, wall time (at the end)
   writer.lock          held while a process trains here (`moe_jax.train.lock`)
+
+The workdir may be a gs:// URL (`moe_jax.storage`): the same files, with metrics.jsonl and
+alerts.jsonl as series of objects (`storage.JsonLines`) and the lock a Cloud Storage object.
 
 The run is laid out on the mesh of `config.mesh` (`moe_jax.sharding`; one device by default):
 the state is created sharded by jitting the init with out_shardings, each process feeds its own
@@ -26,6 +29,7 @@ checked, so the last checkpoint is always a good one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -36,14 +40,19 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from moe_jax import flops, routing, schema
+from moe_jax import flops, routing, schema, storage
 from moe_jax.train import evaluate, functions, init_from, lock, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
-from moe_jax.train.checkpoint import CheckpointError, Checkpoints, check_not_initial
+from moe_jax.train.checkpoint import (
+    CheckpointError,
+    Checkpoints,
+    check_not_initial,
+    complete_steps,
+)
 from moe_jax.train.metrics import (
-    METRICS_FILE,
     MetricsWriter,
     ProgressBar,
+    has_metrics,
     is_logging_process,
     per_layer,
     read_metrics,
@@ -58,6 +67,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf."""
+
+
+class AnotherRunError(RuntimeError):
+    """The run directory holds another run (a different config and no checkpoint to resume)."""
 
 
 def _kept(last_good: int | None, checkpoint_dir: str) -> str:
@@ -129,15 +142,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         mesh: Mesh | None) -> dict[str, Any]:
     experiment = schema.parse_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
     check_not_initial(workdir)
-    if is_logging_process():
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    config_json = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    check_same_run(workdir, config_json)
     run = _Run(experiment, workdir, mesh)
     try:
         state = run.restore_or_init()
+        if is_logging_process():  # once the checkpoint (if any) was restored with this config
+            storage.write_text(storage.join(workdir, CONFIG_FILE), config_json)
         state, last_train, last_eval = run.train(state)
     finally:
         run.close()
@@ -149,8 +163,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        run.throughput.tokens_per_second() or last_train.get("tokens_per_second"),
                        run.elapsed())
     if is_logging_process():
-        write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+        write_json(storage.join(workdir, SUMMARY_FILE), summary)
     return summary
+
+
+def check_same_run(workdir: str, config_json: str) -> None:
+    """Raises AnotherRunError, naming the differences, if `workdir` holds the config.json of
+    a run with another config and no checkpoint: training there would mix that run's metrics
+    with this one's and replace its config. (With a checkpoint, resuming checks that it fits.)"""
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path) or complete_steps(storage.join(workdir, CHECKPOINT_DIR)):
+        return
+    theirs, ours = json.loads(storage.read_text(path)), json.loads(config_json)
+    if theirs == ours:
+        return
+    differences = [f"{key} ({theirs_value!r} there, {ours_value!r} here)"
+                   for key, theirs_value, ours_value in _differences(theirs, ours)]
+    raise AnotherRunError(
+        f"{workdir} holds another run: its config.json differs in "
+        f"{', '.join(differences[:5])}{' and more' if len(differences) > 5 else ''}, and it has "
+        "no checkpoint to resume. Nothing was written. Use another --workdir, or delete "
+        f"{workdir} if that run is not needed.")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) where two JSON objects differ."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [(prefix or "(the whole file)", a, b)]
+    return [d for key in sorted(set(a) | set(b))
+            for d in _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)]
 
 
 class _Run:
@@ -225,7 +266,7 @@ class _Run:
         self.bar = ProgressBar(train.num_train_steps, start_step, enabled=train.progress_bar)
         self.monitor = monitor.Monitor(self.experiment.monitor, self.workdir, self.writer,
                                        self.bar.write)
-        if start_step and os.path.exists(os.path.join(self.workdir, METRICS_FILE)):
+        if start_step and has_metrics(self.workdir):
             earlier = sorted(read_metrics(self.workdir).items())
         else:  # a new run (or one restarted from step 0)
             earlier = []

@@ -15,13 +15,12 @@ one device.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-from moe_jax import schema
+from moe_jax import schema, storage
 from moe_jax.data import pipeline, sources
 from moe_jax.models import Transformer
 from moe_jax.train import evaluate, optim, profiles
@@ -33,8 +32,8 @@ from moe_jax.train.state import init_train_state
 
 def run_experiment(workdir: str, settings: Mapping[str, Any] | None = None) -> schema.Experiment:
     """The experiment of the run in `workdir` (its config.json), with `settings` applied."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} is missing: {workdir} is not a run directory of "
                                 "moe_jax.main (it writes config.json at start).")
     return schema.parse_config(schema.override(schema.config_from_json(path), settings or {}))
