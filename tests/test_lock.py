@@ -22,13 +22,11 @@ from moe_jax import schema
 from moe_jax.train import lock, loop
 from moe_jax.train.lock import WorkdirLock, WorkdirLockedError
 
-# A holder in another process that imports only lock.py (not moe_jax and JAX): fast to start.
-HOLDER = f"""
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("lock", {lock.__file__!r})
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-module.WorkdirLock(sys.argv[1]).acquire()
+# A holder in another process that imports the lock module alone (not the training code).
+HOLDER = """
+import sys, time
+from moe_jax.train import lock
+lock.WorkdirLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(120)
 """
