@@ -3,8 +3,8 @@
     python -m moe_jax.convert --from_hf=DIR --workdir=OUT       # HF model -> moe_jax
     python -m moe_jax.convert --workdir=RUN --to_hf=DIR         # moe_jax -> HF model
 
-Import reads a local Hugging Face directory (config.json and safetensors, one file or shards;
-nothing is downloaded) of a supported family (`interop.FAMILIES`: Mixtral, Qwen2-MoE,
+Import reads a Hugging Face directory (config.json and safetensors, one file or shards; nothing
+is downloaded from the Hub) of a supported family (`interop.FAMILIES`: Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE, dense Llama and Qwen2) and writes to OUT:
 
   config.json           the experiment config (the layout a training run writes), with
@@ -18,21 +18,20 @@ Qwen3-MoE, OLMoE, dense Llama and Qwen2) and writes to OUT:
 Export writes RUN's newest checkpoint (a training run, or a converted or upcycled directory) as
 config.json + safetensors in DIR, in the family RUN was converted from (found in RUN/hf/ or in
 the directories its init.checkpoint chain names), or `--family`, or the first family that can
-represent the model. Nothing in OUT or DIR is overwritten without --overwrite.
+represent the model. Nothing in OUT or DIR is overwritten without --overwrite. Each directory
+may be a gs:// URL (`moe_jax.storage`); safetensors are read and written through a local copy.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags, logging
 
-from moe_jax import interop, schema
+from moe_jax import interop, schema, storage
 from moe_jax.train import checkpoint
 
 HF_RECORD = "hf"  # OUT/hf/: the source config.json and tokenizer files
@@ -46,45 +45,45 @@ WRITTEN = (CONFIG_FILE, checkpoint.CHECKPOINT_DIR, HF_RECORD)  # what an import 
 def prepare_output(directory: str, overwrite: bool, ours: Sequence[str]) -> None:
     """Creates `directory`; refuses (naming what is there) if it already holds any of `ours`
     (names or glob patterns), unless `overwrite`, which deletes exactly those."""
-    os.makedirs(directory, exist_ok=True)
-    present = sorted({p for pattern in ours for p in glob.glob(os.path.join(directory, pattern))})
+    storage.makedirs(directory)
+    present = sorted({p for pattern in ours for p in storage.glob(directory, pattern)})
     if present and not overwrite:
         raise FileExistsError(
             f"{directory} already holds {[os.path.basename(p) for p in present]}; nothing was "
             "written. Choose another directory or pass --overwrite to replace them.")
     for path in present:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        storage.remove(path)
 
 
 def write_run_config(config: Any, workdir: str) -> str:
     """`config` (with init.checkpoint = workdir) as workdir/config.json, the way training writes
     it."""
     config = schema.checked(config)
-    config.init.checkpoint = os.path.abspath(workdir)
+    config.init.checkpoint = storage.absolute(workdir)
     config.init.upcycle = False
     config.init.expert_noise = 0.0
     config.init.reinit_fraction = 0.0
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    path = storage.join(workdir, CONFIG_FILE)
+    storage.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return path
 
 
 def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict[str, Any]:
     """Converts the HF directory `source` into `workdir`; returns what was written."""
-    imported = interop.load(source)
-    prepare_output(workdir, overwrite, WRITTEN)
-    record = os.path.join(workdir, HF_RECORD)
-    os.makedirs(record)
-    for name in (CONFIG_FILE, *TOKENIZER_FILES):
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), record)
-    spm = os.path.join(record, "tokenizer.model")
-    if os.path.isfile(spm):  # a SentencePiece tokenizer the data pipeline can use
+    with storage.LocalCopy(source, fetch=True) as local:
+        imported = interop.load(local.path)
+        prepare_output(workdir, overwrite, WRITTEN)
+        record = storage.join(workdir, HF_RECORD)
+        storage.makedirs(record)
+        for name in (CONFIG_FILE, *TOKENIZER_FILES):
+            if os.path.isfile(os.path.join(local.path, name)):
+                storage.copy_file(os.path.join(local.path, name), storage.join(record, name))
+    spm = storage.join(record, "tokenizer.model")
+    if storage.isfile(spm):  # a SentencePiece tokenizer the data pipeline can use
         imported.config.data.tokenizer = "sentencepiece"
-        imported.config.data.spm_model_path = os.path.abspath(spm)
+        imported.config.data.spm_model_path = storage.absolute(spm)
     checkpoint.write_initial(workdir, imported.variables, {
-        "by": "moe_jax.convert", "from_hf": os.path.abspath(source),
+        "by": "moe_jax.convert", "from_hf": storage.absolute(source),
         "model_type": imported.family.model_type})
     config_path = write_run_config(imported.config, workdir)
     return {"family": imported.family.model_type, "config": config_path,
@@ -94,20 +93,18 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict[str, A
 def recorded_hf(workdir: str, max_depth: int = 8) -> dict[str, Any] | None:
     """The HF config.json a run descends from: <dir>/hf/config.json of the run or of the
     directories its init.checkpoint chain names."""
-    directory = os.path.abspath(workdir)
+    directory = storage.absolute(workdir)
     for _ in range(max_depth):
-        path = os.path.join(directory, HF_RECORD, CONFIG_FILE)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-        config = os.path.join(directory, CONFIG_FILE)
-        if not os.path.isfile(config):
+        path = storage.join(directory, HF_RECORD, CONFIG_FILE)
+        if storage.isfile(path):
+            return json.loads(storage.read_text(path))
+        config = storage.join(directory, CONFIG_FILE)
+        if not storage.isfile(config):
             return None
-        with open(config) as f:
-            parent = (json.load(f).get("init") or {}).get("checkpoint")
-        if not parent or os.path.abspath(parent) == directory:
+        parent = (json.loads(storage.read_text(config)).get("init") or {}).get("checkpoint")
+        if not parent or storage.absolute(parent) == directory:
             return None
-        directory = os.path.abspath(parent)
+        directory = storage.absolute(parent)
         if os.path.basename(os.path.dirname(directory)) == checkpoint.CHECKPOINT_DIR:
             directory = os.path.dirname(os.path.dirname(directory))
     return None
@@ -116,7 +113,7 @@ def recorded_hf(workdir: str, max_depth: int = 8) -> dict[str, Any] | None:
 def export_hf(workdir: str, target: str, family_name: str | None = None,
               overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
     """Writes the newest checkpoint of `workdir` as a Hugging Face directory `target`."""
-    experiment = schema.parse_config(schema.config_from_json(os.path.join(workdir,
+    experiment = schema.parse_config(schema.config_from_json(storage.join(workdir,
                                                                           CONFIG_FILE)))
     variables = checkpoint.read_weights(workdir)[0]
     base = recorded_hf(workdir)
@@ -134,13 +131,15 @@ def export_hf(workdir: str, target: str, family_name: str | None = None,
         base = None
     prepare_output(target, overwrite, (CONFIG_FILE, "*.safetensors", "*.safetensors.index.json",
                                        *TOKENIZER_FILES))
-    files = interop.save(target, experiment, variables, family, base,
-                         max_shard_bytes=max_shard_bytes)
-    record = os.path.join(workdir, HF_RECORD)
-    for name in TOKENIZER_FILES:  # of a converted run (not of its ancestors)
-        if os.path.isfile(os.path.join(record, name)):
-            shutil.copy2(os.path.join(record, name), target)
-            files.append(name)
+    with storage.LocalCopy(target) as out:
+        files = interop.save(out.path, experiment, variables, family, base,
+                             max_shard_bytes=max_shard_bytes)
+        record = storage.join(workdir, HF_RECORD)
+        for name in TOKENIZER_FILES:  # of a converted run (not of its ancestors)
+            if storage.isfile(storage.join(record, name)):
+                storage.copy_file(storage.join(record, name), os.path.join(out.path, name))
+                files.append(name)
+        out.publish()
     return {"family": family.model_type, "files": files}
 
 
@@ -178,7 +177,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         written = run(flags.FLAGS)
     except (interop.UnsupportedModelError, interop.CheckpointMismatchError, FileExistsError,
-            FileNotFoundError, checkpoint.CheckpointError) as err:
+            FileNotFoundError, checkpoint.CheckpointError, storage.StorageError) as err:
         raise SystemExit(f"moe_jax.convert: {type(err).__name__}: {err}") from err
     if flags.FLAGS.from_hf:
         print(f"converted {written['family']} from {flags.FLAGS.from_hf} into "

@@ -26,14 +26,15 @@ writes the heatmaps to <out>/routing_report.png and the numbers to <out>/routing
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from moe_jax import storage
 from moe_jax.train import profiles
 from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.metrics import write_json
@@ -205,8 +206,10 @@ def plot(result: dict[str, Any], path: str) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("expert")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
 
 
 def _heatmap(fig: Any, ax: Any, matrix: np.ndarray, rows: Sequence[str], cmap: str,
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except ValueError as err:
         raise SystemExit(f"--steps={args.steps!r} must be two integers, s1,s2.") from err
     for where in (args.workdir, args.compare):
-        if where and not os.path.isdir(where):
+        if where and not storage.isdir(where):
             raise SystemExit(f"{where} is not a directory; give the --workdir of a run.")
     try:
         chosen = choose_profiles(args.workdir, compare=args.compare, steps=steps,
@@ -257,11 +260,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         top=args.top)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         raise SystemExit(f"routing_report: {err}") from err
-    out = args.out or os.path.join(args.workdir, "routing_report")
-    os.makedirs(out, exist_ok=True)
+    out = args.out or storage.join(args.workdir, "routing_report")
+    storage.makedirs(out)
     print(format_report(result))
-    plot(result, os.path.join(out, "routing_report.png"))
-    write_json(os.path.join(out, "routing_report.json"), json.loads(json.dumps(result)))
+    plot(result, storage.join(out, "routing_report.png"))
+    write_json(storage.join(out, "routing_report.json"), json.loads(json.dumps(result)))
     print(f"wrote {out}/routing_report.png and routing_report.json")
     return result
 

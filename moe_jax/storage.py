@@ -17,6 +17,7 @@ from the store (gcsfs caches them per process, and other processes write the sam
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -192,10 +193,14 @@ def remove(path: str) -> None:
         _epath(path).unlink()
 
 
+def glob(directory: str, pattern: str) -> list[str]:
+    """The paths of the names in `directory` that match the shell pattern `pattern`."""
+    return [join(directory, name) for name in listdir(directory)
+            if fnmatch.fnmatchcase(name, pattern)]
+
+
 def copy_file(source: str, target: str) -> None:
-    """Copies one file; either may be a URL (`target` may name a directory)."""
-    if isdir(target):
-        target = join(target, os.path.basename(source))
+    """Copies the file `source` to the path `target`; either may be a URL."""
     if not is_url(source) and not is_url(target):
         shutil.copy2(source, target)
     else:
@@ -218,11 +223,15 @@ def upload(local: str, directory: str) -> list[str]:
 
 
 class LocalCopy:
-    """A local directory standing for `directory`: the directory itself when it is local; for a
-    URL a temporary directory, filled from it first (`fetch`) and copied back on `publish`.
+    """A local directory (`path`) standing for `directory`: the directory itself when it is
+    local; for a URL a temporary directory, filled from it first (`fetch`) and copied back by
+    `publish`, removed at the end of the `with` block.
 
-        with LocalCopy(url, fetch=True) as local:   # e.g. safetensors, which reads local files
-            ...read local...
+        with LocalCopy(url, fetch=True) as copy:   # e.g. for safetensors, which reads files
+            read(copy.path)
+        with LocalCopy(url) as copy:
+            write(copy.path)
+            copy.publish()
     """
 
     def __init__(self, directory: str, *, fetch: bool = False) -> None:
@@ -237,8 +246,8 @@ class LocalCopy:
         if self.remote:
             upload(self.path, self.directory)
 
-    def __enter__(self) -> str:
-        return self.path
+    def __enter__(self) -> LocalCopy:
+        return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.remote:

@@ -23,7 +23,6 @@ training starts from it at step 0 with a fresh optimizer:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from moe_jax import convert, interop, schema
+from moe_jax import convert, interop, schema, storage
 from moe_jax.models import Transformer, upcycling
 from moe_jax.train import checkpoint, init_from
 
@@ -61,7 +60,7 @@ def upcycle(source: str, config: Any, workdir: str, *, noise: float = 0.0,
     checkpoint.write_initial(workdir, {
         "params": jax.device_get(params),
         "model_state": jax.device_get({k: v for k, v in fresh.items() if k != "params"})}, {
-        "by": "moe_jax.upcycle", "from": os.path.abspath(source), "expert_noise": noise,
+        "by": "moe_jax.upcycle", "from": storage.absolute(source), "expert_noise": noise,
         "reinit_fraction": reinit_fraction})
     return {"config": convert.write_run_config(config, workdir),
             "sparse_layers": list(experiment.model.sparse_layers)}
