@@ -76,8 +76,12 @@ def check_credentials(path: str) -> None:
     global _checked_credentials
     if scheme(path) != "gs" or uses_emulator() or _checked_credentials:
         return
-    import google.auth
-    import google.auth.exceptions
+    try:
+        import google.auth
+        import google.auth.exceptions
+    except ImportError as err:
+        raise StorageError(f"{path}: gs:// paths need gcsfs and google-cloud-storage: "
+                           "pip install \"moe_jax[gcs]\"") from err
 
     try:
         google.auth.default()
@@ -93,46 +97,53 @@ def credentials_message(path: str, err: Exception) -> str:
             "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file.")
 
 
-def _epath(path: str):
-    """epath.Path of a URL; StorageError naming the extra to install if its library is missing."""
-    from etils import epath
-
-    check_credentials(path)
-    return epath.Path(path)
-
-
-def _fresh(path: str) -> None:
-    """Forgets the cached listings of `path` and its parents (gcsfs caches them per process)."""
+def _filesystem(path: str) -> Any:
+    """The fsspec file system that epath uses for a URL; StorageError naming what to install
+    when its library is missing."""
     from etils.epath import backend
 
     try:
-        backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache(os.fspath(path))
+        return backend.fsspec_backend.fs(os.fspath(path))
     except ImportError as err:
-        raise StorageError(f"{path}: reading {scheme(path)}:// paths needs its fsspec library "
+        raise StorageError(f"{path}: {scheme(path)}:// paths need their fsspec library "
                            f"({err}); for gs:// install it with `pip install "
                            "\"moe_jax[gcs]\"` (gcsfs and google-cloud-storage).") from err
+
+
+def _epath(path: str):
+    """epath.Path of a URL, once its credentials and client library were checked."""
+    from etils import epath
+
+    check_credentials(path)
+    _filesystem(path)
+    return epath.Path(path)
+
+
+def _fresh(path: str):
+    """`_epath`, with the cached listings of the path and its parents forgotten (gcsfs caches
+    them per process, and other processes write the same directories)."""
+    p = _epath(path)
+    _filesystem(path).invalidate_cache(os.fspath(path))
+    return p
 
 
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)
-    _fresh(path)
-    return _epath(path).exists()
+    return _fresh(path).exists()
 
 
 def isdir(path: str) -> bool:
     """Whether `path` is a directory; on object storage: whether objects lie under it."""
     if not is_url(path):
         return os.path.isdir(path)
-    _fresh(path)
-    return _epath(path).is_dir()
+    return _fresh(path).is_dir()
 
 
 def isfile(path: str) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
-    _fresh(path)
-    p = _epath(path)
+    p = _fresh(path)
     return p.exists() and not p.is_dir()
 
 
@@ -140,8 +151,7 @@ def listdir(path: str) -> list[str]:
     """The names in directory `path` ([] when there is none)."""
     if not is_url(path):
         return os.listdir(path) if os.path.isdir(path) else []
-    _fresh(path)
-    p = _epath(path)
+    p = _fresh(path)
     return sorted(child.name for child in p.iterdir()) if p.is_dir() else []
 
 
