@@ -344,20 +344,20 @@ def _segment_index(segment: str, path: str) -> int:
     return 0 if segment == path else int(segment.rsplit(".", 1)[1])
 
 
-def gcs_client() -> Any:
-    """A google-cloud-storage client (pointed at $STORAGE_EMULATOR_HOST when set); StorageError
-    saying what to do when the library or the credentials are missing."""
+def gcs_client(path: str) -> Any:
+    """A google-cloud-storage client (pointed at $STORAGE_EMULATOR_HOST when set) to reach
+    `path`; StorageError saying what to do when the library or the credentials are missing."""
     try:
         from google.cloud import storage as gcs
     except ImportError as err:
-        raise StorageError("gs:// run directories need google-cloud-storage and gcsfs: "
+        raise StorageError(f"{path}: gs:// paths need google-cloud-storage and gcsfs: "
                            "pip install \"moe_jax[gcs]\"") from err
     import google.auth.exceptions
 
     try:
         return gcs.Client()
     except google.auth.exceptions.DefaultCredentialsError as err:
-        raise StorageError(credentials_message("gs://", err)) from err
+        raise StorageError(credentials_message(path, err)) from err
 
 
 def gcs_error(path: str, err: Exception) -> StorageError:

@@ -163,7 +163,7 @@ class LockObject:
         self._exceptions = exceptions
         self._conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
         bucket, name = storage.bucket_and_name(path)
-        self._bucket = storage.gcs_client().bucket(bucket)
+        self._bucket = storage.gcs_client(path).bucket(bucket)
         self._name = name
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
