@@ -24,7 +24,7 @@ def test_ruff_clean():
 # (the README's code map reads in this order). Names are modules under moe_jax/, "pkg.*" is a
 # whole package; package __init__ files (the public faces) are exempt.
 LAYERS = (
-    ("validation", "distributed"),
+    ("validation", "distributed", "storage"),
     ("config", "models.config", "data.config", "train.config"),
     ("losses",),
     ("routing",),
