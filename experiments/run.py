@@ -37,6 +37,7 @@ from experiments import run_dir, suites
 from experiments.suites import results as results_lib
 from experiments.suites import stats
 from experiments.suites.base import RunSpec, Suite
+from moe_jax import storage
 
 if TYPE_CHECKING:  # experiments.slurm imports this module
     from experiments.slurm import SlurmConfig
@@ -275,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     slurm_lib.add_flags(parser)
     args = parser.parse_args(argv)
+    if args.workdir_root and storage.is_url(args.workdir_root):
+        raise SystemExit(f"experiments.run: --workdir_root={args.workdir_root}: the suite runner "
+                         "keeps its run directories (with run.log, the training's output) on a "
+                         "file system; give a local or mounted directory. A single run trains in "
+                         "gs:// with python -m moe_jax.main --workdir=gs://BUCKET/PATH.")
     if args.scale == "paper":
         raise SystemExit("the paper scale is not run here; `python -m experiments.report "
                          f"--suite={args.suite}` prints its FLOP/parameter table.")
