@@ -144,10 +144,12 @@ class LockFile:
         return self.create(content)
 
     def renew(self, version: Any, content: dict[str, Any]) -> bool:
+        """Rewrites the lock, which the caller has just read as its own."""
         os.replace(self._write_temporary(content), self.path)
         return True
 
     def remove(self, version: Any) -> None:
+        """Deletes the lock, which the caller has just read as its own."""
         os.unlink(self.path)
 
 
@@ -169,7 +171,7 @@ class LockObject:
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
-        except self._exceptions.GoogleAPICallError as err:
+        except self._exceptions.GoogleAPIError as err:
             raise storage.gcs_error(self.path, err) from err
 
     def read(self) -> tuple[dict[str, Any] | None, Any]:
@@ -181,7 +183,7 @@ class LockObject:
                 data = blob.download_as_bytes(if_generation_match=blob.generation)
             except self._conflict:
                 continue  # replaced or removed since: read again
-            except self._exceptions.GoogleAPICallError as err:
+            except self._exceptions.GoogleAPIError as err:
                 raise storage.gcs_error(self.path, err) from err
             try:
                 content = json.loads(data)
@@ -196,10 +198,10 @@ class LockObject:
             self._call(self._bucket.blob(self._name).upload_from_string, json.dumps(content),
                        content_type="application/json", if_generation_match=generation)
         except storage.StorageError as err:
-            if isinstance(err.__cause__, self._conflict) and generation != 0:
-                return False  # the lock changed (or went) since it was read
-            if isinstance(err.__cause__, self._exceptions.PreconditionFailed):
-                return False  # it exists
+            # Generation 0: the lock exists. Another: it changed (or went) since it was read.
+            if isinstance(err.__cause__, self._conflict if generation else
+                          self._exceptions.PreconditionFailed):
+                return False
             raise
         return True
 
@@ -358,7 +360,7 @@ class WorkdirLock:
             try:
                 if not self.renew():
                     return
-            except OSError as err:  # a file-system hiccup: try again at the next renewal
+            except Exception as err:  # a file-system or network hiccup: try at the next renewal
                 logger.warning("could not renew %s: %s", self.path, err)
 
     def release(self) -> None:
