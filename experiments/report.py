@@ -11,7 +11,7 @@ Reads experiments/results/<suite>/<scale>.json (written by experiments.run), wri
 over the finished seeds (n); each claim's verdict follows the rule of experiments/suites/stats.py
 (agrees / disagrees beyond 2 standard errors, else inconclusive) computed from the runs, never
 written by hand. The FLOP/parameter tables of the scale that ran and of the `paper` scale come
-from moe_jax.flops.
+from moe_jax.analysis.flops.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ def claims_table(suite: Suite, results: Results) -> tuple[str, dict[str, stats.O
 
 
 def flops_table(suite: Suite, scale: str) -> str:
-    """moe_jax.flops table of the suite's members at `scale` (routing group: one batch)."""
-    from moe_jax import flops, schema
+    """moe_jax.analysis.flops table of the suite's members at `scale` (routing group: one batch)."""
+    from moe_jax import schema
+    from moe_jax.analysis import flops
     from moe_jax.main import apply_settings
 
     settings = SCALES[scale]

@@ -43,7 +43,7 @@ from experiments import run, run_dir
 from experiments import slurm_status as status
 from experiments.suites import results as results_lib
 from experiments.suites.base import RunSpec, Suite
-from moe_jax import validation
+from moe_jax import fields
 from moe_jax.train.metrics import write_json
 
 EXECUTORS = ("slurm", "local")
@@ -103,17 +103,17 @@ class SlurmConfig:
     def __post_init__(self) -> None:
         for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "max_requeues",
                      "parallelism"):
-            validation.integer(self, name, minimum=0)
-        validation.integer(self, "nodes", minimum=1)
-        validation.one_of(self, "executor", EXECUTORS)
+            fields.integer(self, name, minimum=0)
+        fields.integer(self, "nodes", minimum=1)
+        fields.one_of(self, "executor", EXECUTORS)
         if self.minutes() is None:
-            validation.fail(self, "time", "is not a SLURM time limit",
+            fields.fail(self, "time", "is not a SLURM time limit",
                             "use minutes, H:MM:SS or D-HH:MM:SS, e.g. 4:00:00")
         if self.mem and not re.fullmatch(r"\d+[KMGT]?", self.mem):
-            validation.fail(self, "mem", "is not a SLURM memory size", "use e.g. 64G or 500M")
+            fields.fail(self, "mem", "is not a SLURM memory size", "use e.g. 64G or 500M")
         for option in self.extra:
             if not re.fullmatch(r"[a-z][a-z0-9_-]*(=.+)?", option):
-                validation.fail(self, "extra", f"holds {option!r}, not an sbatch option",
+                fields.fail(self, "extra", f"holds {option!r}, not an sbatch option",
                                 "pass name=value without dashes, e.g. qos=high")
 
     def minutes(self) -> int | None:
@@ -171,7 +171,7 @@ def config_from_args(args: argparse.Namespace) -> SlurmConfig:
     values = {f.name: getattr(args, f"slurm.{f.name}") for f in dataclasses.fields(SlurmConfig)}
     try:
         return SlurmConfig(**{**values, "extra": tuple(values["extra"])})
-    except validation.ConfigError as err:
+    except fields.ConfigError as err:
         raise SlurmError(str(err).replace("SlurmConfig.", "--slurm.")) from err
 
 

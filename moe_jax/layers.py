@@ -1,6 +1,7 @@
 """Flax linen wrapper of the pure MoE layer: it only holds the parameters and calls `moe.apply`.
 
-Parameters carry logical axis names (see `LOGICAL_AXES`) that `moe_jax.sharding` maps to a mesh.
+Parameters carry logical axis names (see `LOGICAL_AXES`) that `moe_jax.parallel.sharding` maps
+to a mesh.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class MoeLayer(nn.Module):
       causal: whether the caller is autoregressive (`MoeConfig.check_causal`).
       dtype: activation dtype (e.g. bfloat16); the router always runs in `config.router_dtype`.
       param_dtype: parameter dtype.
-      sharding: the layer's `moe.Layout` on a mesh (`moe_jax.sharding.MoeSharding`); None: no
-        mesh.
+      sharding: the layer's `moe.Layout` on a mesh
+        (`moe_jax.parallel.expert_parallel.MoeSharding`); None: no mesh.
     Randomness (jitter, GShard random second expert, expert dropout) comes from the "router"
     rng stream.
     The sigmoid_bias router's bias is the variable `SCORE_BIAS` of collection `STATE`. Each

@@ -9,7 +9,7 @@
 checkpoints, metrics and summary.json, and a rerun with the same workdir resumes.
 
 On a mesh: `--config.mesh.data=-1` (all devices, data parallel), `--config.mesh.expert=8
---config.mesh.expert_parallel=explicit`, ... (see `moe_jax.sharding.MeshConfig`). Several
+--config.mesh.expert_parallel=explicit`, ... (see `moe_jax.parallel.sharding.MeshConfig`). Several
 processes (hosts): start one per host with `--distributed` (or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment; auto-detected on Cloud TPU and SLURM);
 only process 0 prints and writes metrics.
@@ -30,7 +30,9 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from moe_jax import distributed, flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
+from moe_jax.parallel import distributed
 
 DEFAULT_RUNS_DIR = "runs"
 MAIN_JOB = (("dense", "dense.py:tiny"), ("switch", "switch.py:e8"))

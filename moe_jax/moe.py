@@ -10,7 +10,8 @@ C capacity, d model width, f expert width. One call reads top-down (`_layer`): r
 (`dispatch.py`, `experts.py`) -> shared experts.
 
 `Layout` is the layer's one seam to a mesh: the layer calls its five methods and never asks how
-it is laid out; `moe_jax.sharding.MoeSharding` implements them for expert parallelism.
+it is laid out; `moe_jax.parallel.expert_parallel.MoeSharding` implements them for expert
+parallelism.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
     aux: `routing.STATISTICS` (float32; means over the unmasked tokens, the balance loss per
     routing group, then averaged over groups weighted by their unmasked tokens).
     Drops contribute nothing: the token passes only through the caller's residual.
-    `sharding` lays the layer out on a mesh (a `Layout`, e.g. `moe_jax.sharding.MoeSharding`).
+    `sharding` lays the layer out on a mesh (a `Layout`, e.g.
+    `moe_jax.parallel.expert_parallel.MoeSharding`).
     """
     y, aux, _ = apply_with_routing(params, x, config, train=train, rng=rng,
                                    token_mask=token_mask, sharding=sharding)

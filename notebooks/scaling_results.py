@@ -206,11 +206,12 @@ for name in suites.SUITES:
 # ## FLOPs and parameters at paper scale
 #
 # The `switch_scaling` members at the paper's scale (T5-Base width, not run here), and the published
-# MoE models of `configs/published/` (the same tables as `python -m moe_jax.flops --family=...`;
-# forward FLOPs per token, training = 3x).
+# MoE models of `configs/published/` (the same tables as
+# `python -m moe_jax.analysis.flops --family=...`; forward FLOPs per token, training = 3x).
 
 # %%
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 display(Markdown("**switch_scaling, paper scale**\n\n"
                  + report.flops_table(suites.get("switch_scaling"), "paper")))

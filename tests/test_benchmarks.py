@@ -4,7 +4,8 @@ Wall-clock figures are only checked to be positive."""
 import pytest
 
 from experiments.benchmarks import run, train
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 from moe_jax.main import apply_settings
 
 

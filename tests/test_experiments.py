@@ -24,7 +24,8 @@ from experiments.suites.base import (
     rematched,
 )
 from experiments.suites.results import Results
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 from moe_jax.train.metrics import write_json
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures",

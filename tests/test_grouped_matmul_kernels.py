@@ -9,8 +9,10 @@ import optax
 import pytest
 
 from experiments.benchmarks.train import synthetic_batch
-from moe_jax import MoeConfig, config, grouped_matmul_kernels, kernels_hlo, moe, schema
-from moe_jax.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
+from moe_jax import MoeConfig, config, moe, schema
+from moe_jax.analysis import kernels_hlo
+from moe_jax.kernels import grouped_matmul_kernels
+from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
 from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
 from moe_jax.train import step

@@ -26,13 +26,13 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import objective, routing, schema
+from moe_jax import routing, schema
 from moe_jax.config import MoeConfig
 from moe_jax.data import corpus
 from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
 from moe_jax.models.config import ModelConfig
-from moe_jax.train import checkpoint, evaluate, functions, inputs, loop, optim, step
+from moe_jax.train import checkpoint, evaluate, inputs, jitted, loop, objective, optim, step
 from moe_jax.train import state as state_lib
 from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.config import TrainConfig
@@ -402,7 +402,7 @@ def mlm_parts(mlm_config, mlm_run, parts):
     """(experiment, model, the loop's jitted functions, init state) of the encoder, and the
     `parts` batch. After `mlm_run`, so that the loop's compilations are reused."""
     experiment = schema.parse_config(mlm_config)
-    model, fns = functions.setup(experiment, 32)
+    model, fns = jitted.setup(experiment, 32)
     return experiment, model, fns, fns["init"](experiment.seed), parts[4]
 
 

@@ -18,7 +18,8 @@ from experiments import suites
 from experiments.suites import upcycling as upcycling_suite
 from experiments.suites.base import Member, Suite
 from experiments.suites.results import Results
-from moe_jax import MoeConfig, interop, schema, upcycle
+from moe_jax import MoeConfig, interop, schema
+from moe_jax.interop import upcycle
 from moe_jax.models import ModelConfig, Transformer, upcycling
 from moe_jax.models.upcycling import expert_copies
 from moe_jax.train import checkpoint, init_from
@@ -129,7 +130,7 @@ def test_a_mismatched_dense_checkpoint_is_refused_naming_the_parameters():
 
 
 def test_upcycling_the_hf_llama_fixture_keeps_its_logits(tmp_path):
-    """moe_jax.upcycle from a Hugging Face directory: every block of the converted Llama
+    """moe_jax.interop.upcycle from a Hugging Face directory: every block of the converted Llama
     becomes 4 experts, top-2 renormalised, and the logits stay transformers' logits."""
     config = interop.load(os.path.join(FIXTURES, "llama")).config
     config.model.moe_every = 1

@@ -56,7 +56,8 @@ def child(variant: str) -> dict[str, Any]:
     import jax
 
     from experiments.benchmarks import layer, train
-    from moe_jax import MoeConfig, grouped_matmul_cpu
+    from moe_jax import MoeConfig
+    from moe_jax.kernels import grouped_matmul_cpu
 
     if variant.startswith("blas_threads"):
         grouped_matmul_cpu.gemm_threads = None

@@ -27,12 +27,12 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 def compile_seconds(spec: str, scan: bool) -> dict[str, Any]:
     from moe_jax import schema
     from moe_jax.main import apply_settings
-    from moe_jax.train import functions
+    from moe_jax.train import jitted
 
     experiment = schema.parse_config(apply_settings(schema.load_config(spec), {
         **SETTINGS, "model.scan_layers": scan}))
     seq_len = experiment.model.max_seq_len
-    _, fns = functions.setup(experiment, seq_len)
+    _, fns = jitted.setup(experiment, seq_len)
     start = time.perf_counter()
     lowered = fns["train_step"].lower(fns["abstract_state"], fns["abstract_batch"])
     lowered_at = time.perf_counter()

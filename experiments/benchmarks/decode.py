@@ -10,7 +10,7 @@ CPU's 32 MB L3): `moe_e8k2` (top-2 of 8 experts of width 1024, Mixtral-style), `
 (top-8 of 64 experts of width 128, fine-grained: the same total, half the active expert width),
 each against the dense model with its active parameters (`dense_active_*`: FFN width k * f) and
 the dense model with its total (`dense_total`: width 8192); `*_int8`: the MoE models with
-int8 expert weights (`moe_jax.quantize`, qwix), dequantized inside the step.
+int8 expert weights (`moe_jax.models.quantize`, qwix), dequantized inside the step.
 
 Each step: `decode.step` (jitted, the state donated) on B rows whose cache holds 16 slots
 (rolling), the next token the greedy choice; the MoE models' dropless grouped matmul is XLA's
@@ -51,9 +51,9 @@ import numpy as np
 from experiments.benchmarks import layer
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import command_line, machine_info, measure, measured_line
-from moe_jax import flops, quantize
+from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
-from moe_jax.models import ModelConfig, decode
+from moe_jax.models import ModelConfig, decode, quantize
 
 CACHE_SLOTS = 16
 ROUNDS, STEPS, WARMUP = 2, 3, 1

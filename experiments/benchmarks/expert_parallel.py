@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from experiments.benchmarks.timing import machine_info, measure
-from moe_jax import MoeConfig, moe, sharding
+from moe_jax import MoeConfig, moe
+from moe_jax.parallel import expert_parallel, sharding
 
 
 def time_forms(mesh_shape: tuple[int, int, int], *, tokens_per_device: int = 1024,
@@ -31,9 +32,9 @@ def time_forms(mesh_shape: tuple[int, int, int], *, tokens_per_device: int = 102
     x = jax.random.normal(jax.random.key(1), (batch_shards * tokens_per_device, d_model))
     rows = []
     for form in ("gspmd", "explicit"):
-        moe_sharding = sharding.MoeSharding(mesh, form=form)
+        moe_sharding = expert_parallel.MoeSharding(mesh, form=form)
         params = moe.init_params(jax.random.key(0), config, d_model)
-        specs = sharding.expert_param_specs(params, moe_sharding)
+        specs = expert_parallel.expert_param_specs(params, moe_sharding)
         params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
                               params, specs)
         xs = jax.device_put(x, NamedSharding(mesh, moe_sharding.token_spec))

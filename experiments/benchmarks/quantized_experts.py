@@ -1,5 +1,5 @@
-"""Weight-only int8 / int4 expert weights (`moe_jax.quantize`, qwix) on trained runs: the memory
-of the expert weights measured from the arrays, and the validation loss before and after.
+"""Weight-only int8 / int4 expert weights (`moe_jax.models.quantize`, qwix) on trained runs: the
+memory of the expert weights measured from the arrays, and the validation loss before and after.
 
     python -m experiments.benchmarks.quantized_experts runs/main_job/switch runs/mixtral_e8 ...
 
@@ -22,8 +22,7 @@ import numpy as np
 
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
-from moe_jax import quantize
-from moe_jax.models import Transformer
+from moe_jax.models import Transformer, quantize
 from moe_jax.train import evaluate
 from moe_jax.train import inputs as train_inputs
 from moe_jax.train.restore import restore_run

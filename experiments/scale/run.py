@@ -139,17 +139,17 @@ def read_results() -> dict[str, dict[str, Any]]:
 
 
 def write_table(results: dict[str, dict[str, Any]]) -> str:
-    from moe_jax import dryrun
+    from moe_jax.analysis import dryrun_report
 
     order = [key(c) for c in cases()]
     rows = [results[k] for k in order if k in results]
     reports = []
     for row in rows:
-        fields = {f.name for f in dataclasses.fields(dryrun.Report)}
+        fields = {f.name for f in dataclasses.fields(dryrun_report.Report)}
         report = row["report"]
-        reports.append(dryrun.Report(**{k: v for k, v in report.items() if k in fields}) if
+        reports.append(dryrun_report.Report(**{k: v for k, v in report.items() if k in fields}) if
                        "mesh" in report else None)
-    lines = [dryrun.markdown_table([r for r in reports if r is not None])]
+    lines = [dryrun_report.markdown_table([r for r in reports if r is not None])]
     failed = [(row, r) for row, r in zip(rows, reports) if r is None or not r.compiled]
     if failed:
         lines += ["", "Not compiled:", ""]

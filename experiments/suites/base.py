@@ -22,7 +22,8 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 SCALE_NAMES = ("tiny", "cpu", "mini", "small", "paper")
 # The model sizes each scale trains: `cpu` trains the tiny models for longer (more tokens per run);

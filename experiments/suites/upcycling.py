@@ -17,8 +17,8 @@ suite order):
   moe_scratch_xB  the same sparse model from a random init for the whole budget, (1 + B) x the
                   dense pretraining compute, with the dense pretraining recipe.
 
-Compute is `moe_jax.flops` training FLOPs per token x tokens (same batch and length for all);
-step counts are rounded. B in {0.25, 0.5}.
+Compute is `moe_jax.analysis.flops` training FLOPs per token x tokens (same batch and length for
+all); step counts are rounded. B in {0.25, 0.5}.
 
 Statistics (fixed before the runs): each claim compares final validation losses of two members
 paired by seed (`checks.lower`: the mean of the per-seed differences and its standard error over
@@ -35,7 +35,8 @@ import numpy as np
 from experiments.suites import checks, plots
 from experiments.suites.base import Claim, Figure, Member, Suite, dense_variant
 from experiments.suites.results import Results, history_values
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 from moe_jax.main import apply_settings
 
 # Extra compute, as a multiple of the dense pretraining compute (the paper's abstract: upcycled

@@ -3,7 +3,7 @@
     train_step = make_train_step(model, optimizer, experiment, grad_accum_steps=2)
     state, metrics = jax.jit(train_step, donate_argnums=0)(state, batch)
 
-Batches are dicts of [B, L] arrays (see `moe_jax.objective`). With A = grad_accum_steps the
+Batches are dicts of [B, L] arrays (see `moe_jax.train.objective`). With A = grad_accum_steps the
 batch is split into A micro-batches of B / A rows, scanned in order; micro-batch i's loss is
 weighted by its share of the batch's target tokens, so the accumulated gradient equals the
 gradient of the full batch's token-averaged loss (exactly for the cross-entropy; the per-micro
@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_jax import layers, objective, routing
+from moe_jax import layers, routing
 from moe_jax.config import MoeConfig
 from moe_jax.models import transformer
 from moe_jax.models.config import ModelConfig
+from moe_jax.train import objective
 from moe_jax.train.state import TrainState
 
 Array = jax.Array

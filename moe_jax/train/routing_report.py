@@ -2,9 +2,9 @@
 different the domains' routing is, and how far the routing drifted between two checkpoints or
 two runs, with a verdict per layer.
 
-    python -m moe_jax.routing_report --workdir=runs/main_job/switch
-    python -m moe_jax.routing_report --workdir=runs/finetuned --compare=runs/pretrained
-    python -m moe_jax.routing_report --workdir=runs/e8 --steps=100,200 --eval_data=docs.jsonl
+    python -m moe_jax.train.routing_report --workdir=runs/main_job/switch
+    python -m moe_jax.train.routing_report --workdir=runs/finetuned --compare=runs/pretrained
+    python -m moe_jax.train.routing_report --workdir=runs/e8 --steps=100,200 --eval_data=docs.jsonl
 
 Profiles (`moe_jax.train.profiles`) are read from workdir/routing_profiles/<step>.json, which
 every evaluation of a training run writes, or computed from the run's checkpoints
