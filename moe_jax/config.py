@@ -11,19 +11,14 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax import fields
+from moe_jax import fields, routing
+from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMULS
 
-ROUTERS = ("top_k", "expert_choice", "soft", "sigmoid_bias")
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
-GROUPED_MATMULS = ("auto", "ragged_dot", "blocked", "blas", "megablox", "tokamax")
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
-
-# Routers that mix information across the tokens of a group (a token's output depends on later
-# tokens), so they leak the future in a causal model.
-NON_CAUSAL_ROUTERS = ("expert_choice", "soft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +36,7 @@ class MoeConfig:
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     expert_capacity: int | None = None  # overrides both factors when set
-    router: str = "top_k"
+    router: str = "top_k"  # a name of `routing.ROUTERS`
     # Divide the k chosen probabilities by their sum (GShard, Mixtral) before drops; otherwise the
     # gates are the raw softmax probabilities (Switch, ST-MoE).
     renormalize_gates: bool = False
@@ -114,7 +109,7 @@ class MoeConfig:
         if self.eval_router_temperature is not None:
             fields.number(self, "eval_router_temperature", above=0,
                               fix="None uses router_temperature")
-        fields.one_of(self, "router", ROUTERS)
+        fields.one_of(self, "router", tuple(routing.ROUTERS))
         fields.one_of(self, "drop_priority", DROP_PRIORITIES)
         fields.one_of(self, "dispatch", DISPATCHES)
         fields.one_of(self, "activation", ACTIVATIONS)
@@ -129,29 +124,27 @@ class MoeConfig:
                             "is GShard's top-2 rule and needs router='top_k' and top_k=2 (got "
                             f"router={self.router!r}, top_k={self.top_k})",
                             "set second_expert_policy='all' or use top-2 routing")
-        if self.router == "soft" and self.dispatch != "einsum":
-            fields.fail(self, "dispatch", "does not apply to router='soft': Soft MoE mixes "
-                            "all tokens into every slot, which is a dense einsum",
-                            "set dispatch='einsum'")
-        if self.router == "expert_choice" and self.dispatch == "dropless":
-            fields.fail(self, "dispatch", "needs token-choice routing, and expert_choice "
-                            "has a fixed capacity by construction",
-                            "use dispatch='gather' or 'einsum'")
+        router = routing.ROUTERS[self.router]
+        if router.dispatches is not None and self.dispatch not in router.dispatches:
+            allowed = " or ".join(map(repr, router.dispatches))
+            fields.fail(self, "dispatch", f"does not apply to router={self.router!r}: "
+                        f"{router.why}", f"use dispatch={allowed}")
 
     @property
     def is_causal_safe(self) -> bool:
         """Whether a token's output depends only on that token (no mixing across the group)."""
-        return self.router not in NON_CAUSAL_ROUTERS
+        return routing.ROUTERS[self.router].token_choice
 
     def check_causal(self, causal: bool) -> None:
         """Refuses a router that mixes tokens (expert choice, Soft MoE: a token's output depends
         on later tokens of its group) in a causal model, unless `allow_non_causal` is set."""
         if causal and not self.is_causal_safe and not self.allow_non_causal:
+            choosers = ", ".join(repr(n) for n, r in routing.ROUTERS.items() if r.token_choice)
             raise ValueError(
                 f"MoeConfig.router={self.router!r} mixes tokens across the sequence and leaks "
-                "future tokens in a causal model; use a token-choice router ('top_k', "
-                "'sigmoid_bias'), a bidirectional encoder (model.causal=False, with the "
-                "masked-LM objective), or set allow_non_causal=True if you accept the leak.")
+                f"future tokens in a causal model; use a token-choice router ({choosers}), a "
+                "bidirectional encoder (model.causal=False, with the masked-LM objective), or "
+                "set allow_non_causal=True if you accept the leak.")
 
     def uses_rng(self, train: bool) -> bool:
         """Whether the layer draws random numbers: router jitter, GShard's random second

@@ -83,21 +83,21 @@ class MoeSharding(moe.Layout):
 
     # --- moe.Layout ---
 
-    def run(self, layer: moe.LayerFn, params: moe.Params, x: jax.Array, rng: jax.Array | None,
-            token_mask: jax.Array | None, config: MoeConfig
+    def run(self, layer: moe.LayerFn, params: moe.Params, state: routing.State, x: jax.Array,
+            rng: jax.Array | None, token_mask: jax.Array | None, config: MoeConfig
             ) -> tuple[jax.Array, dict[str, jax.Array], routing.TokenRouting]:
         """gspmd: the layer on the global arrays. explicit: the layer per device under
         `jax.shard_map`; devices' statistics (means over their unmasked tokens) combine by
         `routing.reduction`, weighted by their tokens, so they equal the unsharded ones."""
         if self.form == "gspmd":
-            return super().run(layer, params, x, rng, token_mask, config)
+            return super().run(layer, params, state, x, rng, token_mask, config)
         self._check_explicit(x, config)
 
-        def per_device(params: moe.Params, x: jax.Array, rng: jax.Array | None,
-                       token_mask: jax.Array | None):
+        def per_device(params: moe.Params, state: routing.State, x: jax.Array,
+                       rng: jax.Array | None, token_mask: jax.Array | None):
             if rng is not None:  # independent noise per batch shard
                 rng = jax.random.fold_in(rng, jax.lax.axis_index(self.batch_axes))
-            y, routed = layer(params, x, rng, token_mask)
+            y, routed = layer(params, state, x, rng, token_mask)
             num = routed.num_tokens
             total = jax.lax.psum(num, self.batch_axes)
             statistics = {
@@ -111,10 +111,11 @@ class MoeSharding(moe.Layout):
         mask_spec = None if token_mask is None else self.token_spec
         fn = jax.shard_map(
             per_device, mesh=self.mesh,
-            in_specs=(param_specs, self.token_spec, rng_spec, mask_spec),
+            in_specs=(param_specs, jax.tree.map(lambda _: PartitionSpec(), state),
+                      self.token_spec, rng_spec, mask_spec),
             out_specs=(self.token_spec, PartitionSpec(), PartitionSpec(self.batch_axes)),
             check_vma=False)
-        return fn(params, x, rng, token_mask)
+        return fn(params, state, x, rng, token_mask)
 
     def constrain_tokens(self, grouped: jax.Array) -> jax.Array:
         return self.constrain(grouped, self.token_spec) if self.form == "gspmd" else grouped

@@ -79,18 +79,19 @@ def combine_micro_metrics(metrics: Metrics, share: Array) -> Metrics:
 
 def update_moe_state(model_state: dict[str, Any], assignment_fraction: Array, model: ModelConfig,
                      moe: MoeConfig) -> dict[str, Any]:
-    """DeepSeek-V3 auxiliary-loss-free balancing: move each sparse block's score bias by
-    +/- `bias_update_rate` toward uniform load (`routing.update_score_bias`).
+    """Moves each sparse block's router state after a step (`routing.Router.update_state`, e.g.
+    DeepSeek-V3's auxiliary-loss-free balancing: the score bias +/- `bias_update_rate` toward
+    uniform load).
 
     assignment_fraction: [M, E], the share of assignments of each expert in each of the M sparse
-    blocks (block order, as the model stacks its aux). A no-op unless router == "sigmoid_bias".
+    blocks (block order, as the model stacks its aux). A no-op for a router without one.
     """
-    if moe.router != "sigmoid_bias" or not model.sparse_layers:
+    update = routing.ROUTERS[moe.router].update_state
+    if update is None or not model.sparse_layers:
         return model_state
     state = model_state[layers.STATE]
-    moved = [{**v, layers.SCORE_BIAS: routing.update_score_bias(
-        v[layers.SCORE_BIAS], assignment_fraction[m], moe.bias_update_rate)}
-        for m, v in enumerate(transformer.moe_layer_variables(state, model))]
+    moved = [update(v, assignment_fraction[m], moe)
+             for m, v in enumerate(transformer.moe_layer_variables(state, model))]
     return {**model_state,
             layers.STATE: transformer.with_moe_layer_variables(state, model, moved)}
 
