@@ -17,7 +17,6 @@ import pytest
 
 from moe_jax import dryrun, schema
 from moe_jax.analysis import compiled_hlo, dryrun_report, flops, topology
-from moe_jax.main import apply_settings
 
 needs_libtpu = pytest.mark.skipif(
     not topology.libtpu_installed(),
@@ -30,7 +29,7 @@ TINY = {"model.d_model": 64, "model.num_layers": 4, "model.num_heads": 2, "model
 
 
 def config(**settings):
-    return apply_settings(schema.load_config(SWITCH), {**TINY, **settings})
+    return schema.override(schema.load_config(SWITCH), {**TINY, **settings})
 
 
 def experiment(**settings):
@@ -93,7 +92,7 @@ def test_remat_lowers_the_tpu_compilations_temporaries():
     Switch model at full width (d 192) and 2048 tokens per device: kept activations grow with
     depth, a rematerialised step keeps one block's."""
     def temporaries(policy: str) -> int:
-        config = apply_settings(schema.load_config(SWITCH), {
+        config = schema.override(schema.load_config(SWITCH), {
             "model.num_layers": 8, "model.scan_layers": True, "model.remat_policy": policy,
             "train.batch_size": 16, "moe.group_size": 128, "mesh.fsdp": 2, "mesh.expert": 2})
         result = dryrun.dryrun(schema.parse_config(config), "v5e:2x2")

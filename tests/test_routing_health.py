@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from moe_jax import schema
-from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
 from moe_jax.train import checkpoint, loop, monitor, optim, profiles, reevaluate, routing_report
 from moe_jax.train.metrics import read_metrics
@@ -43,7 +42,7 @@ def settings(data_dir: str, **changes) -> dict:
 
 
 def train(data_dir: str, workdir, **changes) -> dict:
-    config = apply_settings(schema.base_config(), settings(data_dir, **changes))
+    config = schema.override(schema.base_config(), settings(data_dir, **changes))
     return loop.train_and_evaluate(config, str(workdir))
 
 

@@ -19,7 +19,6 @@ from multihost_worker import CONFIG, SETTINGS
 
 from moe_jax import schema
 from moe_jax.config import MoeConfig
-from moe_jax.main import apply_settings
 from moe_jax.models import ModelConfig, Transformer, stack
 from moe_jax.train import evaluate, jitted, objective, optim
 from moe_jax.train.checkpoint import Checkpoints
@@ -176,8 +175,8 @@ def test_scanned_training_and_evaluation_follow_the_unrolled_model():
 
 def test_a_checkpoint_restores_into_the_other_layout(tmp_path):
     settings = {**SETTINGS, "model.num_layers": 4}
-    unrolled = schema.parse_config(apply_settings(schema.load_config(CONFIG), settings))
-    stacked = schema.parse_config(apply_settings(schema.load_config(CONFIG), {
+    unrolled = schema.parse_config(schema.override(schema.load_config(CONFIG), settings))
+    stacked = schema.parse_config(schema.override(schema.load_config(CONFIG), {
         **settings, "model.scan_layers": True}))
     seq = unrolled.model.max_seq_len
     fns = jitted.setup(unrolled, seq)[1]

@@ -24,7 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from multihost_worker import CONFIG, SETTINGS
 
 from moe_jax import schema
-from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
 from moe_jax.parallel import distributed, sharding
 from moe_jax.train import jitted, loop, objective, placement
@@ -44,7 +43,7 @@ DROPS = {True: {"moe.capacity_factor": 1.0}, False: {"moe.expert_capacity": 16}}
 
 def make_config(mesh=(1, 1, 1, 1), form="gspmd", **settings):
     sizes = {f"mesh.{axis}": size for axis, size in zip(sharding.MESH_AXES, mesh, strict=True)}
-    return apply_settings(schema.load_config(CONFIG), {
+    return schema.override(schema.load_config(CONFIG), {
         **SETTINGS, **sizes, "mesh.expert_parallel": form, **settings})
 
 

@@ -18,7 +18,6 @@ exceeds MIN_ROUTER_GAP, so float32 reordering cannot flip a choice).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import shutil
 import numpy as np
 import torch
 import transformers
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
@@ -132,12 +132,16 @@ def check_export(directory: str, family: str) -> None:
         raise SystemExit(f"exported {family} differs from the fixture by {err}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--check_export", default=None)
-    parser.add_argument("--family", default=None)
-    args = parser.parse_args()
+flags.DEFINE_string("families", ",".join(FAMILIES), "comma-separated families to write")
+flags.DEFINE_string("check_export", None, "a directory written by moe_jax.convert --to_hf to "
+                    "load with transformers and compare with the fixture")
+flags.DEFINE_string("family", None, "the family of --check_export")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     torch.set_num_threads(1)
     if args.check_export:
         check_export(args.check_export, args.family)
@@ -148,4 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 
+from moe_jax import cli
 from moe_jax.analysis import compiled_hlo, flops
 from moe_jax.analysis import topology as topology_lib
 from moe_jax.analysis.topology import GIB
@@ -196,16 +197,15 @@ def table_row(report: Report) -> tuple[str, ...]:
             _collectives(report) if report.compiled else "-", steps, mfu, compile_time)
 
 
-def markdown_table(reports: Sequence[Report]) -> str:
-    rows = [TABLE_COLUMNS, tuple("---" for _ in TABLE_COLUMNS),
-            *(table_row(r) for r in reports)]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+def table(reports: Sequence[Report]) -> str:
+    """The reports as a Markdown table, one row each (`table_row`)."""
+    return cli.markdown_table(TABLE_COLUMNS, [table_row(r) for r in reports])
 
 
 def markdown(report: Report) -> str:
     """The report as Markdown: the table row plus the details."""
     lines = [f"# Dry run: {report.config or 'config'} on {report.topology}", "",
-             markdown_table([report]), ""]
+             table([report]), ""]
     if report.error:
         lines += ["Compiler error:", "", "```", report.error, "```"]
     if report.bytes:
@@ -213,10 +213,10 @@ def markdown(report: Report) -> str:
                   + (f"; HBM {_gib(report.hbm_bytes)} GiB" if report.hbm_bytes else "") + "."]
         lines += [f"- {tip}" for tip in report.advice]
     if report.compiled:
-        lines += ["", "| collective | instructions | per step | result GiB per step |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {c['instructions']} | {c['per_step']} | "
-                  f"{_gib(c['result_bytes_per_step'])} |" for k, c in report.collectives.items()]
+        lines += ["", cli.markdown_table(
+            ("collective", "instructions", "per step", "result GiB per step"),
+            [(k, c["instructions"], c["per_step"], _gib(c["result_bytes_per_step"]))
+             for k, c in report.collectives.items()])]
         lines += ["", f"XLA cost analysis per device: {report.xla_flops:.3g} FLOPs, "
                   f"{report.xla_bytes_accessed:.3g} bytes accessed (loop bodies counted once); "
                   f"model FLOPs per device and step (flops.count): {report.model_flops:.3g}."]

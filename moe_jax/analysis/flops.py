@@ -38,7 +38,7 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax import schema
+from moe_jax import cli, schema
 from moe_jax.config import MoeConfig
 from moe_jax.models.config import ModelConfig
 
@@ -271,14 +271,8 @@ def table_row(name: str, config: ml_collections.ConfigDict,
 
 
 def format_table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS) -> str:
-    """Markdown table of rows under `columns`."""
-    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(columns), sep, *(line(r) for r in rows)])
+    """Markdown table of rows under `columns`, its columns padded for reading as text."""
+    return cli.markdown_table(columns, rows, aligned=True)
 
 
 def format_parts(config: ml_collections.ConfigDict, tokens_per_group: int | None = None) -> str:
