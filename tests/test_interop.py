@@ -229,7 +229,7 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
 def test_a_converted_model_fine_tunes_analyses_and_exports(tmp_path, data_dir):
     """The README's commands: convert, fine-tune with moe_jax.main, route the validation
     batches (routing analysis), export the fine-tuned run."""
-    from experiments.suites import routing_stats
+    from experiments.analyses import routing_stats
     from moe_jax.main import run_from_argv
 
     out, run_dir, back = (str(tmp_path / n) for n in ("converted", "ft", "back"))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from experiments import suites
+from experiments.library.base import Member, Suite
+from experiments.library.results import Results
 from experiments.suites import upcycling as upcycling_suite
-from experiments.suites.base import Member, Suite
-from experiments.suites.results import Results
 from moe_jax import MoeConfig, interop, schema
 from moe_jax.interop import upcycle
 from moe_jax.models import ModelConfig, Transformer, upcycling
@@ -237,7 +237,7 @@ def test_an_upcycled_run_starts_at_the_dense_function(tmp_path):
     an upcycled run. Both see the same first batch (same seed), so their first training
     cross-entropy (computed before the first update) is the same: the upcycled model starts as
     the dense function. Training in a converted/upcycled directory itself is refused."""
-    from experiments import run
+    from experiments.runner import sweep
     from moe_jax.data import corpus
     from moe_jax.train.metrics import read_metrics
 
@@ -259,7 +259,7 @@ def test_an_upcycled_run_starts_at_the_dense_function(tmp_path):
         train={"tiny": {"train.num_train_steps": 3, "train.warmup_steps": 1,
                         "train.log_every": 1}})
     root = str(tmp_path / "runs")
-    path = run.run_suite(chain, "tiny", seeds=1, workdir_root=root,
+    path = sweep.run_suite(chain, "tiny", seeds=1, workdir_root=root,
                          results_dir=str(tmp_path / "results"), log=lambda _: None)
     statuses = {r["member"]: r["status"] for r in Results.load(path).runs}
     assert statuses == {"dense": "finished", "cont": "finished", "up": "finished"}

@@ -29,11 +29,10 @@ import ml_collections
 from absl import app, flags
 
 from experiments.benchmarks.timing import command_line
-from experiments.provenance import git_commit
+from experiments.library.provenance import git_commit
 from moe_jax import schema
 from moe_jax.analysis import kernels_hlo
 from moe_jax.data.pipeline import BATCH_FEATURES
-from moe_jax.main import apply_settings
 from moe_jax.parallel import sharding
 from moe_jax.train import jitted
 
@@ -95,7 +94,7 @@ def base_config(num_chips: int, batch_size: int = 16, **settings: Any
                 ) -> ml_collections.ConfigDict:
     """The tiny Mixtral in bfloat16 with every chip on the expert axis (plus `settings`,
     dotted keys)."""
-    return apply_settings(schema.load_config("mixtral.py:e8"), {
+    return schema.override(schema.load_config("mixtral.py:e8"), {
         "mesh.data": 1, "mesh.expert": num_chips, "mesh.model": 1,
         "train.batch_size": batch_size, "model.dtype": "bfloat16", **settings})
 
@@ -104,7 +103,7 @@ def run(topology: str, variants: dict[str, dict[str, Any]] = VARIANTS,
         batch_size: int = 16) -> dict[str, Any]:
     devices = tpu_devices(topology)
     base = base_config(len(devices), batch_size)
-    rows = {name: variant_report(apply_settings(base, settings), devices)
+    rows = {name: variant_report(schema.override(base, settings), devices)
             for name, settings in variants.items()}
     return {"topology": topology, "device_kind": devices[0].device_kind,
             "config": "configs/mixtral.py:e8 (model.dtype bfloat16)", "batch_size": batch_size,

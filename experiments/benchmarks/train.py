@@ -18,7 +18,7 @@ them, and XLA's own count of the compiled step (`cost_analysis`) too. The peak i
     float32 models, bfloat16 row otherwise); no ceiling in the run, no MFU;
   - on GPU/TPU, the vendor's dense (non-sparse) bfloat16 peak of the device (`PEAK_BF16`).
 
-Scales map to configs as in `experiments.suites.base` (`dense_variant`, `family`) with that
+Scales map to configs as in `experiments.library.base` (`dense_variant`, `family`) with that
 scale's training settings (`base.SCALES`: batch size, activation dtype). `small` runs for
 minutes per model on 2 CPU cores, so it is timed only on an accelerator or when asked.
 """
@@ -34,11 +34,10 @@ import ml_collections
 import numpy as np
 
 from experiments.benchmarks.timing import available_host_memory, measure
-from experiments.suites import base
+from experiments.library import base
 from moe_jax import schema
 from moe_jax.analysis import flops
 from moe_jax.data.pipeline import BATCH_FEATURES
-from moe_jax.main import apply_settings
 from moe_jax.train import jitted, placement
 
 # Dense bfloat16 peak FLOP/s per device (no 2:4 structured sparsity), matched against
@@ -112,7 +111,7 @@ def scale_config(spec: str, scale: str, batch_size: int | None = None
     settings = dict(base.SCALES[scale])
     if batch_size is not None:
         settings["train.batch_size"] = batch_size
-    return apply_settings(schema.load_config(spec), settings)
+    return schema.override(schema.load_config(spec), settings)
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0

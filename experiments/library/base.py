@@ -129,11 +129,10 @@ class RunSpec:
 
     def build_config(self) -> ml_collections.ConfigDict:
         """The validated ConfigDict this run trains (raises ValueError naming a bad key)."""
-        from moe_jax.main import apply_settings
 
         init = {"init.checkpoint": f"<{self.member.init_from}_s{self.seed}>"} \
             if self.member.init_from else {}
-        return apply_settings(schema.load_config(self.config), {**self.overrides, **init})
+        return schema.override(schema.load_config(self.config), {**self.overrides, **init})
 
 
 @dataclasses.dataclass(frozen=True)
