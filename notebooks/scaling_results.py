@@ -77,7 +77,8 @@ print("mode:", "fast (MOE_JAX_FAST=1: few steps, small data)" if FAST else
 # %%
 from IPython.display import Image, Markdown, display
 
-from experiments import report, suites
+from experiments import suites
+from experiments.analyses import report
 from experiments.library.results import Results
 
 # %matplotlib inline
