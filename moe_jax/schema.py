@@ -36,7 +36,7 @@ from ml_collections import config_dict, config_flags
 from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
 from moe_jax.models.config import ModelConfig, check_compatible
-from moe_jax.sharding import MeshConfig
+from moe_jax.parallel.sharding import MeshConfig
 from moe_jax.train.config import InitConfig, MonitorConfig, TrainConfig
 
 

@@ -4,15 +4,15 @@ Wall-clock figures are only checked to be positive."""
 import pytest
 
 from experiments.benchmarks import run, train
-from moe_jax import flops, schema
-from moe_jax.main import apply_settings
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 
 @pytest.fixture(scope="module")
 def switch_row():
     """The tiny Switch model, cut to 2 blocks (one sparse) to compile fast, its train step timed
     over 2 steps on 2-row batches."""
-    config = apply_settings(train.scale_config("switch.py:e8", "tiny", batch_size=2),
+    config = schema.override(train.scale_config("switch.py:e8", "tiny", batch_size=2),
                             {"model.num_layers": 2})
     row = train.time_train_step(config, steps=2, warmup=1)
     return config, {**row, "scale": "tiny", "model": "switch_e8", "config": "switch.py:e8",
@@ -211,7 +211,7 @@ def test_quantized_change_standard_error_is_the_ratio_estimators():
 def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
     import subprocess
 
-    from experiments.provenance import git_commit
+    from experiments.library.provenance import git_commit
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],

@@ -40,7 +40,6 @@ float32 logits by ~2e-6) unless --rewrite is given.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -48,6 +47,7 @@ import shutil
 import numpy as np
 import torch
 import transformers
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
@@ -552,14 +552,19 @@ def check_export(directory: str, family: str) -> None:
         raise SystemExit(f"exported {family} differs from the fixture by {err}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", default=",".join([*FAMILIES, MXFP4]))
-    parser.add_argument("--rewrite", action="store_true",
-                        help="rebuild the weights and expected.npz of existing directories too")
-    parser.add_argument("--check_export", default=None)
-    parser.add_argument("--family", default=None)
-    args = parser.parse_args()
+flags.DEFINE_string("families", ",".join([*FAMILIES, MXFP4]),
+                    "comma-separated families to write")
+flags.DEFINE_bool("rewrite", False,
+                  "rebuild the weights and expected.npz of existing directories too")
+flags.DEFINE_string("check_export", None, "a directory written by moe_jax.convert --to_hf to "
+                    "load with transformers and compare with the fixture")
+flags.DEFINE_string("family", None, "the family of --check_export")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     torch.set_num_threads(1)
     if args.check_export:
         check_export(args.check_export, args.family)
@@ -573,4 +578,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

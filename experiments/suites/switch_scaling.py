@@ -10,7 +10,7 @@ training cross-entropy (no run sees a token twice, so it is a held-out estimate)
 and against training seconds (the loop's tokens/s, compilation and evaluation excluded).
 
 Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
-over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+over seeds; the pooled figure beside it): the rule of experiments/library/stats.py, fixed
 before this suite's runs at the scales run since.
 """
 
@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-from experiments.suites import checks, plots
-from experiments.suites.base import (
+from experiments.library import checks, plots
+from experiments.library.base import (
     MODEL_SIZE,
     Claim,
     Figure,
@@ -31,7 +31,7 @@ from experiments.suites.base import (
     family,
     rematched,
 )
-from experiments.suites.results import METRICS, Results
+from experiments.library.results import METRICS, Results
 
 EXPERTS = (2, 4, 8, 16, 32, 64)
 SPARSE = tuple(f"switch_e{e}" for e in EXPERTS)

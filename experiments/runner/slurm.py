@@ -4,9 +4,10 @@
         --slurm.partition=gpu --slurm.gpus_per_node=1 --slurm.time=2:00:00
     python -m experiments.run --suite=capacity --scale=small --status
 
-`launch` takes the runs `run._plan` left to do (neither in the results file nor finished in
-their run directory), leaves out those whose job is still pending or running, and submits the
-rest as one array: one array task per run, each executing `run._train` on its node
+`SlurmLauncher` is the SLURM launcher of `experiments.runner.sweep` (`steps.Launcher`):
+`submit_fresh` takes the runs `steps.plan` left to do (neither in the results file nor finished
+in their run directory), leaves out those whose job is still pending or running, and submits the
+rest as one array: one array task per run, each executing `steps.train_run` on its node
 (`slurm_task.RunTask`). It writes `slurm_job.json` (job id, log paths) into each run directory
 and returns at once (`wait=True` blocks until the array is done). The results file is written
 on the submitting side only, by `--status`, `--wait` and the next invocation, which collect the
@@ -27,7 +28,6 @@ the others `run.<rank>.log`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -36,14 +36,16 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from experiments import run, run_dir
-from experiments import slurm_status as status
-from experiments.suites import results as results_lib
-from experiments.suites.base import RunSpec, Suite
-from moe_jax import validation
+from absl import flags
+
+from experiments.library import results as results_lib
+from experiments.library.base import RunSpec, Suite
+from experiments.runner import run_dir, steps
+from experiments.runner import slurm_status as status
+from moe_jax import fields
 from moe_jax.train.metrics import write_json
 
 EXECUTORS = ("slurm", "local")
@@ -103,17 +105,17 @@ class SlurmConfig:
     def __post_init__(self) -> None:
         for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "max_requeues",
                      "parallelism"):
-            validation.integer(self, name, minimum=0)
-        validation.integer(self, "nodes", minimum=1)
-        validation.one_of(self, "executor", EXECUTORS)
+            fields.integer(self, name, minimum=0)
+        fields.integer(self, "nodes", minimum=1)
+        fields.one_of(self, "executor", EXECUTORS)
         if self.minutes() is None:
-            validation.fail(self, "time", "is not a SLURM time limit",
+            fields.fail(self, "time", "is not a SLURM time limit",
                             "use minutes, H:MM:SS or D-HH:MM:SS, e.g. 4:00:00")
         if self.mem and not re.fullmatch(r"\d+[KMGT]?", self.mem):
-            validation.fail(self, "mem", "is not a SLURM memory size", "use e.g. 64G or 500M")
+            fields.fail(self, "mem", "is not a SLURM memory size", "use e.g. 64G or 500M")
         for option in self.extra:
             if not re.fullmatch(r"[a-z][a-z0-9_-]*(=.+)?", option):
-                validation.fail(self, "extra", f"holds {option!r}, not an sbatch option",
+                fields.fail(self, "extra", f"holds {option!r}, not an sbatch option",
                                 "pass name=value without dashes, e.g. qos=high")
 
     def minutes(self) -> int | None:
@@ -153,25 +155,23 @@ class SlurmConfig:
         return params
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """--slurm.<field> flags for every `SlurmConfig` field."""
-    group = parser.add_argument_group("resources of --launcher=slurm (one run per array task)")
+def define_flags(values: flags.FlagValues) -> None:
+    """--slurm.<field> flags for every `SlurmConfig` field: resources of --launcher=slurm (one
+    run per array task)."""
+    define = {str: flags.DEFINE_string, int: flags.DEFINE_integer,
+              tuple: flags.DEFINE_multi_string}
     for field in dataclasses.fields(SlurmConfig):
-        if field.name == "extra":
-            group.add_argument("--slurm.extra", action="append", default=[],
-                               metavar="NAME=VALUE", help=field.metadata["help"])
-        else:
-            group.add_argument(f"--slurm.{field.name}", type=type(field.default),
-                               default=field.default, metavar=type(field.default).__name__,
-                               help=field.metadata["help"])
+        default = list(field.default) if field.name == "extra" else field.default
+        define[type(field.default)](f"slurm.{field.name}", default, field.metadata["help"],
+                                    flag_values=values)
 
 
-def config_from_args(args: argparse.Namespace) -> SlurmConfig:
+def config_from_flags(values: flags.FlagValues) -> SlurmConfig:
     """The SlurmConfig of parsed --slurm.* flags (SlurmError names a bad flag)."""
-    values = {f.name: getattr(args, f"slurm.{f.name}") for f in dataclasses.fields(SlurmConfig)}
+    settings = {f.name: values[f"slurm.{f.name}"].value for f in dataclasses.fields(SlurmConfig)}
     try:
-        return SlurmConfig(**{**values, "extra": tuple(values["extra"])})
-    except validation.ConfigError as err:
+        return SlurmConfig(**{**settings, "extra": tuple(settings["extra"])})
+    except fields.ConfigError as err:
         raise SlurmError(str(err).replace("SlurmConfig.", "--slurm.")) from err
 
 
@@ -213,7 +213,7 @@ def submit(suite: Suite, specs: Sequence[RunSpec], root: str, config: SlurmConfi
     """Submits `specs` as one job array; writes each run directory's `slurm_job.json` and
     returns those records. Raises SlurmError (quoting SLURM) if the array is refused."""
     submitit = import_submitit()
-    from experiments import slurm_task
+    from experiments.runner import slurm_task
 
     if config.executor == "slurm":
         _check_commands("sbatch", "srun", "squeue")
@@ -244,8 +244,9 @@ def submit(suite: Suite, specs: Sequence[RunSpec], root: str, config: SlurmConfi
     return records
 
 
-def launch(suite: Suite, todo: Sequence[RunSpec], root: str, config: SlurmConfig, *,
-           retry_diverged: bool, python: str, log: Callable[[str], None]) -> list[RunSpec]:
+def submit_fresh(suite: Suite, todo: Sequence[RunSpec], root: str, config: SlurmConfig, *,
+                 retry_diverged: bool, python: str, log: Callable[[str], None]
+                 ) -> list[RunSpec]:
     """Submits the runs of `todo` that no pending or running job trains yet, as one array;
     returns them."""
     fresh = []
@@ -293,20 +294,21 @@ def wait(specs: Sequence[RunSpec], root: str, *, poll_seconds: float = 30.0,
         time.sleep(poll_seconds)
 
 
-def collect(suite: Suite, specs: Sequence[RunSpec], data: dict[str, Any], root: str,
-            path: str, expected: Sequence[dict[str, Any]], *, python: str,
+def collect(suite: Suite, sweep: steps.Sweep, *, python: str,
             log: Callable[[str], None]) -> int:
-    """Records into the results file what the local path records: finished and diverged run
-    directories (`run._plan`'s collection) and runs whose training failed and whose job has
-    ended (`run_dir.collect_run`, with the end of the log). Writes the file only if that changed
-    it, so collecting again changes nothing. Returns how many runs were recorded."""
+    """Records into the results file what the local path records for all runs of `sweep`:
+    finished and diverged run directories (`steps.plan`'s collection) and runs whose training
+    failed and whose job has ended (`run_dir.collect_run`, with the end of the log). Writes the
+    file only if that changed it, so collecting again changes nothing. Returns how many runs
+    were recorded."""
+    data = sweep.data
     before = json.dumps([data["runs"], data["other_runs"]], sort_keys=True, default=str)
     lines: list[str] = []
-    run._plan(suite, specs, data, root, replace=False, retry_diverged=False, analyse=True,
-              python=python, env=run_dir.environment(), log=lines.append)
+    steps.plan(suite, sweep.all_runs, data, sweep.root, replace=False, retry_diverged=False,
+               analyse=True, python=python, env=run_dir.environment(), log=lines.append)
     recorded = [line for line in lines if line.startswith("collected ")]
-    for spec, state, _ in status.member_states(specs, data, root):
-        workdir = run_dir.workdir_of(spec, root)
+    for spec, state, _ in status.member_states(sweep.all_runs, data, sweep.root):
+        workdir = run_dir.workdir_of(spec, sweep.root)
         if state == results_lib.FAILED and status.failed_here(spec, workdir):
             entry = run_dir.collect_run(spec, workdir)
             held = results_lib.recorded(data, entry)
@@ -317,5 +319,28 @@ def collect(suite: Suite, specs: Sequence[RunSpec], data: dict[str, Any], root: 
     for line in recorded:
         log(line)
     if json.dumps([data["runs"], data["other_runs"]], sort_keys=True, default=str) != before:
-        run.save(data, path, expected, log)
+        steps.save(sweep, log)
     return len(recorded)
+
+
+class SlurmLauncher:
+    """Submits the runs to do as one job array (`submit_fresh`) and returns; with `wait`, blocks
+    until the array is done (polling every `poll_seconds`), then collects the results."""
+
+    def __init__(self, config: SlurmConfig, *, wait: bool = False, poll_seconds: float = 30.0):
+        self.config = config
+        self.wait = wait
+        self.poll_seconds = poll_seconds
+
+    def launch(self, suite: Suite, sweep: steps.Sweep, todo: Sequence[RunSpec], *,
+               retry_diverged: bool, python: str, env: Mapping[str, str],
+               log: steps.Log) -> None:
+        if sweep.changed():  # finished run directories were collected
+            steps.save(sweep, log)
+        submit_fresh(suite, todo, sweep.root, self.config, retry_diverged=retry_diverged,
+                     python=python, log=log)
+        if self.wait and todo:
+            wait(todo, sweep.root, poll_seconds=self.poll_seconds, log=log)
+            collect(suite, sweep, python=python, log=log)
+            log(status.format_states(status.member_states(sweep.selected, sweep.data,
+                                                          sweep.root)))

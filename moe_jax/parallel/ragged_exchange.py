@@ -20,15 +20,14 @@ platform when the program is lowered.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from moe_jax.dispatch import GroupedStage
+
 Array = jax.Array
-# (rows [R, d] sorted by local expert, group_sizes [E / n]) -> [R, d]
-GroupedStage = Callable[[Array, Array], Array]
 
 
 class Plan(NamedTuple):

@@ -1,6 +1,6 @@
 """Sparse upcycling (Komatsuzaki et al. 2022): a dense checkpoint becomes a sparse one.
 
-    python -m moe_jax.upcycle --from=WORKDIR_OR_HF_DIR --config=TARGET --workdir=OUT \
+    python -m moe_jax.interop.upcycle --from=WORKDIR_OR_HF_DIR --config=TARGET --workdir=OUT \
         [--config.model.moe_every=2 --config.moe.num_experts=8 ...] \
         [--expert_noise=0.0 --reinit_fraction=0.0] [--overwrite]
 
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from moe_jax import convert, interop, schema
+from moe_jax import interop, schema
+from moe_jax.interop import conversion
 from moe_jax.models import Transformer, upcycling
 from moe_jax.train import checkpoint, init_from
 
@@ -57,13 +58,13 @@ def upcycle(source: str, config: Any, workdir: str, *, noise: float = 0.0,
     key = jax.random.fold_in(jax.random.key(experiment.seed), init_from.UPCYCLE_KEY)
     params = upcycling.upcycle(dense, fresh["params"], experiment.model, key=key, noise=noise,
                                reinit_fraction=reinit_fraction)
-    convert.prepare_output(workdir, overwrite, convert.WRITTEN)
+    conversion.prepare_output(workdir, overwrite, conversion.WRITTEN)
     checkpoint.write_initial(workdir, {
         "params": jax.device_get(params),
         "model_state": jax.device_get({k: v for k, v in fresh.items() if k != "params"})}, {
-        "by": "moe_jax.upcycle", "from": os.path.abspath(source), "expert_noise": noise,
+        "by": "moe_jax.interop.upcycle", "from": os.path.abspath(source), "expert_noise": noise,
         "reinit_fraction": reinit_fraction})
-    return {"config": convert.write_run_config(config, workdir),
+    return {"config": conversion.write_run_config(config, workdir),
             "sparse_layers": list(experiment.model.sparse_layers)}
 
 
@@ -96,7 +97,7 @@ def main(argv: Sequence[str]) -> None:
         written = upcycle(f["from"].value, f.config, f.workdir, noise=f.expert_noise,
                           reinit_fraction=f.reinit_fraction, overwrite=f.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError, checkpoint.CheckpointError) as err:
-        raise SystemExit(f"moe_jax.upcycle: {type(err).__name__}: {err}") from err
+        raise SystemExit(f"moe_jax.interop.upcycle: {type(err).__name__}: {err}") from err
     print(f"upcycled {f['from'].value} into {f.workdir} (sparse blocks "
           f"{written['sparse_layers']}); train with:\n  python -m moe_jax.main "
           f"--config={written['config']} --workdir=runs/NAME")

@@ -1,7 +1,7 @@
 """The state of a suite's runs on SLURM: each run directory's job record (`slurm_job.json`), what
 squeue says about the job, and what that makes the run: finished / diverged, pending / running,
 failed (with the log and its last error line) or missing. Used by `--status`, by
-`experiments.slurm.launch` (which never submits a run twice) and `wait`."""
+`experiments.runner.slurm.launch` (which never submits a run twice) and `wait`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from experiments import run_dir
-from experiments.suites import results as results_lib
-from experiments.suites.base import RunSpec
+from experiments.library import results as results_lib
+from experiments.library.base import RunSpec
+from experiments.runner import run_dir
 
 JOB_FILE = "slurm_job.json"  # in a run directory: the job that trains it (git-ignored)
 PENDING, RUNNING, SUBMITTED = "pending", "running", "submitted"

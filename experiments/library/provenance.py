@@ -9,7 +9,7 @@ import pathlib
 import platform
 import subprocess
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def command_output(*command: str, cwd: str | pathlib.Path = REPO_ROOT) -> str:

@@ -21,12 +21,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from experiments.provenance import command_output, cpu_model, git_commit
-from experiments.suites import results as results_lib
-from experiments.suites.base import RunSpec
+from experiments.library import results as results_lib
+from experiments.library.base import RunSpec
+from experiments.library.provenance import REPO_ROOT as REPO_PATH
+from experiments.library.provenance import command_output, cpu_model, git_commit
 from moe_jax.train.metrics import write_json
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = str(REPO_PATH)
 REQUEST_FILE, SUMMARY_FILE, DIVERGED_FILE = "request.json", "summary.json", "diverged.json"
 RUN_INFO_FILE, LOG_FILE, ANALYSIS_FILE = "run_info.json", "run.log", "analysis.json"
 _DIVERGED = re.compile(r"NonFiniteLossError: training loss is (\S+) at step (\d+)")

@@ -2,9 +2,9 @@
 different the domains' routing is, and how far the routing drifted between two checkpoints or
 two runs, with a verdict per layer.
 
-    python -m moe_jax.routing_report --workdir=runs/main_job/switch
-    python -m moe_jax.routing_report --workdir=runs/finetuned --compare=runs/pretrained
-    python -m moe_jax.routing_report --workdir=runs/e8 --steps=100,200 --eval_data=docs.jsonl
+    python -m moe_jax.train.routing_report --workdir=runs/main_job/switch
+    python -m moe_jax.train.routing_report --workdir=runs/finetuned --compare=runs/pretrained
+    python -m moe_jax.train.routing_report --workdir=runs/e8 --steps=100,200 --eval_data=docs.jsonl
 
 Profiles (`moe_jax.train.profiles`) are read from workdir/routing_profiles/<step>.json, which
 every evaluation of a training run writes, or computed from the run's checkpoints
@@ -25,7 +25,6 @@ writes the heatmaps to <out>/routing_report.png and the numbers to <out>/routing
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,7 +32,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
+from moe_jax import cli
 from moe_jax.train import profiles
 from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.metrics import write_json
@@ -228,21 +229,25 @@ def _parse_thresholds(text: str) -> tuple[float, float]:
     return warn, shift
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "a run directory of moe_jax.main", flag_values=values)
+    flags.mark_flag_as_required("workdir", flag_values=values)
+    flags.DEFINE_string("compare", None, "another run: the reference (before)",
+                        flag_values=values)
+    flags.DEFINE_string("steps", "", "two steps of the workdir: s1,s2", flag_values=values)
+    flags.DEFINE_string("eval_data", None, 'JSON lines {"text": ..., "domain": ...} to route '
+                        "instead", flag_values=values)
+    flags.DEFINE_bool("recompute", False, "compute the profiles from checkpoints even where "
+                      "saved", flag_values=values)
+    flags.DEFINE_string("drift_thresholds", ",".join(
+        f"{t:g}" for t in profiles.DRIFT_THRESHOLDS), "stable,shifted bounds in bits",
+        flag_values=values)
+    flags.DEFINE_integer("top", 3, "experts listed as moved most", flag_values=values)
+    flags.DEFINE_string("out", None, "default <workdir>/routing_report", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a run directory of moe_jax.main")
-    parser.add_argument("--compare", default=None, help="another run: the reference (before)")
-    parser.add_argument("--steps", default="", help="two steps of the workdir: s1,s2")
-    parser.add_argument("--eval_data", default=None,
-                        help='JSON lines {"text": ..., "domain": ...} to route instead')
-    parser.add_argument("--recompute", action="store_true",
-                        help="compute the profiles from checkpoints even where saved")
-    parser.add_argument("--drift_thresholds", default=",".join(
-        f"{t:g}" for t in profiles.DRIFT_THRESHOLDS), help="stable,shifted bounds in bits")
-    parser.add_argument("--top", type=int, default=3, help="experts listed as moved most")
-    parser.add_argument("--out", default=None, help="default <workdir>/routing_report")
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     try:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
     except ValueError as err:

@@ -38,12 +38,13 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax import schema
+from moe_jax import cli, schema
 from moe_jax.config import MoeConfig
 from moe_jax.models.config import ModelConfig
 
 # Bytes per parameter of each weight precision (int8/int4: weight-only quantization, scales
-# not counted); `moe_jax.memory` plans training state, KV cache and per-device bytes with them.
+# not counted); `moe_jax.analysis.memory` plans training state, KV cache and per-device bytes
+# with them.
 BYTES_PER_PARAM: dict[str, float] = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
 
 PARTS = ("attention_projections", "attention_scores", "dense_ffn", "router", "experts_useful",
@@ -270,14 +271,8 @@ def table_row(name: str, config: ml_collections.ConfigDict,
 
 
 def format_table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS) -> str:
-    """Markdown table of rows under `columns`."""
-    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(columns), sep, *(line(r) for r in rows)])
+    """Markdown table of rows under `columns`, its columns padded for reading as text."""
+    return cli.markdown_table(columns, rows, aligned=True)
 
 
 def format_parts(config: ml_collections.ConfigDict, tokens_per_group: int | None = None) -> str:
@@ -302,9 +297,6 @@ def main(argv: list[str]) -> None:
 
     del argv
     family, tokens = flags.FLAGS.family, flags.FLAGS.tokens_per_group
-    if flags.FLAGS.memory:
-        _print_memory(family, flags.FLAGS.config, flags.FLAGS.axis_sizes)
-        return
     if family:
         members = schema.family_members(family) or ("",)
         rows = [table_row(m or family, schema.load_config(f"{family}:{m}" if m else family),
@@ -320,25 +312,6 @@ def main(argv: list[str]) -> None:
     print(format_parts(config, tokens))
 
 
-def _print_memory(family: str | None, config: ml_collections.ConfigDict | None,
-                  axis_sizes: str) -> None:
-    """`--memory`: `moe_jax.memory`'s byte table for the config, the family, or (neither given)
-    every published model, with per-device figures on `--axis_sizes`."""
-    from absl import flags
-
-    from moe_jax import memory  # builds on this module's counts
-
-    if family:
-        configs = [(m or family, schema.load_config(f"{family}:{m}" if m else family))
-                   for m in schema.family_members(family) or ("",)]
-    elif config is not None:
-        configs = [(flags.FLAGS["config"].config_filename, schema.checked(config))]
-    else:
-        configs = [(p.removeprefix("published/").removesuffix(".py"), schema.load_config(p))
-                   for p in schema.config_files() if p.startswith("published/")]
-    print(memory.report(configs, memory.parse_axis_sizes(axis_sizes) or None))
-
-
 if __name__ == "__main__":
     from absl import app, flags
 
@@ -346,9 +319,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("family", None, "Config family file: print every member in MEMBERS.")
     flags.DEFINE_integer("tokens_per_group", None, "Routing group size T for the capacity when "
                          "moe.group_size is None (the whole batch); default one sequence.")
-    flags.DEFINE_bool("memory", False, "Print bytes (moe_jax.memory): weights at float32, "
-                      "bfloat16, int8, int4; AdamW training state; KV cache; per device. Without "
-                      "--config or --family: the published models.")
-    flags.DEFINE_string("axis_sizes", "", "With --memory: shard count per mesh axis, e.g. "
-                        "'expert=8,model=2,fsdp=4' (default: the config's mesh section).")
     app.run(main)

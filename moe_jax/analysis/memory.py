@@ -1,5 +1,9 @@
 """Bytes: weights at each precision, the AdamW training state, and the KV cache, per device.
 
+    python -m moe_jax.analysis.memory                  # the published models
+    python -m moe_jax.analysis.memory --config=configs/published/mixtral_8x7b.py \
+        --axis_sizes=expert=8,fsdp=4
+
     plan = memory.plan(experiment, axis_sizes={"expert": 8, "model": 2})
     plan.weight_bytes["bfloat16"]   # all parameters at 2 bytes
     plan.active_weight_bytes["bfloat16"]
@@ -36,8 +40,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import flops, schema, sharding
+from moe_jax import schema
+from moe_jax.analysis import flops
 from moe_jax.models import Transformer
+from moe_jax.parallel import sharding
 
 PRECISIONS = flops.BYTES_PER_PARAM
 ADAMW_MOMENTS = 2
@@ -217,3 +223,31 @@ def report(configs: list[tuple[str, Any]], axis_sizes: Mapping[str, int] | None 
     parts = [flops.format_table([table_row(name, p) for name, p in plans], COLUMNS)]
     parts += [f"{name}: {format_per_device(p)}" for name, p in plans]
     return "\n\n".join(parts)
+
+
+def main(argv: list[str]) -> None:
+    """Prints `report` for `--config`, every member of `--family`, or (neither given) every
+    published model, with per-device figures on `--axis_sizes`."""
+    from absl import flags
+
+    del argv
+    family, config = flags.FLAGS.family, flags.FLAGS.config
+    if family:
+        configs = [(m or family, schema.load_config(f"{family}:{m}" if m else family))
+                   for m in schema.family_members(family) or ("",)]
+    elif config is not None:
+        configs = [(flags.FLAGS["config"].config_filename, schema.checked(config))]
+    else:
+        configs = [(p.removeprefix("published/").removesuffix(".py"), schema.load_config(p))
+                   for p in schema.config_files() if p.startswith("published/")]
+    print(report(configs, parse_axis_sizes(flags.FLAGS.axis_sizes) or None))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    schema.define_config_flag("Experiment config file[:member]; default: the published models.")
+    flags.DEFINE_string("family", None, "Config family file: every member in MEMBERS.")
+    flags.DEFINE_string("axis_sizes", "", "Shard count per mesh axis, e.g. "
+                        "'expert=8,model=2,fsdp=4' (default: the config's mesh section).")
+    app.run(main)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 
-from moe_jax import cpu_ffi
+from moe_jax.kernels import cpu_ffi
 
 Array = jax.Array
 

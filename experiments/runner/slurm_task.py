@@ -1,6 +1,6 @@
-"""What one array task of `experiments.slurm` does on its node: train one run of a suite.
+"""What one array task of `experiments.runner.slurm` does on its node: train one run of a suite.
 
-`RunTask(spec)` executes `run._train` (the local path's own training of one run: `moe_jax.main`
+`RunTask(spec)` executes `steps.train_run` (the local path's own training of one run: `moe_jax.main`
 in a subprocess, resuming the run's checkpoint, then the suite's analysis) and returns the
 run's status. It is a `submitit.helpers.Checkpointable`: when SLURM preempts the task or its
 time limit nears, submitit calls `checkpoint`, which requeues the same task (the training
@@ -20,9 +20,9 @@ import sys
 
 import submitit
 
-from experiments import run, run_dir
-from experiments.suites import results as results_lib
-from experiments.suites.base import RunSpec, Suite
+from experiments.library import results as results_lib
+from experiments.library.base import RunSpec, Suite
+from experiments.runner import run_dir, steps
 
 
 class RunTask(submitit.helpers.Checkpointable):
@@ -56,7 +56,7 @@ class RunTask(submitit.helpers.Checkpointable):
         print(f"{job}: {spec.workdir_name} in {workdir} (restart {self.restarts} of at most "
               f"{self.max_requeues})", flush=True)
         while True:
-            status = run._train(self.suite, spec, workdir,
+            status = steps.train_run(self.suite, spec, workdir,
                                 retry_diverged=self.retry_diverged and self.restarts == 0,
                                 python=self.python, env=env, log=print)
             print(f"{spec.workdir_name}: {status} (log: {workdir}/{run_dir.LOG_FILE})", flush=True)

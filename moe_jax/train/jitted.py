@@ -14,8 +14,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax import sharding
 from moe_jax.models import Transformer, stack
+from moe_jax.parallel import expert_parallel, sharding
 from moe_jax.train import evaluate, optim, placement
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import Checkpoints
@@ -75,7 +75,8 @@ def setup(experiment: Any, seq_len: int, mesh: Mesh | None = None
         mesh = sharding.make_mesh(experiment.mesh)
     rules = experiment.mesh.logical_rules()
     placement.check_experiment(mesh, experiment, rules)
-    moe_sharding = sharding.MoeSharding.from_rules(mesh, experiment.mesh.expert_parallel, rules)
+    moe_sharding = expert_parallel.MoeSharding.from_rules(mesh, experiment.mesh.expert_parallel,
+                                                          rules)
     model = Transformer(experiment.model, experiment.moe, moe_sharding=moe_sharding)
     return model, _jit_functions(model, experiment, seq_len, mesh, rules)
 

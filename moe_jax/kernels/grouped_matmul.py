@@ -10,12 +10,12 @@ has a custom VJP built from the same loops: dx = grouped(dy, w^T) and dw[e] = su
 blocks of x_b^T dy_b. Rows past sum(group_sizes) come out as zeros.
 
 On CPU the default is `blas_grouped_matmul`: one host-BLAS GEMM per expert through an XLA
-custom call (`moe_jax.grouped_matmul_cpu`), which writes each output row once where the XLA loop
+custom call (`grouped_matmul_cpu`), which writes each output row once where the XLA loop
 fills and rewrites a loop carry (experiments/benchmarks/README.md has the measurements). It
 runs only on the jaxlib versions it was tested with (`cpu_ffi.TESTED`); elsewhere
 "auto" uses "blocked", with one warning per process.
 
-On accelerators "auto" uses the field's kernels (`moe_jax.grouped_matmul_kernels`): megablox on
+On accelerators "auto" uses the field's kernels (`grouped_matmul_kernels`): megablox on
 TPU, tokamax on GPU when installed. The choice is made per platform when the program is
 lowered, so a TPU program compiled on a CPU host gets the TPU kernel.
 """
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax import cpu_ffi, grouped_matmul_cpu, grouped_matmul_kernels
+from moe_jax.kernels import cpu_ffi, grouped_matmul_cpu, grouped_matmul_kernels
 
 Array = jax.Array
 
@@ -154,7 +154,7 @@ blocked_grouped_matmul.defvjp(_fwd, _bwd)
 @jax.custom_vjp
 def blas_grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
     """x [M, k] float32 rows sorted by expert, w [E, k, n] float32, group_sizes [E] -> [M, n]:
-    the host BLAS through an XLA:CPU custom call (`moe_jax.grouped_matmul_cpu`), with its VJP."""
+    the host BLAS through an XLA:CPU custom call (`grouped_matmul_cpu`), with its VJP."""
     return grouped_matmul_cpu.grouped_matmul_cpu(x, w, group_sizes)
 
 

@@ -1,6 +1,6 @@
 """Claim checks on a results file: the comparisons the suites' claims are made of.
 
-Each returns a `stats.Outcome` by the 2-SE rule of `experiments.suites.stats`:
+Each returns a `stats.Outcome` by the 2-SE rule of `experiments.library.stats`:
   lower(a, b)             metric of member(s) a minus that of b, paired by seed, predicted
                           negative
   trend(members, tag)     slope of the metric against log2(tag): per seed, then over seeds
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.suites import stats
-from experiments.suites.results import (
+from experiments.library import stats
+from experiments.library.results import (
     DIVERGED,
     FINISHED,
     METRICS,

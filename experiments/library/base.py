@@ -22,7 +22,8 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 SCALE_NAMES = ("tiny", "cpu", "mini", "small", "paper")
 # The model sizes each scale trains: `cpu` trains the tiny models for longer (more tokens per run);
@@ -129,11 +130,10 @@ class RunSpec:
 
     def build_config(self) -> ml_collections.ConfigDict:
         """The validated ConfigDict this run trains (raises ValueError naming a bad key)."""
-        from moe_jax.main import apply_settings
 
         init = {"init.checkpoint": f"<{self.member.init_from}_s{self.seed}>"} \
             if self.member.init_from else {}
-        return apply_settings(schema.load_config(self.config), {**self.overrides, **init})
+        return schema.override(schema.load_config(self.config), {**self.overrides, **init})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,9 +178,9 @@ def untested_reason() -> str | None:
     if _allow_untested() and overridable:
         return None
     tested = ", ".join(f"jaxlib {j} (FFI C API {_api_name(a)})" for j, a in TESTED)
-    reason = (f"the CPU BLAS grouped matmul (moe_jax.grouped_matmul_cpu) reads XLA's FFI call "
-              f"frames through ctypes copies of its C structs, tested on {tested} only; this "
-              f"process has jaxlib {jaxlib_version} (FFI C API {_api_name(api)}).")
+    reason = (f"the CPU BLAS grouped matmul (moe_jax.kernels.grouped_matmul_cpu) reads XLA's "
+              f"FFI call frames through ctypes copies of its C structs, tested on {tested} only; "
+              f"this process has jaxlib {jaxlib_version} (FFI C API {_api_name(api)}).")
     if _allow_untested():
         reason += f" {ALLOW_UNTESTED_ENV}=1 is set but does not apply: " + (
             "the FFI C API version is unknown." if api is None else
@@ -206,7 +206,7 @@ def usable_for_auto() -> bool:
             f"blocks in XLA: the same results, slower on CPU). Set grouped_matmul='blocked' to "
             f"silence this warning, or {ALLOW_UNTESTED_ENV}=1 to run the BLAS path anyway "
             f"(check it with tests/test_grouped_matmul.py, then add the version to "
-            f"moe_jax.grouped_matmul_cpu.TESTED).", UntestedJaxlibWarning, stacklevel=3)
+            f"moe_jax.kernels.grouped_matmul_cpu.TESTED).", UntestedJaxlibWarning, stacklevel=3)
     return False
 
 
@@ -218,7 +218,7 @@ def require_tested() -> None:
             f"moe_jax: {reason} Use grouped_matmul='blocked' (or 'auto', which falls back to "
             f"it), or set {ALLOW_UNTESTED_ENV}=1 to run the BLAS path anyway (check it with "
             f"tests/test_grouped_matmul.py, then add the version to "
-            f"moe_jax.grouped_matmul_cpu.TESTED).")
+            f"moe_jax.kernels.grouped_matmul_cpu.TESTED).")
 
 
 runtime_api_version: tuple[int, int] | None = None  # the FFI API version of the last call frame

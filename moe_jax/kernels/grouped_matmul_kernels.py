@@ -1,4 +1,4 @@
-"""The field's grouped-matmul kernels behind the signature of `moe_jax.grouped_matmul`:
+"""The field's grouped-matmul kernels behind the signature of `moe_jax.kernels.grouped_matmul`:
 
     out[m] = x[m] @ w[e(m)]      x [M, k], w [E, k, n], group_sizes [E] -> out [M, n]
 

@@ -1,7 +1,7 @@
 """Routing analysis of a trained token-choice model (Mixtral, Jiang et al. 2024, Sec. 5):
 expert use by domain and by byte class, consecutive-token repetition vs chance, router entropy.
 
-    python -m experiments.suites.routing_stats --workdir=experiments/results/.../mixtral_e8_s0
+    python -m experiments.analyses.routing_stats --workdir=experiments/results/.../mixtral_e8_s0
 
 restores the run's last checkpoint (its config from the workdir's config.json: a training run's,
 or a model's converted by `python -m moe_jax.convert`),
@@ -24,7 +24,6 @@ experts each token chose before capacity, and the entropy of its routing distrib
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,6 +31,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+from moe_jax import cli
 
 BYTE_CLASSES = ("letter", "digit", "space", "punct", "non-ascii", "control", "special")
 NUM_SPECIAL_TOKENS = 3  # byte tokenizer: pad 0, bos 1, eos 2, byte b -> b + 3
@@ -200,16 +202,17 @@ def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any
     import jax
     import jax.numpy as jnp
 
-    from moe_jax import layers
+    from moe_jax import layers, routing
     from moe_jax.train import evaluate
     from moe_jax.train import inputs as train_inputs
     from moe_jax.train.step import model_inputs
 
     experiment, model, params, model_state = restore(workdir)
     c = experiment.moe
-    if c.router not in ("top_k", "sigmoid_bias"):
-        raise ValueError(f"routing analysis needs a token-choice router (top_k or sigmoid_bias); "
-                         f"this run uses moe.router={c.router!r}.")
+    if not routing.ROUTERS[c.router].token_choice:
+        choosers = ", ".join(n for n, r in routing.ROUTERS.items() if r.token_choice)
+        raise ValueError(f"routing analysis needs a token-choice router ({choosers}); this run "
+                         f"uses moe.router={c.router!r}.")
     sparse = experiment.model.sparse_layers
     seq_len = experiment.train.seq_len or experiment.model.max_seq_len
 
@@ -253,11 +256,15 @@ def route_batches(workdir: str, max_batches: int | None = None) -> dict[str, Any
             "ln_experts": math.log(c.num_experts), "per_layer": per_layer}
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "a finished training run", flag_values=values)
+    flags.mark_flag_as_required("workdir", flag_values=values)
+    flags.DEFINE_integer("max_batches", None, "route at most this many validation batches",
+                         flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Routing analysis of a trained run.")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--max_batches", type=int, default=None)
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     analysis = route_batches(args.workdir, args.max_batches)
     path = os.path.join(args.workdir, "analysis.json")
     with open(path + ".tmp", "w") as f:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.suites.results import Results, Run
+from experiments.library.results import Results, Run
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 

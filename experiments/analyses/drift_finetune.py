@@ -1,6 +1,6 @@
 """The routing_drift suite's fine-tuning stage, run after each pretraining run:
 
-    python -m experiments.suites.drift_finetune \
+    python -m experiments.analyses.drift_finetune \
         --workdir=experiments/results/routing_drift/runs/tiny/pretrain_s0
 
 For the pretrained run in DIR (trained on code and prose only), each variant of
@@ -23,14 +23,14 @@ finished variant is evaluated again from its checkpoint, an unfinished one resta
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from experiments import run_dir
+from experiments.runner import run_dir
 from experiments.suites.routing_drift import (
     EVALUATION,
     FINETUNE,
@@ -38,7 +38,7 @@ from experiments.suites.routing_drift import (
     TEMPERATURES,
     VARIANTS,
 )
-from moe_jax import schema
+from moe_jax import cli, schema
 from moe_jax.train import monitor, profiles, reevaluate
 from moe_jax.train.loop import CONFIG_FILE, SUMMARY_FILE, train_and_evaluate
 from moe_jax.train.metrics import write_json
@@ -127,10 +127,13 @@ def analyse(workdir: str) -> dict[str, Any]:
     return out
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "a finished pretraining run", flag_values=values)
+    flags.mark_flag_as_required("workdir", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="a finished pretraining run")
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     analysis = analyse(args.workdir)
     path = os.path.join(args.workdir, ANALYSIS_FILE)
     write_json(path, analysis)
