@@ -102,8 +102,17 @@ def _runtime_line(results: Results) -> str:
     seconds = [r["runner_seconds"] for r in results.runs if r.get("runner_seconds")]
     if not seconds:
         return "no run times recorded"
-    return (f"{len(seconds)} runs took {sum(seconds) / 60:.1f} min in total "
+    line = (f"{len(seconds)} runs took {sum(seconds) / 60:.1f} min in total "
             f"({np.mean(seconds):.0f} s per run on average, including start-up and compilation)")
+    if results.throughput:  # the time basis of the speed-ups
+        bench = results.throughput
+        line += (f". Speed-ups in training time use each member's tokens/s measured in one "
+                 f"process, members interleaved ({bench['rounds']} rounds x {bench['steps']} "
+                 f"steps; {bench['machine']['date']}, {bench['machine']['cpu']}, commit "
+                 f"{bench['machine']['commit']}, load average "
+                 f"{bench['load_average_1m_before']:.2f} before; `{bench['command']}`), not the "
+                 "rates the runs logged")
+    return line
 
 
 def _missing_lines(results: Results) -> list[str]:
@@ -142,6 +151,8 @@ def build(suite: Suite, results: Results, out_dir: str, figures: bool = True) ->
               f"is more than {stats.THRESHOLD_SE:g} standard errors (over seeds) from zero, "
               f"*disagrees* when it has the opposite sign by as much, *inconclusive* otherwise "
               "(experiments/library/stats.py).", "", table, ""]
+    for extra in suite.tables:
+        parts += [f"## {extra.name}", "", extra.caption, "", extra.build(results), ""]
     if suite.notes:
         parts += ["What this scale can show: " + suite.notes, ""]
     if figures:

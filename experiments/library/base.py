@@ -159,8 +159,18 @@ class Figure:
 
 
 @dataclasses.dataclass(frozen=True)
+class Table:
+    """A table of the report beyond the per-member results: `build(results)` returns Markdown."""
+
+    name: str
+    caption: str
+    build: Callable[[Any], str]
+
+
+@dataclasses.dataclass(frozen=True)
 class Suite:
-    """A paper comparison: members per scale, shared training settings, claims and figures.
+    """A paper comparison: members per scale, shared training settings, claims, tables and
+    figures.
 
     members: scale -> the members at that scale.
     train: scale -> overrides applied to every member (on top of `SCALES[scale]`).
@@ -178,6 +188,7 @@ class Suite:
     claims: tuple[Claim, ...]
     figures: tuple[Figure, ...] = ()
     columns: tuple[str, ...] = ()  # extra `results.METRICS` shown in the report's table
+    tables: tuple[Table, ...] = ()  # derived tables, after the claims
     analysis: str = ""
     notes: str = ""
     precheck: Callable[[], None] | None = None  # raises if the suite cannot run yet

@@ -19,6 +19,7 @@ import numpy as np
 
 from experiments.library import stats
 from experiments.library.results import (
+    BENCHMARK_KEY,
     DIVERGED,
     FINISHED,
     METRICS,
@@ -129,9 +130,14 @@ def smoothed(values: np.ndarray, half_width: int = SMOOTH_HALF_WIDTH) -> np.ndar
 
 def training_seconds(run: Run, steps: np.ndarray) -> np.ndarray:
     """Training time (compilation and evaluation excluded) at each logged step: steps x
-    tokens/step / the loop's running tokens/s (NaN before the first measurement)."""
+    tokens/step / tokens/s, from the suite's controlled throughput benchmark when the results
+    have one (`results.BENCHMARK_KEY`: one rate per member, measured on an idle machine), else
+    the loop's own running tokens/s (NaN before its first measurement; it reflects whatever
+    else the machine did during the run)."""
     summary = run.get("summary") or {}
     tokens_per_step = summary.get("train_tokens", 0) / max(summary.get("steps", 1), 1)
+    if run.get(BENCHMARK_KEY):
+        return steps * tokens_per_step / run[BENCHMARK_KEY]
     tps_steps, tps = history_values(run, "train/tokens_per_second")
     rate = np.interp(steps, tps_steps, tps, left=np.nan) if tps.size else np.full(steps.shape,
                                                                                    np.nan)

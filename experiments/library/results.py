@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -35,7 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from moe_jax import schema
+
 FINISHED, DIVERGED, FAILED, MISSING = "finished", "diverged", "failed", "missing"
+# A run's training tokens/s from the suite's controlled throughput benchmark (one process on an
+# idle machine, members interleaved: experiments/benchmarks/suite_throughput.py), set on the runs
+# by `Results.load` from `<scale>_throughput.json` beside the results file when there is one.
+BENCHMARK_KEY = "benchmark_tokens_per_second"
+THROUGHPUT_SUFFIX = "_throughput.json"
 Run = dict[str, Any]
 
 
@@ -107,6 +115,27 @@ def _eval(run: Run) -> dict[str, Any]:
     return (run.get("summary") or {}).get("eval") or {}
 
 
+@functools.cache
+def _routing_group(config: str, overrides: str) -> tuple[int, int, int] | None:
+    """(tokens per routing group T, top_k, num_experts) of a run's config (spec and JSON
+    overrides), None for a dense model. T is the micro-batch's tokens unless moe.group_size is
+    set (`moe._check_input`)."""
+    experiment = schema.parse_config(schema.override(schema.load_config(config),
+                                                     json.loads(overrides)))
+    if not experiment.model.sparse_layers:
+        return None
+    train, moe = experiment.train, experiment.moe
+    seq_len = train.seq_len or experiment.model.max_seq_len
+    return moe.group_size or train.micro_batch_size * seq_len, moe.top_k, moe.num_experts
+
+
+def tokens_per_expert_group(run: Run) -> float | None:
+    """Assignments per expert per routing group if routing were uniform: T * k / E (Switch
+    Sec. 2.2's expert capacity before the capacity factor); None for a dense model."""
+    group = _routing_group(run["config"], json.dumps(run.get("overrides") or {}, sort_keys=True))
+    return None if group is None else group[0] * group[1] / group[2]
+
+
 @dataclasses.dataclass(frozen=True)
 class Metric:
     """A per-run number for tables and claims: `fn(run)` or None when the run lacks it."""
@@ -136,6 +165,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("router_entropy", "router entropy (val, nats)",
            lambda r: _mean_or_none(_layer_values(_eval(r), "router_entropy")), 3),
     Metric("tokens_per_second", "train tokens/s", lambda r: _summary(r, "tokens_per_second"), 0),
+    Metric("benchmark_tokens_per_second", "benchmark tokens/s (idle, interleaved)",
+           lambda r: r.get(BENCHMARK_KEY), 0),
+    Metric("tokens_per_expert_group", "tokens/expert/group (T k / E)", tokens_per_expert_group,
+           1),
     Metric("wall_time", "run wall time (s)", lambda r: _summary(r, "wall_time_seconds"), 0),
     Metric("params_total", "params total", lambda r: _summary(r, "params_total"), 0),
     Metric("params_active", "params active", lambda r: _summary(r, "params_active"), 0),
@@ -151,6 +184,7 @@ class Results:
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
         self.runs: list[Run] = data["runs"]
+        self.throughput: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: str) -> Results:
@@ -159,7 +193,21 @@ class Results:
                 f"no results file {path}; run `python -m experiments.run --suite=<name>` first "
                 "(or pass --results_dir to where it wrote).")
         with open(path) as f:
-            return cls(json.load(f))
+            results = cls(json.load(f))
+        throughput = os.path.splitext(path)[0] + THROUGHPUT_SUFFIX
+        if os.path.exists(throughput):
+            with open(throughput) as f:
+                results.set_throughput(json.load(f))
+        return results
+
+    def set_throughput(self, benchmark: dict[str, Any]) -> None:
+        """Gives each run of a member that `benchmark` (a suite_throughput file) timed that
+        member's tokens/s (`BENCHMARK_KEY`): the time basis of the report's speed-ups."""
+        rates = {row["member"]: row["tokens_per_s"] for row in benchmark["rows"]}
+        self.throughput = benchmark
+        for run in self.runs:
+            if run["member"] in rates:
+                run[BENCHMARK_KEY] = rates[run["member"]]
 
     @property
     def suite(self) -> str:
