@@ -4,7 +4,7 @@ Members: `cf0.5`, `cf1.0`, `cf1.25`, `cf1.5`, `cf2.0` (training capacity factor;
 stays at 2.0), `dropless` (no capacity, nothing dropped) and `cf1.0_bpr` (capacity 1.0 with
 V-MoE batch-priority routing instead of token order). The experts are those of switch.py:e16,
 so every member has the same useful FLOPs (FLOP-matched to `dense.py:tiny`); only the padded
-capacity (and, below 1.0, guaranteed drops) differs; `python -m moe_jax.flops` shows it.
+capacity (and, below 1.0, guaranteed drops) differs; `python -m moe_jax.analysis.flops` shows it.
 """
 
 from moe_jax import schema

@@ -1,8 +1,9 @@
 """Dense baselines: the Transformer LMs every sparse family is FLOP-matched to.
 
 Members (`--config=configs/dense.py:MEMBER`):
-  mini    d 64, 4 layers, 2 heads, d_ff 256, seq 128: ~0.25M params, trained on ~100 tokens per
-          parameter on 2 CPU cores (the `mini` scale of experiments/, where capacity matters)
+  mini    d 32, 4 layers, 2 heads, d_ff 128, seq 128: ~74k params (a third of them the byte
+          embeddings), trained on ~170 tokens per parameter on 2 CPU cores (the `mini` scale of
+          experiments/, calibrated so that model capacity matters)
   tiny    d 192, 4 layers, 4 heads, d_ff 768, seq 128: ~1.9M params, trains on 2 CPU cores
   small   d 640, 12 layers, 10 heads, d_ff 2560, seq 512: ~59M params, one GPU
   base    d 768, 24 layers, 12 heads, d_ff 3072, seq 512: the T5-Base width (d 768, 12 heads,
@@ -19,7 +20,7 @@ the dense FFN's shape (2x the dense parameters per sparse block, ~same FLOPs plu
 from moe_jax import schema
 
 SCALES = {
-    "mini": dict(d_model=64, num_layers=4, num_heads=2, d_ff=256, max_seq_len=128),
+    "mini": dict(d_model=32, num_layers=4, num_heads=2, d_ff=128, max_seq_len=128),
     "tiny": dict(d_model=192, num_layers=4, num_heads=4, d_ff=768, max_seq_len=128),
     "small": dict(d_model=640, num_layers=12, num_heads=10, d_ff=2560, max_seq_len=512),
     "base": dict(d_model=768, num_layers=24, num_heads=12, d_ff=3072, max_seq_len=512),

@@ -9,7 +9,8 @@ no auxiliary balancing loss (balanced by construction), z-loss 1e-3. Experts are
 width (minus the router's share). Train with `objective.mask_for_mlm`.
 """
 
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 EXPERTS = (8, 16, 32)
 MEMBERS = tuple(f"e{e}" for e in EXPERTS) + tuple(f"small_e{e}" for e in EXPERTS)

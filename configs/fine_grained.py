@@ -12,7 +12,8 @@ gates, dropless dispatch, load-balancing loss 1e-2 and z-loss 1e-3.
 
 import re
 
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 MEMBERS = ("e8k1s0", "e16k2s0", "e32k4s0", "e64k8s0", "e63k7s1", "e62k6s2")
 

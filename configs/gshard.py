@@ -8,7 +8,8 @@ Experts are half the dense FFN's width (minus the router's share) so two of them
 FFN: FLOP-matched to `dense.py:{scale}`.
 """
 
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 EXPERTS = (8, 16, 32, 64)
 MEMBERS = tuple(f"e{e}" for e in EXPERTS) + tuple(f"small_e{e}" for e in EXPERTS)

@@ -8,7 +8,8 @@ router's share), FLOP-matched to `dense.py:{scale}_swiglu`. (The real Mixtral us
 full dense width, i.e. 2x the dense FLOPs; see configs/published/mixtral_8x7b.py.)
 """
 
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 EXPERTS = (8, 16, 32)
 MEMBERS = tuple(f"e{e}" for e in EXPERTS) + tuple(f"small_e{e}" for e in EXPERTS)

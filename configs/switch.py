@@ -8,7 +8,8 @@ dense FFN's width minus the router's FLOPs (`flops.match_flops`), so every membe
 FLOPs per token as `dense.py:{scale}` while holding ~E/2 times its FFN parameters.
 """
 
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 EXPERTS = (4, 8, 16, 32, 64, 128)
 SCALES = ("tiny", "mini", "small", "base")

@@ -1,6 +1,6 @@
 """The CPU-scale sweep: the tiny member of every family, for one table or a quick comparison.
 
-`python -m moe_jax.flops --family=configs/tiny.py` prints params and FLOPs of all of them;
+`python -m moe_jax.analysis.flops --family=configs/tiny.py` prints params and FLOPs of all of them;
 `--config=configs/tiny.py:switch_e16` is the same config as `configs/switch.py:e16`.
 """
 

@@ -7,258 +7,61 @@
                                                                   # -> experiments/REPRODUCTION.md
 
 Reads experiments/results/<suite>/<scale>.json (written by experiments.run), writes
-<scale>.md and <scale>_<figure>.png next to it and prints the Markdown. Tables give the mean ± SD
-over the finished seeds (n); each claim's verdict follows the rule of experiments/suites/stats.py
-(agrees / disagrees beyond 2 standard errors, else inconclusive) computed from the runs, never
-written by hand. The FLOP/parameter tables of the scale that ran and of the `paper` scale come
-from moe_jax.flops.
+<scale>.md and <scale>_<figure>.png next to it and prints the Markdown
+(`experiments.analyses.report` says what the tables and verdicts hold).
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
+import sys
 from collections.abc import Sequence
 
-import numpy as np
+from absl import flags
 
 from experiments import suites
-from experiments.suites import stats
-from experiments.suites.base import SCALES, Suite
-from experiments.suites.results import DIVERGED, FAILED, FINISHED, METRICS, MISSING, Results
-
-BASE_COLUMNS = ("eval_loss",)
+from experiments.analyses import report
+from experiments.library.results import Results
+from moe_jax import cli
 
 
-def _cell(values: Sequence[float], digits: int) -> str:
-    if not values:
-        return "-"
-    mean = float(np.mean(values))
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
-
-
-def _big(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    v = float(np.mean(values))
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.3g}{unit}"
-    return f"{v:.3g}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|",
-                      *(line(r) for r in rows)])
-
-
-def results_table(results: Results, columns: Sequence[str]) -> str:
-    """One row per member: tags, finished/diverged counts and mean ± SD of each metric."""
-    header = ["member", "tags", "n (fin/div/fail/miss)",
-              *(METRICS[c].label for c in columns)]
-    rows = []
-    for member in results.members():
-        tags = ", ".join(f"{k}={v}" for k, v in results.tags(member).items())
-        counts = "/".join(str(results.count(member, s))
-                          for s in (FINISHED, DIVERGED, FAILED, MISSING))
-        cells = []
-        for c in columns:
-            values = results.values(member, c)
-            metric = METRICS[c]
-            cells.append(_big(values) if metric.digits == 0 else _cell(values, metric.digits))
-        rows.append([member, tags, counts, *cells])
-    return markdown_table(header, rows)
-
-
-def claims_table(suite: Suite, results: Results) -> tuple[str, dict[str, stats.Outcome]]:
-    outcomes = {claim.id: claim.check(results) for claim in suite.claims}
-    rows = [[f"**{c.id}**: {c.statement}", c.source, c.paper_value, outcomes[c.id].measured,
-             f"**{outcomes[c.id].verdict}**", outcomes[c.id].rule] for c in suite.claims]
-    table = markdown_table(["claim", "source", "paper reports", "we measured", "verdict",
-                            "rule"], rows)
-    return table, outcomes
-
-
-def flops_table(suite: Suite, scale: str) -> str:
-    """moe_jax.flops table of the suite's members at `scale` (routing group: one batch)."""
-    from moe_jax import flops, schema
-    from moe_jax.main import apply_settings
-
-    settings = SCALES[scale]
-    rows = []
-    for member in suite.member_list(scale):
-        overrides = {k: v for k, v in member.overrides.items() if not k.startswith("init.")}
-        config = apply_settings(schema.load_config(member.config), overrides)  # FLOPs only
-        tokens = settings.get("train.batch_size", 1) * config.model.max_seq_len
-        rows.append(flops.table_row(member.name, config, tokens_per_group=tokens))
-    return flops.format_table(rows)
-
-
-def _settings_line(results: Results) -> str:
-    run = next((r for r in results.runs), None)
-    if run is None:
-        return ""
-    o = run["overrides"]
-    keys = ("train.num_train_steps", "train.batch_size", "train.learning_rate",
-            "train.warmup_steps", "data.name")
-    return ", ".join(f"{k.split('.')[-1]}={o[k]}" for k in keys if k in o)
-
-
-def _runtime_line(results: Results) -> str:
-    seconds = [r["runner_seconds"] for r in results.runs if r.get("runner_seconds")]
-    if not seconds:
-        return "no run times recorded"
-    return (f"{len(seconds)} runs took {sum(seconds) / 60:.1f} min in total "
-            f"({np.mean(seconds):.0f} s per run on average, including start-up and compilation)")
-
-
-def _missing_lines(results: Results) -> list[str]:
-    """A line naming the runs not done yet (a partial suite), or none."""
-    missing = {}
-    for run in results.runs:
-        if run["status"] == MISSING:
-            missing.setdefault(run["member"], []).append(str(run["seed"]))
-    if not missing:
-        return []
-    listed = "; ".join(f"{m} (seed {', '.join(s)})" for m, s in missing.items())
-    return ["", f"**Partial suite**: not run yet: {listed}. Tables and verdicts use the "
-            "finished runs only."]
-
-
-def build(suite: Suite, results: Results, out_dir: str, figures: bool = True) -> str:
-    """Writes the figures and returns the Markdown report."""
-    scale = results.scale
-    machine = results.data.get("machine", {})
-    counts = {s: sum(r["status"] == s for r in results.runs)
-              for s in (FINISHED, DIVERGED, FAILED, MISSING)}
-    parts = [f"# {suite.title} ({scale})", "",
-             f"Suite `{suite.name}`, results `{scale}.json` created {results.data.get('created')}"
-             f" at commit `{machine.get('commit', '?')}` on {machine.get('cpu_count', '?')} "
-             f"CPU cores{', GPU ' + machine['gpu'] if machine.get('gpu') else ''} "
-             f"(1-min load average {machine.get('load_average_1m', math.nan):.1f} when collected).",
-             "", f"Runs: {', '.join(f'{n} {s}' for s, n in counts.items() if n)}. "
-             f"Settings: {_settings_line(results)}. Time: {_runtime_line(results)}.",
-             *_missing_lines(results), "",
-             "References:", *(f"- {ref}" for ref in suite.references), "",
-             "## Results", "", "Mean ± SD over finished seeds.", "",
-             results_table(results, suite.columns or BASE_COLUMNS), ""]
-    table, _ = claims_table(suite, results)
-    parts += ["## Paper claims", "",
-              "Verdict rule: a claim predicts a sign; *agrees* when our estimate has that sign and "
-              f"is more than {stats.THRESHOLD_SE:g} standard errors (over seeds) from zero, "
-              f"*disagrees* when it has the opposite sign by as much, *inconclusive* otherwise "
-              "(experiments/suites/stats.py).", "", table, ""]
-    if suite.notes:
-        parts += ["What this scale can show: " + suite.notes, ""]
-    if figures:
-        parts += ["## Figures", ""]
-        for figure in suite.figures:
-            name = f"{scale}_{figure.name}.png"
-            path = os.path.join(out_dir, name)
-            figure.draw(results, path)
-            if os.path.exists(path):
-                parts += [f"![{figure.name}]({name})", "", figure.caption, ""]
-    parts += ["## FLOPs and parameters", "", f"Configs that ran ({scale}; routing group = one "
-              "batch):", "", flops_table(suite, scale), "",
-              "Paper scale (not run; the full-size configs):", "", flops_table(suite, "paper"), "",
-              "## Reproduce", "", "```bash",
-              f"python -m experiments.run --suite={suite.name} --scale={scale} "
-              f"--seeds={max((r['seed'] for r in results.runs), default=0) + 1}",
-              f"python -m experiments.report --suite={suite.name} --scale={scale}", "```", "",
-              f"Each run's exact `moe_jax.main` command is in `{scale}.json` (`command`)."]
-    return "\n".join(parts) + "\n"
-
-
-REPRODUCTION_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "REPRODUCTION.md")
-BEGIN_MARK = "<!-- claims table: written by `python -m experiments.report --reproduction` -->"
-END_MARK = "<!-- end of claims table -->"
-
-
-def reproduction_table(found: Sequence[tuple[Suite, Results]]) -> str:
-    """One row per paper claim of each (suite, results): claim, paper number, ours, verdict, and
-    the commands that reproduce the row."""
-    rows = []
-    for suite, results in found:
-        seeds = max((r["seed"] for r in results.runs), default=0) + 1
-        command = (f"`python -m experiments.run --suite={suite.name} --scale={results.scale} "
-                   f"--seeds={seeds} && python -m experiments.report --suite={suite.name} "
-                   f"--scale={results.scale}`")
-        for claim in suite.claims:
-            outcome = claim.check(results)
-            rows.append([f"`{suite.name}` ({results.scale})", f"**{claim.id}**: {claim.statement}",
-                         claim.source, claim.paper_value, outcome.measured,
-                         f"**{outcome.verdict}**", command])
-    return markdown_table(["suite", "claim", "source", "paper reports", "we measured", "verdict",
-                           "reproduce"], rows)
-
-
-def write_reproduction(path: str = REPRODUCTION_PATH, results_root: str | None = None) -> str:
-    """Replaces the block between BEGIN_MARK and END_MARK in `path` by the claims table of every
-    committed results file (experiments/results/<suite>/<scale>.json); the hand-written text
-    around it is kept. Returns the table."""
-    results_root = results_root or os.path.join(os.path.dirname(path), "results")
-    found = []
-    for name, suite in sorted(suites.SUITES.items()):
-        for scale in SCALES:
-            file = os.path.join(results_root, name, f"{scale}.json")
-            if os.path.exists(file):
-                found.append((suite, Results.load(file)))
-    table = reproduction_table(found)
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    else:
-        text = f"{BEGIN_MARK}\n{END_MARK}\n"
-    if BEGIN_MARK not in text or END_MARK not in text:
-        raise ValueError(f"{path} lacks the markers {BEGIN_MARK!r} and {END_MARK!r} around the "
-                         "claims table; put them back where the table belongs and rerun.")
-    head, rest = text.split(BEGIN_MARK, 1)
-    tail = rest.split(END_MARK, 1)[1]
-    with open(path, "w") as f:
-        f.write(f"{head}{BEGIN_MARK}\n\n{table}\n\n{END_MARK}{tail}")
-    return table
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("suite", None, f"one of {', '.join(suites.SUITES)}", flag_values=values)
+    flags.DEFINE_string("scale", "tiny", "the scale whose results to report", flag_values=values)
+    flags.DEFINE_string("results_dir", None, "default experiments/results/SUITE",
+                        flag_values=values)
+    flags.DEFINE_bool("flops_only", False, "print the FLOP/parameter tables (paper scale too) "
+                      "and stop", flag_values=values)
+    flags.DEFINE_bool("reproduction", False, "rewrite the claims table of "
+                      "experiments/REPRODUCTION.md from every results file under "
+                      "experiments/results and stop", flag_values=values)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", help=f"one of {', '.join(suites.SUITES)}")
-    parser.add_argument("--scale", default="tiny")
-    parser.add_argument("--results_dir", default=None, help="default experiments/results/SUITE")
-    parser.add_argument("--flops_only", action="store_true",
-                        help="print the FLOP/parameter tables (paper scale too) and stop")
-    parser.add_argument("--reproduction", action="store_true",
-                        help="rewrite the claims table of experiments/REPRODUCTION.md from every "
-                        "results file under experiments/results and stop")
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     if args.reproduction:
-        print(write_reproduction())
-        print(f"wrote {REPRODUCTION_PATH}")
+        print(report.write_reproduction())
+        print(f"wrote {report.REPRODUCTION_PATH}")
         return
     if not args.suite:
-        parser.error("--suite is required (or pass --reproduction)")
+        cli.usage_error("--suite is required (or pass --reproduction)")
     suite = suites.get(args.suite)
-    out_dir = args.results_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results", suite.name)
+    out_dir = args.results_dir or os.path.join(report.EXPERIMENTS_DIR, "results", suite.name)
     if args.flops_only:
         for scale in ("tiny", "small", "paper"):
-            print(f"## {suite.name} at scale {scale}\n\n{flops_table(suite, scale)}\n")
+            print(f"## {suite.name} at scale {scale}\n\n{report.flops_table(suite, scale)}\n")
         return
     results = Results.load(os.path.join(out_dir, f"{args.scale}.json"))
     if results.suite != suite.name:
         raise ValueError(f"{out_dir}/{args.scale}.json holds suite {results.suite!r}, not "
                          f"{suite.name!r}; pass the matching --suite or --results_dir.")
-    report = build(suite, results, out_dir)
+    text = report.build(suite, results, out_dir)
     path = os.path.join(out_dir, f"{args.scale}.md")
     with open(path, "w") as f:
-        f.write(report)
-    print(report)
+        f.write(text)
+    print(text)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

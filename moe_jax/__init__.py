@@ -1,7 +1,10 @@
 """moe_jax: pure-functional Mixture-of-Experts layers, models and experiments in JAX/Flax.
 
-Reading order: config -> routing -> losses -> dispatch -> experts -> moe (the composed layer)
--> layers (Flax) -> models -> flops -> sharding -> train.
+The layer is flat at the top, read in this order: routing (the routers, with losses) -> config
+-> experts (grouped matmuls in kernels/) -> dispatch -> moe (the composed layer) -> layers (Flax).
+Around it, by concept: models/, parallel/ (meshes, expert parallelism), data/, analysis/
+(FLOPs, memory, compiled programs), train/, interop/; the commands main, sample, convert, dryrun
+and demo stay at the top.
 """
 
 from moe_jax import moe

@@ -11,19 +11,14 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax import validation
+from moe_jax import fields, routing
+from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMULS
 
-ROUTERS = ("top_k", "expert_choice", "soft", "sigmoid_bias")
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
-GROUPED_MATMULS = ("auto", "ragged_dot", "blocked", "blas", "megablox", "tokamax")
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
-
-# Routers that mix information across the tokens of a group (a token's output depends on later
-# tokens), so they leak the future in a causal model.
-NON_CAUSAL_ROUTERS = ("expert_choice", "soft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +36,7 @@ class MoeConfig:
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     expert_capacity: int | None = None  # overrides both factors when set
-    router: str = "top_k"
+    router: str = "top_k"  # a name of `routing.ROUTERS`
     # Divide the k chosen probabilities by their sum (GShard, Mixtral) before drops; otherwise the
     # gates are the raw softmax probabilities (Switch, ST-MoE).
     renormalize_gates: bool = False
@@ -50,7 +45,7 @@ class MoeConfig:
     # renormalised second gate; GShard Algorithm 2). "all" keeps every choice.
     second_expert_policy: str = "all"
     dispatch: str = "gather"
-    # Grouped matmul of the dropless dispatch (moe_jax/grouped_matmul.py): "ragged_dot"
+    # Grouped matmul of the dropless dispatch (moe_jax/kernels/grouped_matmul.py): "ragged_dot"
     # (jax.lax.ragged_dot), "blocked" (per-expert row blocks in XLA; XLA:CPU computes
     # ragged_dot densely over all experts), "blas" (XLA:CPU custom call to the host BLAS; only on
     # a tested jaxlib, see cpu_ffi.TESTED), "megablox" (TPU Pallas kernels; interpret
@@ -89,69 +84,67 @@ class MoeConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "d_ff", "slots_per_expert"):
-            validation.integer(self, name, minimum=1)
+            fields.integer(self, name, minimum=1)
         if self.top_k > self.num_experts:
-            validation.fail(self, "top_k", f"is larger than num_experts={self.num_experts}",
+            fields.fail(self, "top_k", f"is larger than num_experts={self.num_experts}",
                             "set top_k <= num_experts")
         for name in ("capacity_factor", "eval_capacity_factor"):
-            validation.number(self, name, above=0, fix="1.0 = exactly enough slots for "
+            fields.number(self, name, above=0, fix="1.0 = exactly enough slots for "
                               "perfectly balanced routing")
-        validation.integer(self, "expert_capacity", minimum=1, optional=True)
-        validation.integer(self, "group_size", minimum=1, optional=True,
+        fields.integer(self, "expert_capacity", minimum=1, optional=True)
+        fields.integer(self, "group_size", minimum=1, optional=True,
                            fix="None routes all tokens of a call as one group")
-        validation.integer(self, "num_shared_experts", minimum=0)
+        fields.integer(self, "num_shared_experts", minimum=0)
         if self.shared_expert_gate and not self.num_shared_experts:
-            validation.fail(self, "shared_expert_gate", "needs shared experts to gate",
+            fields.fail(self, "shared_expert_gate", "needs shared experts to gate",
                             "set num_shared_experts >= 1 or shared_expert_gate=False")
         for name in ("load_balance_coef", "z_loss_coef", "bias_update_rate"):
-            validation.number(self, name, at_least=0)
-        validation.number(self, "jitter_eps", at_least=0, below=1)
-        validation.number(self, "init_scale", above=0)
-        validation.number(self, "expert_dropout", at_least=0, below=1,
+            fields.number(self, name, at_least=0)
+        fields.number(self, "jitter_eps", at_least=0, below=1)
+        fields.number(self, "init_scale", above=0)
+        fields.number(self, "expert_dropout", at_least=0, below=1,
                           fix="Switch fine-tuned with 0.4 in the experts")
-        validation.number(self, "router_temperature", above=0, fix="1.0 leaves the logits as "
+        fields.number(self, "router_temperature", above=0, fix="1.0 leaves the logits as "
                           "they are")
         if self.eval_router_temperature is not None:
-            validation.number(self, "eval_router_temperature", above=0,
+            fields.number(self, "eval_router_temperature", above=0,
                               fix="None uses router_temperature")
-        validation.one_of(self, "router", ROUTERS)
-        validation.one_of(self, "drop_priority", DROP_PRIORITIES)
-        validation.one_of(self, "dispatch", DISPATCHES)
-        validation.one_of(self, "activation", ACTIVATIONS)
-        validation.one_of(self, "grouped_matmul", GROUPED_MATMULS)
-        validation.one_of(self, "second_expert_policy", SECOND_EXPERT_POLICIES)
-        validation.one_of(self, "router_dtype", ROUTER_DTYPES)
-        validation.boolean(self, "renormalize_gates")
-        validation.boolean(self, "allow_non_causal")
-        validation.boolean(self, "shared_expert_gate")
+        fields.one_of(self, "router", tuple(routing.ROUTERS))
+        fields.one_of(self, "drop_priority", DROP_PRIORITIES)
+        fields.one_of(self, "dispatch", DISPATCHES)
+        fields.one_of(self, "activation", ACTIVATIONS)
+        fields.one_of(self, "grouped_matmul", GROUPED_MATMULS)
+        fields.one_of(self, "second_expert_policy", SECOND_EXPERT_POLICIES)
+        fields.one_of(self, "router_dtype", ROUTER_DTYPES)
+        fields.boolean(self, "renormalize_gates")
+        fields.boolean(self, "allow_non_causal")
+        fields.boolean(self, "shared_expert_gate")
         if self.second_expert_policy == "random" and (self.router != "top_k" or self.top_k != 2):
-            validation.fail(self, "second_expert_policy",
+            fields.fail(self, "second_expert_policy",
                             "is GShard's top-2 rule and needs router='top_k' and top_k=2 (got "
                             f"router={self.router!r}, top_k={self.top_k})",
                             "set second_expert_policy='all' or use top-2 routing")
-        if self.router == "soft" and self.dispatch != "einsum":
-            validation.fail(self, "dispatch", "does not apply to router='soft': Soft MoE mixes "
-                            "all tokens into every slot, which is a dense einsum",
-                            "set dispatch='einsum'")
-        if self.router == "expert_choice" and self.dispatch == "dropless":
-            validation.fail(self, "dispatch", "needs token-choice routing, and expert_choice "
-                            "has a fixed capacity by construction",
-                            "use dispatch='gather' or 'einsum'")
+        router = routing.ROUTERS[self.router]
+        if router.dispatches is not None and self.dispatch not in router.dispatches:
+            allowed = " or ".join(map(repr, router.dispatches))
+            fields.fail(self, "dispatch", f"does not apply to router={self.router!r}: "
+                        f"{router.why}", f"use dispatch={allowed}")
 
     @property
     def is_causal_safe(self) -> bool:
         """Whether a token's output depends only on that token (no mixing across the group)."""
-        return self.router not in NON_CAUSAL_ROUTERS
+        return routing.ROUTERS[self.router].token_choice
 
     def check_causal(self, causal: bool) -> None:
         """Refuses a router that mixes tokens (expert choice, Soft MoE: a token's output depends
         on later tokens of its group) in a causal model, unless `allow_non_causal` is set."""
         if causal and not self.is_causal_safe and not self.allow_non_causal:
+            choosers = ", ".join(repr(n) for n, r in routing.ROUTERS.items() if r.token_choice)
             raise ValueError(
                 f"MoeConfig.router={self.router!r} mixes tokens across the sequence and leaks "
-                "future tokens in a causal model; use a token-choice router ('top_k', "
-                "'sigmoid_bias'), a bidirectional encoder (model.causal=False, with the "
-                "masked-LM objective), or set allow_non_causal=True if you accept the leak.")
+                f"future tokens in a causal model; use a token-choice router ({choosers}), a "
+                "bidirectional encoder (model.causal=False, with the masked-LM objective), or "
+                "set allow_non_causal=True if you accept the leak.")
 
     def uses_rng(self, train: bool) -> bool:
         """Whether the layer draws random numbers: router jitter, GShard's random second

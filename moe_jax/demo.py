@@ -7,39 +7,36 @@ Every `MoeConfig` field can be set as `--field=value`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 import typing
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from moe_jax import MoeConfig, moe
+from moe_jax import MoeConfig, cli, moe
 
 
-def _parse(argv: list[str] | None = None) -> tuple[MoeConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--d_model", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+def define_flags(values: flags.FlagValues) -> None:
+    """--tokens, --d_model, --seed and one flag per `MoeConfig` field (its default)."""
+    flags.DEFINE_integer("tokens", 4096, "tokens routed", flag_values=values)
+    flags.DEFINE_integer("d_model", 256, "model width", flag_values=values)
+    flags.DEFINE_integer("seed", 0, "random key of the parameters and tokens", flag_values=values)
     hints = typing.get_type_hints(MoeConfig)
+    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              str: flags.DEFINE_string}
     for field in dataclasses.fields(MoeConfig):
         default = field.default
         # the type of the default; for an optional field (None) the X of `X | None`
         inner = type(default) if default is not None else next(
             t for t in typing.get_args(hints[field.name]) if t is not type(None))
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), int: int, float: float}.get(
-            inner, str)
-        parser.add_argument(f"--{field.name}", type=kind, default=default)
-    args = parser.parse_args(argv)
-    config = MoeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MoeConfig)})
-    return config, args
+        define[inner](field.name, default, f"MoeConfig.{field.name}", flag_values=values)
 
 
 def main(argv: list[str] | None = None) -> dict[str, jax.Array]:
-    config, args = _parse(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
+    config = MoeConfig(**{f.name: args[f.name].value for f in dataclasses.fields(MoeConfig)})
     key_params, key_x, key_rng = jax.random.split(jax.random.key(args.seed), 3)
     params = moe.init_params(key_params, config, args.d_model)
     x = jax.random.normal(key_x, (args.tokens, args.d_model))

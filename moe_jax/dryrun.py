@@ -3,30 +3,20 @@
     python -m moe_jax.dryrun --config=configs/switch.py:base_e128 --topology=v5p:4x4x4 \
         --config.mesh.fsdp=16 --config.mesh.expert=4
 
-builds exactly what training builds (`train.functions.setup`: the same state and batch shardings and
-the same jitted train step) on a mesh of the topology's devices, lowers and compiles it with no
-TPU attached (libtpu: `pip install -e ".[tpu]"`), and prints, and writes as JSON and Markdown:
-whether it compiled (or the compiler's error); bytes per device of parameters, optimizer state,
-batch and temporaries against the chip's HBM (fits, or over by how much and which knob helps);
-the collectives in the compiled HLO; XLA's FLOPs and bytes; a roofline estimate of the step
-time and MFU from the chip's published figures; the compile time. `dryrun(experiment,
+builds exactly what training builds (`train.jitted.setup`: the same state and batch shardings
+and the same jitted train step) on a mesh of the topology's devices, lowers and compiles it with
+no TPU attached (libtpu: `pip install -e ".[tpu]"`), and prints, and writes as JSON and
+Markdown, the `analysis.dryrun_report.Report`: whether it compiled (or the compiler's error);
+bytes per device against the chip's HBM; the collectives in the compiled HLO; XLA's FLOPs and
+bytes; a roofline estimate of the step time and MFU; the compile time. `dryrun(experiment,
 topology)` returns the same `Report` for use from Python; `compile_train_step` also the
 compiled executable (its HLO text, for checks of what the compiler made of a kernel).
-
-The estimate is a lower bound on the step time: max(compute, HBM traffic) at peak rates, no
-communication, no overlap losses. XLA's cost analysis counts a loop body once, so for programs
-with loops (scanned layers, gradient accumulation) the compute estimate uses the larger of
-XLA's FLOPs and the model's (`flops.count` at training, 3 x forward, 4 x with full remat) and
-scales XLA's bytes by the same factor.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -35,58 +25,11 @@ from typing import Any
 import jax
 from absl import app, flags
 
-from moe_jax import compiled as compiled_lib
-from moe_jax import flops, schema, sharding
-from moe_jax import topology as topology_lib
-from moe_jax.topology import GIB
-from moe_jax.train import functions
-
-# XLA:TPU's refusals of a program over the HBM: "... Used 20.50G of 15.48G hbm. ..." (all
-# buffers), or "... required for HLO temporaries (54.18G) exceeds available HBM (15.75G)."
-_OUT_OF_HBM = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
-               re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
-                          r"\(([\d.]+)([KMGT]?)\)"))
-# Forward passes per training step: forward + backward (2x) + the recomputed forward of full
-# remat. "save_dots" keeps the matmul outputs, so recomputes (almost) no matmul FLOPs.
-PASSES = {"none": 3, "full": 4, "save_dots": 3}
-
-
-@dataclasses.dataclass
-class Report:
-    """One dry run; bytes, FLOPs and seconds are per device and per train step."""
-
-    config: str
-    topology: str
-    chip: str | None
-    devices: int
-    mesh: dict[str, int]
-    expert_parallel: str
-    scan_layers: bool
-    remat_policy: str
-    batch_size: int
-    seq_len: int
-    compiled: bool = False
-    error: str | None = None
-    compile_seconds: float | None = None
-    bytes: dict[str, int] = dataclasses.field(default_factory=dict)
-    hbm_bytes: int | None = None
-    fits: bool | None = None
-    advice: list[str] = dataclasses.field(default_factory=list)
-    collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
-    loops_with_unknown_trip_count: int = 0
-    xla_flops: float | None = None
-    xla_bytes_accessed: float | None = None
-    model_flops: float | None = None
-    estimate: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-
-def device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s (its shard of each)."""
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-               for leaf in jax.tree.leaves(tree))
+from moe_jax import schema
+from moe_jax.analysis import dryrun_report
+from moe_jax.analysis import topology as topology_lib
+from moe_jax.parallel import sharding
+from moe_jax.train import jitted
 
 
 def make_mesh(experiment: Any, topology: topology_lib.Topology) -> jax.sharding.Mesh:
@@ -101,91 +44,9 @@ def make_mesh(experiment: Any, topology: topology_lib.Topology) -> jax.sharding.
     return sharding.make_mesh(experiment.mesh, topology.devices)
 
 
-def _advice(report: Report, experiment: Any) -> list[str]:
-    """Which knobs would bring the peak under the device's HBM, with the numbers."""
-    b, hbm = report.bytes, report.hbm_bytes
-    over = b["peak"] - hbm
-    state = b["parameters"] + b["optimizer"]
-    temporaries = b.get("temporaries", b["peak"] - state - b["batch"])
-    micro_rows = experiment.train.micro_batch_size // math.prod(
-        report.mesh[a] for a in sharding.mesh_axes("batch", experiment.mesh.logical_rules()))
-    tips = [(state / 2, f"fsdp: parameters + optimizer state take {state / GIB:.2f} GiB per "
-                        f"device; doubling --config.mesh.fsdp (now {report.mesh['fsdp']}) halves "
-                        "them")]
-    if experiment.model.remat_policy == "none":
-        tips.append((temporaries / 2, f"remat: temporaries take {temporaries / GIB:.2f} GiB; "
-                     "--config.model.remat_policy=full (or save_dots) recomputes activations "
-                     "in the backward pass instead of keeping them"))
-    tips.append((temporaries / 2, f"smaller batch: each device holds {micro_rows} rows of "
-                 f"{report.seq_len} tokens per micro-batch; doubling "
-                 "--config.train.grad_accum_steps halves the activations"))
-    tips.sort(key=lambda tip: -tip[0])
-    return [f"over by {over / GIB:.2f} GiB", *(text for _, text in tips)]
-
-
-def _estimate(report: Report, topology: topology_lib.Topology, useful_flops: float,
-              has_loops: bool) -> dict[str, float]:
-    """The roofline estimate (see the module docstring)."""
-    computed = max(report.xla_flops, report.model_flops) if has_loops else report.xla_flops
-    scale = computed / report.xla_flops if report.xla_flops else 1.0
-    compute = computed / topology.device_peak_flops
-    memory = report.xla_bytes_accessed * scale / topology.device_hbm_bytes_per_second
-    step = max(compute, memory)
-    return {"step_seconds": step, "compute_seconds": compute, "memory_seconds": memory,
-            "mfu": useful_flops / (step * topology.device_peak_flops) if step else 0.0}
-
-
-def _state_bytes(fns: dict[str, Any]) -> dict[str, int]:
-    """Per-device bytes of the train state's parts and the batch, from their shardings."""
-    state = fns["abstract_state"]
-    return {"parameters": device_bytes(state.params),
-            "optimizer": device_bytes(state.opt_state),
-            "other_state": device_bytes((state.model_state, state.step, state.rng)),
-            "batch": device_bytes(fns["abstract_batch"])}
-
-
-def _out_of_memory(report: Report, experiment: Any) -> None:
-    """A compiler error that the program exceeds the HBM: its figures, and the knobs."""
-    scale = {u: 1024 ** i for i, u in enumerate("KMGT", start=1)} | {"": 1}
-    for kind, pattern in zip(("peak", "temporaries"), _OUT_OF_HBM):
-        if match := pattern.search(report.error or ""):
-            used, used_unit, capacity, capacity_unit = match.groups()
-            report.bytes[kind] = int(float(used) * scale[used_unit])
-            if kind == "temporaries":  # lower bound: the arguments come on top
-                report.bytes["peak"] = report.bytes["temporaries"] + sum(
-                    report.bytes[k] for k in ("parameters", "optimizer", "other_state", "batch"))
-            report.hbm_bytes = int(float(capacity) * scale[capacity_unit])  # what XLA can use
-            report.fits = False
-            report.advice = _advice(report, experiment)
-            return
-
-
-def _analyse(report: Report, executable: Any, experiment: Any,
-             topology: topology_lib.Topology) -> None:
-    memory = compiled_lib.memory_bytes(executable)
-    report.bytes |= {"temporaries": memory["temp"], "generated_code": memory["generated_code"],
-                     "peak": memory["peak"]}
-    text = executable.as_text()
-    found, report.loops_with_unknown_trip_count = compiled_lib.collective_counts(text)
-    report.collectives = {k: dataclasses.asdict(v) for k, v in found.items()}
-    report.xla_flops, report.xla_bytes_accessed = compiled_lib.xla_cost(executable)
-    tokens = experiment.train.batch_size * report.seq_len
-    count = flops.count_model(experiment.model, experiment.moe, seq_len=report.seq_len,
-                              tokens_per_group=experiment.train.micro_batch_size * report.seq_len)
-    passes = PASSES[experiment.model.remat_policy]
-    report.model_flops = passes / 3 * count.training_flops_per_token * tokens / report.devices
-    if topology.chip is not None:
-        report.hbm_bytes = topology.device_hbm_bytes
-        report.fits = report.bytes["peak"] <= report.hbm_bytes
-        report.advice = [] if report.fits else _advice(report, experiment)
-        has_loops = any(n != 1 for n in compiled_lib.loop_trip_counts(text))
-        useful = 3 * count.useful_forward_flops_per_token * tokens / report.devices
-        report.estimate = _estimate(report, topology, useful, has_loops)
-
-
 def compile_train_step(experiment: schema.Experiment | Any,
                        topology: str | topology_lib.Topology, *, name: str = ""
-                       ) -> tuple[Report, Any]:
+                       ) -> tuple[dryrun_report.Report, Any]:
     """Compiles `experiment`'s train step (an `Experiment`, or its ConfigDict) for `topology`
     (a name for `topology.get`, or a `Topology`): the `Report` and the compiled executable
     (`.as_text()` is its optimised HLO), or None for the executable when lowering or compiling
@@ -196,14 +57,14 @@ def compile_train_step(experiment: schema.Experiment | Any,
         topology)
     mesh = make_mesh(experiment, topo)
     seq_len = experiment.train.seq_len or experiment.model.max_seq_len
-    report = Report(
+    report = dryrun_report.Report(
         config=name, topology=topo.name, chip=topo.chip.generation if topo.chip else "cpu",
         devices=len(topo.devices), mesh=dict(mesh.shape),
         expert_parallel=experiment.mesh.expert_parallel,
         scan_layers=experiment.model.scan_layers, remat_policy=experiment.model.remat_policy,
         batch_size=experiment.train.batch_size, seq_len=seq_len)
-    _, fns = functions.setup(experiment, seq_len, mesh)
-    report.bytes = _state_bytes(fns)
+    _, fns = jitted.setup(experiment, seq_len, mesh)
+    report.bytes = dryrun_report.state_bytes(fns)
     start = time.perf_counter()
     try:
         executable = fns["train_step"].lower(fns["abstract_state"],
@@ -211,99 +72,19 @@ def compile_train_step(experiment: schema.Experiment | Any,
     except Exception as err:  # the compiler's refusal (e.g. out of memory) is the answer
         report.error = f"{type(err).__name__}: {str(err)[:2000]}"
         report.compile_seconds = time.perf_counter() - start
-        _out_of_memory(report, experiment)
+        dryrun_report.out_of_memory(report, experiment)
         return report, None
     report.compile_seconds = time.perf_counter() - start
     report.compiled = True
-    _analyse(report, executable, experiment, topo)
+    dryrun_report.analyse(report, executable, experiment, topo)
     return report, executable
 
 
 def dryrun(experiment: schema.Experiment | Any, topology: str | topology_lib.Topology, *,
-           name: str = "") -> Report:
+           name: str = "") -> dryrun_report.Report:
     """`compile_train_step`'s report alone."""
     return compile_train_step(experiment, topology, name=name)[0]
 
-
-# --- output --------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = ("config", "topology", "mesh (data, fsdp, expert, model)", "form", "scan/remat",
-                 "compiled", "GiB/device: params+opt, temp, peak / HBM", "fits",
-                 "collectives per step", "est. step", "est. MFU", "compile")
-
-
-def _gib(value: float) -> str:
-    return f"{value / GIB:.3g}"
-
-
-def _collectives(report: Report) -> str:
-    return ", ".join(f"{kind} {c['per_step']}" for kind, c in report.collectives.items()) or "-"
-
-
-def table_row(report: Report) -> tuple[str, ...]:
-    """One report as a row of `TABLE_COLUMNS`."""
-    b = report.bytes
-    memory = steps = mfu = "-"
-    if b:
-        memory = ", ".join([_gib(b["parameters"] + b["optimizer"]),
-                            *(_gib(b[k]) if k in b else "?" for k in ("temporaries", "peak"))])
-        memory += f" / {_gib(report.hbm_bytes)}" if report.hbm_bytes else ""
-    fits = "-" if report.fits is None else ("yes" if report.fits else "**no**")
-    if report.estimate:
-        steps = f"{report.estimate['step_seconds']:.3g} s"
-        mfu = f"{100 * report.estimate['mfu']:.0f}%"
-    compile_time = f"{report.compile_seconds:.0f} s" if report.compile_seconds else "-"
-    return (report.config, report.topology, "x".join(str(v) for v in report.mesh.values()),
-            report.expert_parallel, f"{'scan' if report.scan_layers else 'unrolled'}/"
-            f"{report.remat_policy}", "yes" if report.compiled else "**no**", memory, fits,
-            _collectives(report) if report.compiled else "-", steps, mfu, compile_time)
-
-
-def markdown_table(reports: Sequence[Report]) -> str:
-    rows = [TABLE_COLUMNS, tuple("---" for _ in TABLE_COLUMNS),
-            *(table_row(r) for r in reports)]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
-
-
-def markdown(report: Report) -> str:
-    """The report as Markdown: the table row plus the details."""
-    lines = [f"# Dry run: {report.config or 'config'} on {report.topology}", "",
-             markdown_table([report]), ""]
-    if report.error:
-        lines += ["Compiler error:", "", "```", report.error, "```"]
-    if report.bytes:
-        lines += ["Per device: " + ", ".join(f"{k} {_gib(v)} GiB" for k, v in report.bytes.items())
-                  + (f"; HBM {_gib(report.hbm_bytes)} GiB" if report.hbm_bytes else "") + "."]
-        lines += [f"- {tip}" for tip in report.advice]
-    if report.compiled:
-        lines += ["", "| collective | instructions | per step | result GiB per step |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {c['instructions']} | {c['per_step']} | "
-                  f"{_gib(c['result_bytes_per_step'])} |" for k, c in report.collectives.items()]
-        lines += ["", f"XLA cost analysis per device: {report.xla_flops:.3g} FLOPs, "
-                  f"{report.xla_bytes_accessed:.3g} bytes accessed (loop bodies counted once); "
-                  f"model FLOPs per device and step (flops.count): {report.model_flops:.3g}."]
-    if report.estimate:
-        e = report.estimate
-        lines += ["", f"Estimate (a roofline from the {report.chip}'s published peak bf16 FLOP/s "
-                  f"and HBM bandwidth, moe_jax.topology.CHIPS; not a measurement): step >= "
-                  f"{e['step_seconds']:.3g} s (compute {e['compute_seconds']:.3g} s, HBM "
-                  f"{e['memory_seconds']:.3g} s), MFU <= {100 * e['mfu']:.1f}%."]
-    return "\n".join(lines) + "\n"
-
-
-def write(report: Report, path_stem: str) -> tuple[str, str]:
-    """Writes `path_stem`.json and .md; returns their paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(path_stem)), exist_ok=True)
-    paths = (path_stem + ".json", path_stem + ".md")
-    with open(paths[0], "w") as f:
-        f.write(report.to_json() + "\n")
-    with open(paths[1], "w") as f:
-        f.write(markdown(report))
-    return paths
-
-
-# --- command line --------------------------------------------------------------------------------
 
 def define_flags() -> None:
     schema.define_config_flag("Experiment config file[:member] to compile.")
@@ -334,8 +115,8 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(f"moe_jax.dryrun: {err}") from err
     stem = f"{os.path.basename(spec).replace('.py', '').replace(':', '_')}_" + \
         report.topology.replace(":", "_")
-    print(markdown(report))
-    print("wrote", *write(report, os.path.join(flags.FLAGS.output, stem)))
+    print(dryrun_report.markdown(report))
+    print("wrote", *dryrun_report.write(report, os.path.join(flags.FLAGS.output, stem)))
 
 
 if __name__ == "__main__":

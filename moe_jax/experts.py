@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax.grouped_matmul import grouped_matmul
+from moe_jax.kernels.grouped_matmul import grouped_matmul
 
 Array = jax.Array
 Params = dict[str, Array]
@@ -83,8 +83,8 @@ def grouped_ffn(params: Params, x: Array, group_sizes: Array, activation: str,
 
     params: wi [E, d, f], wo [E, f, d] (+ wi_gate); x: [M, d], rows of expert e contiguous and in
     expert order; group_sizes: [E] int32 rows per expert (sum <= M; later rows produce zeros).
-    `impl` and `partitioned` pick the grouped matmul (see `moe_jax.grouped_matmul`); dropout:
-    expert dropout on the hidden activations [M, f], if given.
+    `impl` and `partitioned` pick the grouped matmul (see `moe_jax.kernels.grouped_matmul`);
+    dropout: expert dropout on the hidden activations [M, f], if given.
     """
 
     def dot(a: Array, w: Array) -> Array:

@@ -1,6 +1,7 @@
 """Flax linen wrapper of the pure MoE layer: it only holds the parameters and calls `moe.apply`.
 
-Parameters carry logical axis names (see `LOGICAL_AXES`) that `moe_jax.sharding` maps to a mesh.
+Parameters carry logical axis names (see `LOGICAL_AXES`) that `moe_jax.parallel.sharding` maps
+to a mesh.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from moe_jax.config import MoeConfig
 
 Array = jax.Array
 
-# The variable collection of non-trainable layer state, and the sigmoid_bias router's bias in it
-# (moved by the train step with `routing.update_score_bias`, never by the optimizer).
+# The variable collection of the router's state (`moe.init_state`, e.g. the sigmoid_bias router's
+# "score_bias"): moved by the train step (`routing.Router.update_state`), never by the optimizer.
 STATE = "moe_state"
-SCORE_BIAS = "score_bias"
 # The collection (and name) of the per-token routing each call sows.
 ROUTING = "routing"
 
@@ -56,11 +56,11 @@ class MoeLayer(nn.Module):
       causal: whether the caller is autoregressive (`MoeConfig.check_causal`).
       dtype: activation dtype (e.g. bfloat16); the router always runs in `config.router_dtype`.
       param_dtype: parameter dtype.
-      sharding: the layer's `moe.Layout` on a mesh (`moe_jax.sharding.MoeSharding`); None: no
-        mesh.
+      sharding: the layer's `moe.Layout` on a mesh
+        (`moe_jax.parallel.expert_parallel.MoeSharding`); None: no mesh.
     Randomness (jitter, GShard random second expert, expert dropout) comes from the "router"
     rng stream.
-    The sigmoid_bias router's bias is the variable `SCORE_BIAS` of collection `STATE`. Each
+    The router's state (`moe.init_state`) is the variables of collection `STATE`. Each
     call sows its per-token routing (`routing.TokenRouting`) as `ROUTING` in the collection
     `ROUTING` (kept only when the caller makes that collection mutable).
     """
@@ -81,13 +81,12 @@ class MoeLayer(nn.Module):
             group, functools.partial(moe.PARAM_INITS[group], config=c, d_model=d_model,
                                      dtype=self.param_dtype))))
             for group in moe.param_groups(c)}
-        if c.router == "sigmoid_bias":
-            bias = self.variable(STATE, SCORE_BIAS, jnp.zeros, (c.num_experts,), jnp.float32)
-            params["router"][SCORE_BIAS] = bias.value
+        state = {name: self.variable(STATE, name, lambda value=value: value).value
+                 for name, value in moe.init_state(c).items()}
         rng = self.make_rng("router") if c.uses_rng(train) else None
         y, aux, tokens = moe.apply_with_routing(params, x.astype(self.dtype), c, train=train,
                                                 rng=rng, token_mask=token_mask,
-                                                sharding=self.sharding)
+                                                sharding=self.sharding, state=state)
         if self.is_mutable_collection(ROUTING) and not self.is_initializing():
             self.sow(ROUTING, ROUTING, tokens)
         return y, aux

@@ -10,7 +10,7 @@ path or gs://bucket/path, `moe_jax.storage`) holds the checkpoints, metrics and 
 and a rerun with the same workdir resumes.
 
 On a mesh: `--config.mesh.data=-1` (all devices, data parallel), `--config.mesh.expert=8
---config.mesh.expert_parallel=explicit`, ... (see `moe_jax.sharding.MeshConfig`). Several
+--config.mesh.expert_parallel=explicit`, ... (see `moe_jax.parallel.sharding.MeshConfig`). Several
 processes (hosts): start one per host with `--distributed` (or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment; auto-detected on Cloud TPU and SLURM);
 only process 0 prints and writes metrics.
@@ -31,7 +31,9 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from moe_jax import distributed, flops, schema, storage
+from moe_jax import cli, schema, storage
+from moe_jax.analysis import flops
+from moe_jax.parallel import distributed
 
 DEFAULT_RUNS_DIR = "runs"
 MAIN_JOB = (("dense", "dense.py:tiny"), ("switch", "switch.py:e8"))
@@ -79,12 +81,6 @@ def default_workdir(config_spec: str) -> str:
     return os.path.join(DEFAULT_RUNS_DIR, f"{stem}_{member}" if member else stem)
 
 
-def apply_settings(config: Any, settings: Mapping[str, Any]) -> Any:
-    """A copy of `config` with dotted-key settings ("train.batch_size": 8) applied, validated
-    (`schema.override`)."""
-    return schema.override(config, settings)
-
-
 def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -96,13 +92,7 @@ def comparison_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]]) -> str:
               flops.human(s["params_active"]), flops.human(s["forward_flops_per_token"]),
               flops.human(s["tokens_per_second"]), f"{s['wall_time_seconds']:.0f} s")
              for name, spec, s in rows]
-    widths = [max(len(r[i]) for r in [COLUMNS, *cells]) for i in range(len(COLUMNS))]
-
-    def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(COLUMNS), sep, *(line(r) for r in cells)])
+    return cli.markdown_table(COLUMNS, cells, aligned=True)
 
 
 def run_main_job(workdir: str, settings: Mapping[str, Any] = MAIN_JOB_SETTINGS
@@ -114,7 +104,7 @@ def run_main_job(workdir: str, settings: Mapping[str, Any] = MAIN_JOB_SETTINGS
     rows = []
     for name, spec in MAIN_JOB:
         _print(f"== {name}: {spec} -> {os.path.join(workdir, name)}")
-        config = apply_settings(schema.load_config(spec), settings)
+        config = schema.override(schema.load_config(spec), settings)
         rows.append((name, spec, train_and_evaluate(config, os.path.join(workdir, name))))
     _print()
     _print(comparison_table(rows))

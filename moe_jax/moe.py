@@ -1,7 +1,8 @@
 """The MoE feed-forward layer as pure functions: `init_params` and `apply`.
 
     params = init_params(key, config, d_model)
-    y, aux = apply(params, x, config, train=True, rng=key)
+    state = init_state(config)      # the router's state ({} for most routers), not parameters
+    y, aux = apply(params, x, config, train=True, rng=key, state=state)
     y, aux, tokens = apply_with_routing(params, x, config, train=False)   # + per-token routing
 
 Shape letters: N tokens in the call, G routing groups of T = N / G tokens, E experts, K choices,
@@ -10,7 +11,8 @@ C capacity, d model width, f expert width. One call reads top-down (`_layer`): r
 (`dispatch.py`, `experts.py`) -> shared experts.
 
 `Layout` is the layer's one seam to a mesh: the layer calls its five methods and never asks how
-it is laid out; `moe_jax.sharding.MoeSharding` implements them for expert parallelism.
+it is laid out; `moe_jax.parallel.expert_parallel.MoeSharding` implements them for expert
+parallelism.
 """
 
 from __future__ import annotations
@@ -26,19 +28,20 @@ from moe_jax.config import MoeConfig
 
 Array = jax.Array
 Params = dict[str, dict[str, Array]]
-# The layer on the tokens at hand: (params, x, rng, token_mask) -> (y, routing).
-LayerFn = Callable[[Params, Array, Array | None, Array | None], tuple[Array, routing.Routing]]
+# The layer on the tokens at hand: (params, router state, x, rng, token_mask) -> (y, routing).
+LayerFn = Callable[[Params, routing.State, Array, Array | None, Array | None],
+                   tuple[Array, routing.Routing]]
 
 
 class Layout:
     """Where the layer's arrays live. This default runs the layer on the arrays as given (one
     device, or wherever XLA's sharding propagation puts them)."""
 
-    def run(self, layer: LayerFn, params: Params, x: Array, rng: Array | None,
-            token_mask: Array | None, config: MoeConfig
+    def run(self, layer: LayerFn, params: Params, state: routing.State, x: Array,
+            rng: Array | None, token_mask: Array | None, config: MoeConfig
             ) -> tuple[Array, dict[str, Array], routing.TokenRouting]:
         """Runs `layer` and returns (y, statistics, per-token routing) for all tokens."""
-        y, routed = layer(params, x, rng, token_mask)
+        y, routed = layer(params, state, x, rng, token_mask)
         return y, routed.statistics, routed.tokens
 
     def constrain_tokens(self, grouped: Array) -> Array:
@@ -68,18 +71,13 @@ class Layout:
 LOCAL = Layout()
 
 
-def router_outputs(config: MoeConfig) -> int:
-    """Columns of the router kernel: E, or E * slots_per_expert for Soft MoE's slot logits."""
-    if config.router == "soft":
-        return config.num_experts * config.slots_per_expert
-    return config.num_experts
-
-
 def init_router(key: Array, config: MoeConfig, d_model: int,
                 dtype: jnp.dtype = jnp.float32) -> dict[str, Array]:
-    """{"kernel": [d, E]}: truncated normal, fan-in scaled by `init_scale`."""
+    """{"kernel": [d, E]} (Soft MoE: [d, E * slots_per_expert], the router's `num_logits`):
+    truncated normal, fan-in scaled by `init_scale`."""
     init = jax.nn.initializers.variance_scaling(config.init_scale, "fan_in", "truncated_normal")
-    return {"kernel": init(key, (d_model, router_outputs(config)), dtype)}
+    columns = routing.ROUTERS[config.router].num_logits(config)
+    return {"kernel": init(key, (d_model, columns), dtype)}
 
 
 def init_experts(key: Array, config: MoeConfig, d_model: int,
@@ -117,17 +115,18 @@ def param_groups(config: MoeConfig) -> tuple[str, ...]:
 
 def init_params(key: Array, config: MoeConfig, d_model: int,
                 dtype: jnp.dtype = jnp.float32) -> Params:
-    """Parameters of one MoE layer, one entry per `param_groups` group (see `PARAM_INITS`),
-    plus the router's non-trainable `score_bias` [E] for the sigmoid_bias router. `score_bias`
-    is state, not a parameter: `apply` stops its gradient, and the training step must exclude
-    it from the optimizer and update it with `routing.update_score_bias`.
-    """
+    """Parameters of one MoE layer, one entry per `param_groups` group (see `PARAM_INITS`)."""
     keys = dict(zip(PARAM_INITS, jax.random.split(key, len(PARAM_INITS)), strict=True))
-    params = {group: PARAM_INITS[group](keys[group], config, d_model, dtype)
-              for group in param_groups(config)}
-    if config.router == "sigmoid_bias":
-        params["router"]["score_bias"] = jnp.zeros((config.num_experts,), dtype)
-    return params
+    return {group: PARAM_INITS[group](keys[group], config, d_model, dtype)
+            for group in param_groups(config)}
+
+
+def init_state(config: MoeConfig) -> routing.State:
+    """The router's initial state (`routing.Router.init_state`; {} for a stateless router), e.g.
+    the sigmoid_bias router's `score_bias` [E]. It is not a parameter: the optimizer never sees
+    it; the train step moves it (`Router.update_state`)."""
+    init = routing.ROUTERS[config.router].init_state
+    return {} if init is None else init(config)
 
 
 def _check_input(params: Params, x: Array, config: MoeConfig, rng: Array | None,
@@ -170,7 +169,7 @@ def router_logits(params: Params, x: Array, config: MoeConfig, *, train: bool,
 
 def apply_with_routing(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
                        rng: Array | None = None, token_mask: Array | None = None,
-                       sharding: Layout | None = None
+                       sharding: Layout | None = None, state: routing.State | None = None
                        ) -> tuple[Array, dict[str, Array], routing.TokenRouting]:
     """`apply`, plus each token's routing (`routing.TokenRouting`, [N, ...] with N = the tokens
     of x in order): the routing distribution, the chosen experts, gates and kept flags."""
@@ -180,12 +179,13 @@ def apply_with_routing(params: Params, x: Array, config: MoeConfig, *, train: bo
                          f"{x.shape[:-1]} (one flag per token).")
     layout = sharding or LOCAL
     layer = functools.partial(_layer, config=config, train=train, layout=layout)
-    return layout.run(layer, params, x, rng, token_mask, config)
+    return layout.run(layer, params, state or {}, x, rng, token_mask, config)
 
 
 def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
           rng: Array | None = None, token_mask: Array | None = None,
-          sharding: Layout | None = None) -> tuple[Array, dict[str, Array]]:
+          sharding: Layout | None = None, state: routing.State | None = None
+          ) -> tuple[Array, dict[str, Array]]:
     """MoE feed-forward: x [batch, seq, d] or [tokens, d] -> (y of x's shape, aux).
 
     token_mask: bool of x's shape without d (e.g. `segment_ids > 0`); masked tokens (padding)
@@ -193,15 +193,18 @@ def apply(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
     aux: `routing.STATISTICS` (float32; means over the unmasked tokens, the balance loss per
     routing group, then averaged over groups weighted by their unmasked tokens).
     Drops contribute nothing: the token passes only through the caller's residual.
-    `sharding` lays the layer out on a mesh (a `Layout`, e.g. `moe_jax.sharding.MoeSharding`).
+    state: the router's state (`init_state`; None: its initial value where it has one, e.g. a
+    zero score bias). `sharding` lays the layer out on a mesh (a `Layout`, e.g.
+    `moe_jax.parallel.expert_parallel.MoeSharding`).
     """
     y, aux, _ = apply_with_routing(params, x, config, train=train, rng=rng,
-                                   token_mask=token_mask, sharding=sharding)
+                                   token_mask=token_mask, sharding=sharding, state=state)
     return y, aux
 
 
-def _layer(params: Params, x: Array, rng: Array | None, token_mask: Array | None, *,
-           config: MoeConfig, train: bool, layout: Layout) -> tuple[Array, routing.Routing]:
+def _layer(params: Params, state: routing.State, x: Array, rng: Array | None,
+           token_mask: Array | None, *, config: MoeConfig, train: bool, layout: Layout
+           ) -> tuple[Array, routing.Routing]:
     """The layer on the tokens at hand (all of them, or one device's): route, run the experts
     on the routed tokens, add the shared experts."""
     group = _check_input(params, x, config, rng, train)
@@ -215,7 +218,7 @@ def _layer(params: Params, x: Array, rng: Array | None, token_mask: Array | None
                                            else (None, None, None))
     logits = router_logits(params, tokens, config, train=train, rng=jitter_key)
     routed = routing.route(logits, config, num_groups=n // group, train=train, token_mask=mask,
-                           score_bias=params["router"].get("score_bias"), rng=policy_key)
+                           state=state, rng=policy_key)
     dropout = (experts.Dropout(config.expert_dropout, dropout_key)
                if train and config.expert_dropout > 0 else None)
     y = _run_experts(params, tokens, routed, config, layout, n // group,

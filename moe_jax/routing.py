@@ -13,8 +13,12 @@ analyses all call it (through the layer) and read its `Routing`:
 - `statistics`: the router's losses and load statistics (`STATISTICS` says how each combines over
   devices, micro-batches and evaluation batches).
 
-The per-group functions below `route` are pure and work on router *probabilities* (or scores),
-so they can be tested with hand-made numbers.
+`ROUTERS` is the table of routers by name (`MoeConfig.router`): a new router is one function
+that decides the routing of a call (`Decision`) and one `Router` entry. Token-choice routers
+return each token's choices; `route` then assigns capacity slots and computes the statistics.
+
+The per-group functions below are pure and work on router *probabilities* (or scores), so they
+can be tested with hand-made numbers.
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moe_jax import losses
-from moe_jax.config import MoeConfig
+
+if TYPE_CHECKING:  # annotations only: moe_jax.config, above this module, reads `ROUTERS`
+    from moe_jax.config import MoeConfig
 
 Array = jax.Array
+State = dict[str, Array]  # a router's state, kept beside the parameters (e.g. "score_bias")
 
 # The statistics of `route`, and how measurements on several parts (devices, micro-batches,
 # logged steps, evaluation batches, layers) combine: "mean" (token-weighted) or "max".
@@ -144,14 +151,15 @@ class Routing:
 
 
 def route(logits: Array, config: MoeConfig, *, num_groups: int, train: bool,
-          token_mask: Array | None = None, score_bias: Array | None = None,
+          token_mask: Array | None = None, state: State | None = None,
           rng: Array | None = None) -> Routing:
     """Routes N tokens in `num_groups` groups of T = N / G consecutive tokens.
 
     logits: [N, E] router logits (Soft MoE: [N, S]), divided by `MoeConfig.temperature`;
     token_mask: [N] bool, False tokens (padding) take no slot and count in no statistic;
-    score_bias: [E], the sigmoid_bias router's balancing bias; rng: GShard's random second
-    expert (training only). Capacity (`MoeConfig.capacity`) and the balance loss are per group.
+    state: the router's state (`Router.init_state`, e.g. sigmoid_bias's balancing bias);
+    rng: GShard's random second expert (training only). Capacity (`MoeConfig.capacity`) and the
+    balance loss are per group.
     """
     n = logits.shape[0]
     mask = jnp.ones((n,), bool) if token_mask is None else token_mask
@@ -161,33 +169,30 @@ def route(logits: Array, config: MoeConfig, *, num_groups: int, train: bool,
     max_logit = jnp.max(jnp.where(mask[:, None], scaled, -jnp.inf).astype(jnp.float32))
     statistics = {"router_z_loss": losses.router_z_loss(scaled, weights),
                   "max_router_logit": jax.lax.stop_gradient(max_logit)}
-    groups = functools.partial(_per_group, num_groups=num_groups)
-    slots = soft = None
-    if config.router == "soft":
-        dispatch_w, combine_w = map_groups(soft_weights, groups(scaled), groups(mask))
-        soft = (dispatch_w, combine_w)
-        tokens = TokenRouting(logits, combine_w.reshape(n, -1), None, config.num_experts)
-        statistics |= _mixing_statistics(tokens, None, weights, config.top_k)
-    elif config.router == "expert_choice":
-        probs = jax.nn.softmax(scaled, axis=-1)
-        capacity = min(config.capacity(n // num_groups, train=train), n // num_groups)
-        slots = map_groups(lambda p, m: route_expert_choice(p, capacity, m), groups(probs),
-                           groups(mask))
-        tokens = TokenRouting(logits, probs, None, config.num_experts)
-        statistics |= _mixing_statistics(tokens, slots, weights, config.top_k)
-    else:
-        choice, probs = _choose(scaled, config, train=train, rng=rng, score_bias=score_bias)
+    decided = ROUTERS[config.router].decide(scaled, mask, config, num_groups=num_groups,
+                                            train=train, state=state or {}, rng=rng)
+    choice, slots = decided.choice, decided.slots
+    if choice is not None:
         choice = dataclasses.replace(choice, keep=choice.keep & mask[:, None])
         if config.dispatch != "dropless":
-            capacity = config.capacity(n // num_groups, train=train)
-            slots = map_groups(
-                lambda ch, p: assign_slots(ch, capacity, config.num_experts,
-                                           config.drop_priority, p),
-                jax.tree.map(groups, choice), groups(jnp.max(probs, axis=-1)))
+            slots = _assign_capacity(choice, decided.probs, config, num_groups, train)
             choice = dataclasses.replace(choice, keep=slots.kept.reshape(n, config.top_k))
-        tokens = TokenRouting(logits, probs, choice, config.num_experts)
+    tokens = TokenRouting(logits, decided.probs, choice, config.num_experts)
+    if choice is not None:
         statistics |= _token_choice_statistics(tokens, weights, num_groups)
-    return Routing(tokens, slots, soft, statistics, jnp.sum(weights))
+    else:
+        statistics |= _mixing_statistics(tokens, slots, weights, config.top_k)
+    return Routing(tokens, slots, decided.soft_weights, statistics, jnp.sum(weights))
+
+
+def _assign_capacity(choice: TokenChoice, probs: Array, config: MoeConfig, num_groups: int,
+                     train: bool) -> Slots:
+    """[G, E, C] slots of the [N, K] token choices, group by group (`assign_slots`)."""
+    groups = functools.partial(_per_group, num_groups=num_groups)
+    capacity = config.capacity(probs.shape[0] // num_groups, train=train)
+    return map_groups(
+        lambda ch, p: assign_slots(ch, capacity, config.num_experts, config.drop_priority, p),
+        jax.tree.map(groups, choice), groups(jnp.max(probs, axis=-1)))
 
 
 def _per_group(a: Array, num_groups: int) -> Array:
@@ -204,22 +209,6 @@ def map_groups(fn: Callable, *args: Any) -> Any:
     if jax.tree.leaves(args)[0].shape[0] == 1:
         return jax.tree.map(lambda a: a[None], fn(*jax.tree.map(lambda a: a[0], args)))
     return jax.vmap(fn)(*args)
-
-
-def _choose(logits: Array, config: MoeConfig, *, train: bool, rng: Array | None,
-            score_bias: Array | None) -> tuple[TokenChoice, Array]:
-    """Token choice before capacity: ([N, K] choice, [N, E] routing distribution)."""
-    k = config.top_k
-    if config.router == "sigmoid_bias":
-        scores = jax.nn.sigmoid(logits)
-        bias = jnp.zeros((config.num_experts,), scores.dtype) if score_bias is None else score_bias
-        choice = route_sigmoid_bias(scores, bias, k)
-        return choice, scores / jnp.sum(scores, axis=-1, keepdims=True)
-    probs = jax.nn.softmax(logits, axis=-1)
-    choice = route_top_k(probs, k, renormalize=config.renormalize_gates)
-    if train and config.second_expert_policy == "random":
-        choice = random_second_expert(choice, jax.random.uniform(rng, (logits.shape[0],)))
-    return choice, probs
 
 
 def _token_choice_statistics(tokens: TokenRouting, weights: Array,
@@ -398,3 +387,113 @@ def update_score_bias(bias: Array, assignment_fraction: Array, rate: float) -> A
     """
     mean = jnp.mean(assignment_fraction)
     return bias + rate * jnp.sign(mean - assignment_fraction).astype(bias.dtype)
+
+
+# --- the routers ---------------------------------------------------------------------------------
+
+class Decision(NamedTuple):
+    """What a router decides for the N tokens of a call (`Router.decide`).
+
+    probs: [N, E] the routing distribution (soft: [N, S] combine weights over the slots).
+    choice: [N, K] each token's choices before capacity (`route` assigns the slots); None where
+      tokens do not choose.
+    slots: [G, E, C] the slots of a router that fills them itself (expert choice), else None.
+    soft_weights: Soft MoE's (dispatch, combine) weights, each [G, T, S]; None otherwise.
+    """
+
+    probs: Array
+    choice: TokenChoice | None = None
+    slots: Slots | None = None
+    soft_weights: tuple[Array, Array] | None = None
+
+
+def _top_k(logits: Array, mask: Array, config: MoeConfig, *, num_groups: int, train: bool,
+           state: State, rng: Array | None) -> Decision:
+    """Softmax top-k (`route_top_k`), with GShard's random second expert in training."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    choice = route_top_k(probs, config.top_k, renormalize=config.renormalize_gates)
+    if train and config.second_expert_policy == "random":
+        choice = random_second_expert(choice, jax.random.uniform(rng, (logits.shape[0],)))
+    return Decision(probs, choice)
+
+
+def _sigmoid_bias(logits: Array, mask: Array, config: MoeConfig, *, num_groups: int,
+                  train: bool, state: State, rng: Array | None) -> Decision:
+    """DeepSeek-V3 (`route_sigmoid_bias`) with the bias `state["score_bias"]` (zero if absent);
+    the distribution is the sigmoid scores normalised over experts."""
+    scores = jax.nn.sigmoid(logits)
+    bias = state["score_bias"] if "score_bias" in state else jnp.zeros((config.num_experts,),
+                                                                       scores.dtype)
+    choice = route_sigmoid_bias(scores, bias, config.top_k)
+    return Decision(scores / jnp.sum(scores, axis=-1, keepdims=True), choice)
+
+
+def _expert_choice(logits: Array, mask: Array, config: MoeConfig, *, num_groups: int,
+                   train: bool, state: State, rng: Array | None) -> Decision:
+    """Expert choice (`route_expert_choice`) in each group, capacity at most the group."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    group = logits.shape[0] // num_groups
+    capacity = min(config.capacity(group, train=train), group)
+    slots = map_groups(lambda p, m: route_expert_choice(p, capacity, m),
+                       _per_group(probs, num_groups), _per_group(mask, num_groups))
+    return Decision(probs, slots=slots)
+
+
+def _soft(logits: Array, mask: Array, config: MoeConfig, *, num_groups: int, train: bool,
+          state: State, rng: Array | None) -> Decision:
+    """Soft MoE (`soft_weights`) in each group."""
+    dispatch_w, combine_w = map_groups(soft_weights, _per_group(logits, num_groups),
+                                       _per_group(mask, num_groups))
+    return Decision(combine_w.reshape(logits.shape[0], -1), soft_weights=(dispatch_w, combine_w))
+
+
+def _score_bias(config: MoeConfig) -> State:
+    return {"score_bias": jnp.zeros((config.num_experts,), jnp.float32)}
+
+
+def _move_score_bias(state: State, assignment_fraction: Array, config: MoeConfig) -> State:
+    return {**state, "score_bias": update_score_bias(state["score_bias"], assignment_fraction,
+                                                     config.bias_update_rate)}
+
+
+def _num_experts(config: MoeConfig) -> int:
+    return config.num_experts
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+    """An entry of `ROUTERS`: how a router routes, and what the layer, the config's checks and
+    the train step need to know of it.
+
+    decide: (logits, mask, config, *, num_groups, train, state, rng) -> `Decision`, from the
+      logits divided by the router temperature ([N, E]; soft: [N, S]) and the [N] bool mask.
+    token_choice: each token chooses its experts; False: the router mixes the tokens of a
+      group, so a token's output depends on later tokens (not causal).
+    dispatches: the `MoeConfig.dispatch` values it runs with (None: all); `why`: why not others.
+    num_logits: router logits per token (columns of the router kernel) of a config.
+    init_state: config -> the router's initial `State`, kept beside the parameters and never
+      seen by the optimizer; None: stateless.
+    update_state: (state, assignment_fraction [E], config) -> state, applied by the train step
+      after each optimizer step; None: the state does not move.
+    """
+
+    decide: Callable[..., Decision]
+    token_choice: bool = True
+    dispatches: tuple[str, ...] | None = None
+    why: str = ""
+    num_logits: Callable[[MoeConfig], int] = _num_experts
+    init_state: Callable[[MoeConfig], State] | None = None
+    update_state: Callable[[State, Array, MoeConfig], State] | None = None
+
+
+ROUTERS: dict[str, Router] = {
+    "top_k": Router(_top_k),
+    "expert_choice": Router(_expert_choice, token_choice=False, dispatches=("einsum", "gather"),
+                            why="expert choice fills a fixed capacity by construction, and "
+                            "dropless needs token-choice routing"),
+    "soft": Router(_soft, token_choice=False, dispatches=("einsum",),
+                   why="Soft MoE mixes all tokens into every slot, which is a dense einsum",
+                   num_logits=lambda c: c.num_experts * c.slots_per_expert),
+    "sigmoid_bias": Router(_sigmoid_bias, init_state=_score_bias,
+                           update_state=_move_score_bias),
+}

@@ -36,7 +36,7 @@ from moe_jax import storage
 from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
 from moe_jax.models.config import ModelConfig, check_compatible
-from moe_jax.sharding import MeshConfig
+from moe_jax.parallel.sharding import MeshConfig
 from moe_jax.train.config import InitConfig, MonitorConfig, TrainConfig
 
 

@@ -20,7 +20,6 @@ rerun is needed), and the Notebooks section of the top-level README.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+from absl import flags
+
+from moe_jax import cli
 
 GITHUB_REPO = "OWNER/moe_jax"  # set at publication: the GitHub "owner/name" of the repository
 BRANCH = "main"
@@ -145,9 +147,9 @@ def execute(nb: nbformat.NotebookNode, cwd: Path = NOTEBOOKS_DIR,
 
 
 def readme_block() -> str:
-    lines = [README_BEGIN, "", "| notebook | what |", "| --- | --- |"]
-    lines += [f"| {badge(name)} `notebooks/{name}.ipynb` | {TITLES[name]} |" for name in NOTEBOOKS]
-    return "\n".join([*lines, "", README_END])
+    table = cli.markdown_table(["notebook", "what"], [
+        [f"{badge(name)} `notebooks/{name}.ipynb`", TITLES[name]] for name in NOTEBOOKS])
+    return "\n".join([README_BEGIN, "", table, "", README_END])
 
 
 def write_readme(path: Path = README) -> None:
@@ -166,23 +168,27 @@ def check() -> list[str]:
             or sources(nbformat.read(path_of(name), as_version=4)) != sources(notebook(name))]
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_bool("execute", False, "execute the notebooks named after the flags (none "
+                      f"named: all of {list(NOTEBOOKS)})", flag_values=values)
+    flags.DEFINE_bool("check", False, "write nothing; exit 1 when a .ipynb differs from its .py "
+                      "source", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--execute", nargs="*", metavar="NAME", default=None,
-                        help=f"execute these notebooks (none named: all of {list(NOTEBOOKS)})")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 when a .ipynb differs from its .py source")
-    args = parser.parse_args(argv)
+    args, names = cli.parse_flags(define_flags, argv, __doc__, positional="[NAME ...]")
+    if names and not args.execute:
+        cli.usage_error(f"notebook names {names} need --execute")
     if args.check:
         stale = check()
         for name in stale:
             print(f"notebooks/{name}.ipynb differs from notebooks/{name}.py: run "
                   "`python notebooks/build.py`")
         return 1 if stale else 0
-    to_run = list(NOTEBOOKS) if args.execute == [] else (args.execute or [])
+    to_run = (names or list(NOTEBOOKS)) if args.execute else []
     unknown = [n for n in to_run if n not in NOTEBOOKS]
     if unknown:
-        parser.error(f"unknown notebook {unknown[0]!r}; use names from {list(NOTEBOOKS)}")
+        cli.usage_error(f"unknown notebook {unknown[0]!r}; use names from {list(NOTEBOOKS)}")
     for name in NOTEBOOKS:
         if set_repository(name):
             print(f"set the repository of {source_of(name).name} to {GITHUB_REPO} ({BRANCH})")

@@ -20,10 +20,10 @@
 #
 # Lay one MoE layer out on a (data, expert, model) mesh: see which device holds which experts, find
 # the all-to-all in the compiled HLO, and compare the two expert-parallel forms of
-# `moe_jax.sharding`: `gspmd` (sharding constraints, XLA inserts the collectives; GShard) and
-# `explicit` (`jax.shard_map` with two hand-written `jax.lax.all_to_all`s). Without a TPU the 8
-# devices are simulated on the CPU, which is enough to check the plumbing but says nothing about
-# speed.
+# `moe_jax.parallel.expert_parallel`: `gspmd` (sharding constraints, XLA inserts the collectives;
+# GShard) and `explicit` (`jax.shard_map` with two hand-written `jax.lax.all_to_all`s). Without a
+# TPU the 8 devices are simulated on the CPU, which is enough to check the plumbing but says nothing
+# about speed.
 #
 # Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first).
 # **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test
@@ -95,7 +95,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jax.sharding import NamedSharding
 
-from moe_jax import MoeConfig, moe, sharding
+from moe_jax import MoeConfig, moe
+from moe_jax.parallel import expert_parallel, sharding
 
 n = len(jax.devices())
 MESH_SHAPE = (2, 4, 1) if n >= 8 else (1, n, 1)
@@ -116,8 +117,8 @@ x = jax.random.normal(jax.random.key(1), (batch_shards * tokens_per_device, d_mo
 
 def place(params, x, form):
     """Params with experts on the expert axis (router replicated), tokens over the batch."""
-    layout = sharding.MoeSharding(mesh, form=form)
-    specs = sharding.expert_param_specs(params, layout)
+    layout = expert_parallel.MoeSharding(mesh, form=form)
+    specs = expert_parallel.expert_param_specs(params, layout)
     placed = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
     return layout, placed, jax.device_put(x, NamedSharding(mesh, layout.token_spec))
 

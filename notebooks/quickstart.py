@@ -166,7 +166,7 @@ with contextlib.redirect_stdout(io.StringIO()):
 import tempfile
 
 from moe_jax import schema
-from moe_jax.main import MAIN_JOB, MAIN_JOB_SETTINGS, apply_settings, comparison_table
+from moe_jax.main import MAIN_JOB, MAIN_JOB_SETTINGS, comparison_table
 from moe_jax.train.loop import train_and_evaluate
 from moe_jax.train.metrics import read_metrics
 
@@ -181,7 +181,7 @@ runs_dir = tempfile.mkdtemp(prefix="moe_jax_quickstart_")
 rows = []
 for name, spec in MAIN_JOB:
     print(f"== {name}: configs/{spec}")
-    config = apply_settings(schema.load_config(spec), settings)
+    config = schema.override(schema.load_config(spec), settings)
     rows.append((name, spec, train_and_evaluate(config, os.path.join(runs_dir, name))))
 print(comparison_table(rows))
 

@@ -22,8 +22,8 @@
 # of 8 SwiGLU experts, dropless), then look at its routers on the validation batches: expert use per
 # domain (code, prose, math) and per byte class, the per-layer router entropy, and how many
 # assignments a capacity-limited dispatch would drop at each evaluation capacity factor. The
-# analysis is `experiments/suites/routing_stats.py`, the same code as the `routing_analysis` suite,
-# and so are the first three figures.
+# analysis is `experiments/analyses/routing_stats.py`, the same code as the `routing_analysis`
+# suite, and so are the first three figures.
 #
 # Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first).
 # **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test
@@ -97,7 +97,8 @@ with contextlib.redirect_stdout(io.StringIO()):
 import json
 import tempfile
 
-from experiments.suites import routing_analysis, routing_stats
+from experiments.analyses import routing_stats
+from experiments.suites import routing_analysis
 from moe_jax.train.loop import train_and_evaluate
 
 RESTORE_FROM = os.environ.get("MOE_JAX_ROUTING_WORKDIR", "")  # or a run directory
@@ -126,7 +127,7 @@ else:
 # %%
 from IPython.display import Image, display
 
-from experiments.suites.results import Results
+from experiments.library.results import Results
 
 # %matplotlib inline
 

@@ -20,8 +20,8 @@
 #
 # The committed results of the paper-reproduction suites (`experiments/results/<suite>/tiny.json`,
 # written by `python -m experiments.run`), drawn with the suites' own figures and tables
-# (`experiments/report.py`), and the FLOP/parameter tables of the paper-scale configs. Nothing is
-# trained here; fast mode changes nothing.
+# (`experiments/analyses/report.py`), and the FLOP/parameter tables of the paper-scale configs.
+# Nothing is trained here; fast mode changes nothing.
 #
 # Runs on a fresh Colab runtime (CPU, GPU or TPU) and in a local clone (`pip install -e .` first).
 # **Fast mode:** set the environment variable `MOE_JAX_FAST=1` to shrink steps and data (the test
@@ -77,8 +77,9 @@ print("mode:", "fast (MOE_JAX_FAST=1: few steps, small data)" if FAST else
 # %%
 from IPython.display import Image, Markdown, display
 
-from experiments import report, suites
-from experiments.suites.results import Results
+from experiments import suites
+from experiments.analyses import report
+from experiments.library.results import Results
 
 # %matplotlib inline
 
@@ -110,7 +111,7 @@ for name, loaded in found.items():
 # %%
 import tempfile
 
-from experiments.suites import plots
+from experiments.library import plots
 
 figures_dir = tempfile.mkdtemp(prefix="moe_jax_figures_")
 plots.DPI = 90  # the report writes 130 dpi; smaller PNGs keep this notebook light
@@ -130,7 +131,7 @@ def show_suite(name):
                      + report.results_table(results, suite.columns or report.BASE_COLUMNS)))
     claims, _ = report.claims_table(suite, results)
     display(Markdown("Paper claims (verdict: sign of the estimate beyond 2 standard errors "
-                     "over seeds, `experiments/suites/stats.py`):\n\n" + claims))
+                     "over seeds, `experiments/library/stats.py`):\n\n" + claims))
     for figure in suite.figures:
         path = os.path.join(figures_dir, f"{name}_{figure.name}.png")
         figure.draw(results, path)
@@ -158,7 +159,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from experiments.suites import plots
+from experiments.library import plots
 
 
 def loss_vs_params(results):
@@ -206,11 +207,12 @@ for name in suites.SUITES:
 # ## FLOPs and parameters at paper scale
 #
 # The `switch_scaling` members at the paper's scale (T5-Base width, not run here), and the published
-# MoE models of `configs/published/` (the same tables as `python -m moe_jax.flops --family=...`;
-# forward FLOPs per token, training = 3x).
+# MoE models of `configs/published/` (the same tables as
+# `python -m moe_jax.analysis.flops --family=...`; forward FLOPs per token, training = 3x).
 
 # %%
-from moe_jax import flops, schema
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 display(Markdown("**switch_scaling, paper scale**\n\n"
                  + report.flops_table(suites.get("switch_scaling"), "paper")))

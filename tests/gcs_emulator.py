@@ -19,14 +19,18 @@ storage-control API, which the emulator does not serve, for each bucket's layout
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
+
+from absl import flags
+
+from moe_jax import cli
 
 _local = threading.local()  # the ifGenerationMatch of the request being handled
 
@@ -148,11 +152,13 @@ def start(bucket: str, port: int | None = None, host: str = "127.0.0.1") -> tupl
     return server, f"http://{host}:{port}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=9023)
-    parser.add_argument("--bucket", default="moe-jax-test")
-    args = parser.parse_args()
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_integer("port", 9023, "the port to serve on", flag_values=values)
+    flags.DEFINE_string("bucket", "moe-jax-test", "the bucket to create", flag_values=values)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     server, url = start(args.bucket, args.port)
     exports = " ".join(f"{k}={v}" for k, v in environment(url).items())
     print(f"Cloud Storage emulator at {url} with bucket gs://{args.bucket}; in another shell:\n"

@@ -1,18 +1,20 @@
 """The train benchmark suite: fields of a timed step, MFU peaks, ratios, and its Markdown table.
 Wall-clock figures are only checked to be positive."""
 
+import json
+
 import pytest
 
 from experiments.benchmarks import run, train
-from moe_jax import flops, schema
-from moe_jax.main import apply_settings
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 
 @pytest.fixture(scope="module")
 def switch_row():
     """The tiny Switch model, cut to 2 blocks (one sparse) to compile fast, its train step timed
     over 2 steps on 2-row batches."""
-    config = apply_settings(train.scale_config("switch.py:e8", "tiny", batch_size=2),
+    config = schema.override(train.scale_config("switch.py:e8", "tiny", batch_size=2),
                             {"model.num_layers": 2})
     row = train.time_train_step(config, steps=2, warmup=1)
     return config, {**row, "scale": "tiny", "model": "switch_e8", "config": "switch.py:e8",
@@ -211,7 +213,7 @@ def test_quantized_change_standard_error_is_the_ratio_estimators():
 def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
     import subprocess
 
-    from experiments.provenance import git_commit
+    from experiments.library.provenance import git_commit
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
@@ -227,3 +229,21 @@ def test_git_commit_says_when_tracked_files_differ_from_it(tmp_path):
     assert git_commit(tmp_path) == clean
     (tmp_path / "f.py").write_text("a = 2\n")
     assert git_commit(tmp_path) == clean + "+uncommitted changes"
+
+
+@pytest.mark.slow
+def test_suite_throughput_times_members_interleaved_and_refuses_to_overwrite(tmp_path, capsys):
+    from experiments.benchmarks import suite_throughput
+
+    out = tmp_path / "tiny_throughput.json"
+    argv = ["--suite=switch_scaling", "--scale=tiny", "--members=dense,switch_e4", "--rounds=2",
+            "--steps=1", "--warmup=0", f"--out={out}"]
+    suite_throughput.main(argv)
+    result = json.loads(out.read_text())
+    assert [r["member"] for r in result["rows"]] == ["dense", "switch_e4"]
+    for row in result["rows"]:
+        assert len(row["rounds_tokens_per_s"]) == 2
+        assert row["min_tokens_per_s"] <= row["tokens_per_s"] <= row["max_tokens_per_s"]
+    assert (tmp_path / "tiny_throughput.md").exists()
+    with pytest.raises(SystemExit, match="exists"):
+        suite_throughput.main(argv)

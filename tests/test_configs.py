@@ -7,10 +7,11 @@ import dataclasses
 import ml_collections
 import pytest
 
-from moe_jax import MoeConfig, objective, schema, validation
+from moe_jax import MoeConfig, fields, schema
 from moe_jax.data import DataConfig
 from moe_jax.models import ModelConfig
-from moe_jax.sharding import MeshConfig
+from moe_jax.parallel.sharding import MeshConfig
+from moe_jax.train import objective
 from moe_jax.train.config import TrainConfig
 
 
@@ -126,7 +127,7 @@ def test_experiment_is_a_typed_dataclass_and_sections_come_from_it():
 ])
 def test_every_section_reports_bad_values_in_one_shape(cls, field, value, message):
     """<Class>.<field>=<value> <what is wrong>[; <fix>]. (one `validation` module for all)."""
-    with pytest.raises(validation.ConfigError, match=message):
+    with pytest.raises(fields.ConfigError, match=message):
         cls(**{field: value})
 
 
@@ -145,7 +146,7 @@ def test_configs_resolve_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_dense_scales():
-    from moe_jax import flops
+    from moe_jax.analysis import flops
 
     tiny = flops.count(schema.load_config("dense.py:tiny")).total_params
     small = flops.count(schema.load_config("dense.py:small")).total_params

@@ -7,8 +7,6 @@ import importlib.util
 
 import pytest
 
-from moe_jax.main import apply_settings
-
 pytestmark = [
     pytest.mark.slow,  # two TPU compilations, ~1 minute of CPU
     pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -18,6 +16,7 @@ pytestmark = [
 
 def test_dropless_train_step_for_tpu_runs_megablox_and_ragged_all_to_all():
     from experiments.benchmarks import dropless_tpu
+    from moe_jax import schema
 
     try:
         devices = dropless_tpu.tpu_devices("v5p:2x2x1")
@@ -28,9 +27,9 @@ def test_dropless_train_step_for_tpu_runs_megablox_and_ragged_all_to_all():
     base = dropless_tpu.base_config(len(devices), batch_size=4, **{"model.num_layers": 1})
     variants = dropless_tpu.VARIANTS
     dropless = dropless_tpu.variant_report(
-        apply_settings(base, variants["dropless_explicit"]), devices)
+        schema.override(base, variants["dropless_explicit"]), devices)
     capacity = dropless_tpu.variant_report(
-        apply_settings(base, variants["capacity_gather_explicit"]), devices)
+        schema.override(base, variants["capacity_gather_explicit"]), devices)
     # one block: forward gmm for wi, wi_gate, wo; backward gmm (input gradients) and tgmm
     assert dropless["mosaic_kernels"] == {"gmm": 6, "tgmm": 3}
     assert dropless["ragged_all_to_alls"] >= 2  # there and back (and their transposes)

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from moe_jax import compiled, dryrun, flops, schema, topology
-from moe_jax.main import apply_settings
+from moe_jax import dryrun, schema
+from moe_jax.analysis import compiled_hlo, dryrun_report, flops, topology
 
 needs_libtpu = pytest.mark.skipif(
     not topology.libtpu_installed(),
@@ -29,7 +29,7 @@ TINY = {"model.d_model": 64, "model.num_layers": 4, "model.num_heads": 2, "model
 
 
 def config(**settings):
-    return apply_settings(schema.load_config(SWITCH), {**TINY, **settings})
+    return schema.override(schema.load_config(SWITCH), {**TINY, **settings})
 
 
 def experiment(**settings):
@@ -60,7 +60,7 @@ def test_cpu_dryrun_bytes_match_the_parameter_count():
     assert result.bytes["temporaries"] > 0 and result.bytes["peak"] > result.bytes["parameters"]
     assert "all-gather" in result.collectives  # fsdp gathers the weights where they are used
     executable = compiled_step("cpu:8", 8, 1, "gspmd")[1]  # what the report was read from
-    assert compiled.collective_counts(executable.as_text())[0]["all-gather"].per_step == \
+    assert compiled_hlo.collective_counts(executable.as_text())[0]["all-gather"].per_step == \
         result.collectives["all-gather"]["per_step"]
     assert result.model_flops == pytest.approx(
         count.training_flops_per_token * 8 * 32 / 8, rel=1e-6)
@@ -92,7 +92,7 @@ def test_remat_lowers_the_tpu_compilations_temporaries():
     Switch model at full width (d 192) and 2048 tokens per device: kept activations grow with
     depth, a rematerialised step keeps one block's."""
     def temporaries(policy: str) -> int:
-        config = apply_settings(schema.load_config(SWITCH), {
+        config = schema.override(schema.load_config(SWITCH), {
             "model.num_layers": 8, "model.scan_layers": True, "model.remat_policy": policy,
             "train.batch_size": 16, "moe.group_size": 128, "mesh.fsdp": 2, "mesh.expert": 2})
         result = dryrun.dryrun(schema.parse_config(config), "v5e:2x2")
@@ -126,14 +126,14 @@ ENTRY %main (x: f32[8]) -> f32[16] {
   %w = (s32[], f32[8]) while(%t0), condition=%cond, body=%body
 }
 """
-    found, unknown = compiled.collective_counts(hlo)
-    assert unknown == 0 and compiled.loop_trip_counts(hlo) == [3]
-    assert found["all-to-all"] == compiled.Collective(1, 3, 32, 96)
-    assert found["all-gather"] == compiled.Collective(1, 1, 64, 64)  # -done not counted again
+    found, unknown = compiled_hlo.collective_counts(hlo)
+    assert unknown == 0 and compiled_hlo.loop_trip_counts(hlo) == [3]
+    assert found["all-to-all"] == compiled_hlo.Collective(1, 3, 32, 96)
+    assert found["all-gather"] == compiled_hlo.Collective(1, 1, 64, 64)  # -done not counted again
 
 
 def test_a_compile_refused_for_memory_says_by_how_much_and_which_knobs_help():
-    result = dryrun.Report(
+    result = dryrun_report.Report(
         config="c", topology="v5e:2x2", chip="v5e", devices=4,
         mesh={"data": 1, "fsdp": 2, "expert": 2, "model": 1}, expert_parallel="gspmd",
         scan_layers=True, remat_policy="none", batch_size=8, seq_len=32,
@@ -142,7 +142,7 @@ def test_a_compile_refused_for_memory_says_by_how_much_and_which_knobs_help():
         error="XlaRuntimeError: RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
               "memory in memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm capacity by "
               "5.02G.")
-    dryrun._out_of_memory(result, experiment(**{"mesh.fsdp": 2, "mesh.expert": 2}))
+    dryrun_report.out_of_memory(result, experiment(**{"mesh.fsdp": 2, "mesh.expert": 2}))
     assert result.fits is False and result.bytes["peak"] == int(20.5 * topology.GIB)
     assert result.hbm_bytes == int(15.48 * topology.GIB)
     assert result.advice[0] == "over by 5.02 GiB"
@@ -150,7 +150,7 @@ def test_a_compile_refused_for_memory_says_by_how_much_and_which_knobs_help():
     result.error = ("JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
                     "memory required for HLO temporaries (54.18G) exceeds available HBM "
                     "(15.75G).")
-    dryrun._out_of_memory(result, experiment(**{"mesh.fsdp": 2, "mesh.expert": 2}))
+    dryrun_report.out_of_memory(result, experiment(**{"mesh.fsdp": 2, "mesh.expert": 2}))
     assert result.bytes["temporaries"] == int(54.18 * topology.GIB)
     assert result.bytes["peak"] == result.bytes["temporaries"] + 6 * topology.GIB + 1024
     assert result.advice[1].startswith("remat: temporaries take 54.18 GiB")

@@ -13,9 +13,11 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import report, run, run_dir, suites
-from experiments.suites import checks, routing_stats, stats
-from experiments.suites.base import (
+from experiments import report as report_cli
+from experiments import run, suites
+from experiments.analyses import report, routing_stats
+from experiments.library import checks, stats
+from experiments.library.base import (
     Member,
     RunSpec,
     Suite,
@@ -23,8 +25,10 @@ from experiments.suites.base import (
     format_value,
     rematched,
 )
-from experiments.suites.results import Results
-from moe_jax import flops, schema
+from experiments.library.results import Results
+from experiments.runner import run_dir, steps, sweep
+from moe_jax import schema
+from moe_jax.analysis import flops
 from moe_jax.train.metrics import write_json
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures",
@@ -55,7 +59,7 @@ def micro(tmp_path_factory):
                         "train.log_every": 1}})
     paths = {"workdir_root": str(tmp / "runs"), "results_dir": str(tmp / "results")}
     lines: list[str] = []
-    path = run.run_suite(suite, "tiny", seeds=1, log=lines.append, **paths)
+    path = sweep.run_suite(suite, "tiny", seeds=1, log=lines.append, **paths)
     return suite, paths, path, lines
 
 
@@ -83,13 +87,13 @@ def test_rerun_skips_finished_members(micro, monkeypatch):
     launched = []
     monkeypatch.setattr(run_dir, "launch", lambda spec, *a, **k: launched.append(spec))
     lines: list[str] = []
-    run.run_suite(suite, "tiny", seeds=1, log=lines.append, **paths)
+    sweep.run_suite(suite, "tiny", seeds=1, log=lines.append, **paths)
     assert launched == []
     assert [os.stat(p).st_mtime_ns for p in summaries] == before
     assert sum(line.startswith("skip ") for line in lines) == 2
     # A changed request for the same directory is refused instead of silently mixed.
     with pytest.raises(run_dir.WorkdirConflictError, match=r"train\.num_train_steps"):
-        run.run_suite(suite, "tiny", seeds=1, extra={"train.num_train_steps": 4},
+        sweep.run_suite(suite, "tiny", seeds=1, extra={"train.num_train_steps": 4},
                       log=lines.append, **paths)
     assert launched == []
 
@@ -126,8 +130,8 @@ def test_interrupted_suite_resumes_from_the_committed_results_alone(micro, tmp_p
     launched: list[str] = []
     monkeypatch.setattr(run_dir, "launch", _fake_training(losses, launched, stop_after=3))
     with pytest.raises(KeyboardInterrupt):
-        run.run_suite(suite, "tiny", seeds=2, log=lambda _: None, **paths)
-    path = run.results_path("micro", "tiny", paths["results_dir"])
+        sweep.run_suite(suite, "tiny", seeds=2, log=lambda _: None, **paths)
+    path = steps.results_path("micro", "tiny", paths["results_dir"])
     entries, _ = _entries(path)
     assert launched == ["dense_s0", "dense_s1", "switch_s0"]  # each recorded as it finished
     assert [entries[k]["status"] for k in sorted(entries)] == [
@@ -137,7 +141,7 @@ def test_interrupted_suite_resumes_from_the_committed_results_alone(micro, tmp_p
     launched.clear()
     monkeypatch.setattr(run_dir, "launch", _fake_training(losses, launched))
     lines: list[str] = []
-    run.run_suite(suite, "tiny", seeds=2, log=lines.append, **paths)
+    sweep.run_suite(suite, "tiny", seeds=2, log=lines.append, **paths)
     assert launched == ["switch_s1"]
     assert sum(line.startswith("skip ") for line in lines) == 3
     entries, _ = _entries(path)
@@ -165,12 +169,12 @@ def test_a_run_recorded_without_its_analysis_is_analysed_on_restart(micro, tmp_p
 
     monkeypatch.setattr(run_dir, "run_analysis", analysis)
     analysed_suite = dataclasses.replace(suite, analysis="some.analysis")
-    run.run_suite(analysed_suite, "tiny", seeds=1, log=lambda _: None, **paths)
-    path = run.results_path("micro", "tiny", paths["results_dir"])
+    sweep.run_suite(analysed_suite, "tiny", seeds=1, log=lambda _: None, **paths)
+    path = steps.results_path("micro", "tiny", paths["results_dir"])
     entries, _ = _entries(path)
     assert entries[("dense", 0)]["analysis"] is None
     assert entries[("switch", 0)]["analysis"] == {"by": "some.analysis"}
-    run.run_suite(analysed_suite, "tiny", seeds=1, log=lambda _: None, **paths)
+    sweep.run_suite(analysed_suite, "tiny", seeds=1, log=lambda _: None, **paths)
     entries, _ = _entries(path)
     assert launched == ["dense_s0", "switch_s0"]  # analysed from its directory, not retrained
     assert analysed == ["dense_s0", "switch_s0", "dense_s0"]
@@ -183,20 +187,20 @@ def test_rerunning_one_member_never_erases_other_results(micro, tmp_path, monkey
     losses = {"dense_s0": 2.5, "switch_s0": 2.4, "dense_s1": 2.6, "switch_s1": 2.3}
     launched: list[str] = []
     monkeypatch.setattr(run_dir, "launch", _fake_training(losses, launched))
-    run.run_suite(suite, "tiny", seeds=2, log=lambda _: None, results_dir=results_dir,
+    sweep.run_suite(suite, "tiny", seeds=2, log=lambda _: None, results_dir=results_dir,
                   workdir_root=str(tmp_path / "runs"))
-    path = run.results_path("micro", "tiny", results_dir)
+    path = steps.results_path("micro", "tiny", results_dir)
     before, _ = _entries(path)
     # Checking one member in a fresh directory: skipped, the file unchanged ...
     launched.clear()
     lines: list[str] = []
-    run.run_suite(suite, "tiny", seeds=1, members=["switch"], log=lines.append,
+    sweep.run_suite(suite, "tiny", seeds=1, members=["switch"], log=lines.append,
                   results_dir=results_dir, workdir_root=str(tmp_path / "rerun"))
     assert launched == [] and any("--replace" in line for line in lines)
     assert _entries(path)[0] == before
     # ... and with --replace only that run's entry changes.
     losses["switch_s0"] = 2.2
-    run.run_suite(suite, "tiny", seeds=1, members=["switch"], replace=True,
+    sweep.run_suite(suite, "tiny", seeds=1, members=["switch"], replace=True,
                   log=lambda _: None, results_dir=results_dir,
                   workdir_root=str(tmp_path / "rerun"))
     after, data = _entries(path)
@@ -204,7 +208,7 @@ def test_rerunning_one_member_never_erases_other_results(micro, tmp_path, monkey
     assert {k: v for k, v in after.items() if k != ("switch", 0)} == {
         k: v for k, v in before.items() if k != ("switch", 0)}
     # Runs of other settings are kept beside, under other_runs, never dropped.
-    run.run_suite(suite, "tiny", seeds=1, members=["dense"], log=lambda _: None,
+    sweep.run_suite(suite, "tiny", seeds=1, members=["dense"], log=lambda _: None,
                   extra={"train.num_train_steps": 4}, results_dir=results_dir,
                   workdir_root=str(tmp_path / "other"))
     entries, data = _entries(path)
@@ -342,7 +346,15 @@ def test_reproduction_table_keeps_the_hand_written_text(tmp_path):
 
 def test_report_cli_refuses_a_missing_results_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"experiments\.run"):
-        report.main(["--suite=capacity", f"--results_dir={tmp_path}"])
+        report_cli.main(["--suite=capacity", f"--results_dir={tmp_path}"])
+
+
+def test_run_cli_refuses_a_gs_workdir_root(tmp_path):
+    with pytest.raises(SystemExit, match=r"--workdir_root=gs://bucket/runs: .*file system.*"
+                       r"moe_jax\.main --workdir=gs://"):
+        run.main(["--suite=capacity", "--workdir_root=gs://bucket/runs",
+                  f"--results_dir={tmp_path}", "--dry_run"])
+    assert not os.listdir(tmp_path) and not os.path.exists("gs:")
 
 
 # --- routing statistics on hand-made arrays ----------------------------------------------------

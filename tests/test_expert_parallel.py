@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moe_jax import MoeConfig, moe, sharding
+from moe_jax import MoeConfig, moe
+from moe_jax.parallel import expert_parallel, sharding
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
 D_MODEL, E = 8, 8
@@ -36,7 +37,7 @@ def _mesh(shape):
 
 
 def _place(params, x, moe_sharding):
-    specs = sharding.expert_param_specs(params, moe_sharding)
+    specs = expert_parallel.expert_param_specs(params, moe_sharding)
     params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(moe_sharding.mesh, s)),
                           params, specs)
     x = jax.device_put(x, NamedSharding(moe_sharding.mesh, moe_sharding.token_spec))
@@ -56,7 +57,7 @@ def test_sharded_layer_equals_unsharded(shape, form, k, capacity):
     (ref_loss, ref_aux), ref_grads = loss_and_grads(params, X, config, None)
     if capacity is None:
         assert float(ref_aux["dropped_fraction"]) > 0
-    moe_sharding = sharding.MoeSharding(_mesh(shape), form=form)
+    moe_sharding = expert_parallel.MoeSharding(_mesh(shape), form=form)
     (loss, aux), grads = loss_and_grads(*_place(params, X, moe_sharding), config, moe_sharding)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(aux["dropped_fraction"], ref_aux["dropped_fraction"], atol=1e-6)
@@ -67,7 +68,7 @@ def test_sharded_layer_equals_unsharded(shape, form, k, capacity):
 
 def test_explicit_form_exchanges_buffers_with_all_to_all_and_keeps_experts_local():
     config = BASE.replace(top_k=2)
-    moe_sharding = sharding.MoeSharding(_mesh((2, 4, 1)), form="explicit")
+    moe_sharding = expert_parallel.MoeSharding(_mesh((2, 4, 1)), form="explicit")
     params, x = _place(moe.init_params(jax.random.key(0), config, D_MODEL), X, moe_sharding)
     hlo = loss_and_grads.lower(params, x, config, moe_sharding).compile().as_text()
     assert "all-to-all" in hlo
@@ -78,7 +79,7 @@ def test_explicit_form_exchanges_buffers_with_all_to_all_and_keeps_experts_local
 
 def test_gspmd_form_constrains_buffers_to_the_expert_axis():
     config = BASE.replace(top_k=2)
-    moe_sharding = sharding.MoeSharding(_mesh((2, 4, 1)), form="gspmd")
+    moe_sharding = expert_parallel.MoeSharding(_mesh((2, 4, 1)), form="gspmd")
     params, x = _place(moe.init_params(jax.random.key(0), config, D_MODEL), X, moe_sharding)
     text = loss_and_grads.lower(params, x, config, moe_sharding).as_text()
     # Buffers [G, E, C, d]: groups over data, experts over expert; tokens over (data, expert).
@@ -98,7 +99,7 @@ def test_mesh_errors_name_the_numbers_and_the_fix():
         sharding.check_divisible(mesh, num_experts=6)
     with pytest.raises(ValueError, match="global batch=12 does not divide"):
         sharding.check_divisible(mesh, global_batch=12)
-    moe_sharding = sharding.MoeSharding(mesh, form="explicit")
+    moe_sharding = expert_parallel.MoeSharding(mesh, form="explicit")
     params = moe.init_params(jax.random.key(0), BASE.replace(num_experts=6), D_MODEL)
     with pytest.raises(ValueError, match="num_experts=6 does not divide over the expert axis"):
         moe.apply(params, X, BASE.replace(num_experts=6), sharding=moe_sharding)
@@ -119,7 +120,7 @@ def test_sharded_layer_with_padding_mask_equals_unsharded(form):
         return jnp.sum(jnp.sin(y)) + aux["load_balancing_loss"], aux
 
     ref = jax.value_and_grad(loss, has_aux=True)(params, X, mask, None)
-    moe_sharding = sharding.MoeSharding(_mesh((2, 4, 1)), form=form)
+    moe_sharding = expert_parallel.MoeSharding(_mesh((2, 4, 1)), form=form)
     p, x = _place(params, X, moe_sharding)
     out = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=3)(
         p, x, mask, moe_sharding)
@@ -148,7 +149,7 @@ def test_explicit_dropless_equals_unsharded(shape, padded, grouped_matmul):
 
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=3)
     (ref_loss, ref_aux), ref_grads = grad_fn(params, X, mask, None)
-    moe_sharding = sharding.MoeSharding(_mesh(shape), form="explicit")
+    moe_sharding = expert_parallel.MoeSharding(_mesh(shape), form="explicit")
     (value, aux), grads = grad_fn(*_place(params, X, moe_sharding), mask, moe_sharding)
     np.testing.assert_allclose(value, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(aux["expert_load"], ref_aux["expert_load"], atol=1e-6)

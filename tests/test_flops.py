@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import MoeConfig, flops, schema
+from moe_jax import MoeConfig, schema
+from moe_jax.analysis import flops
 from moe_jax.models import ModelConfig, Transformer
 
 B, L = 2, 64
@@ -153,18 +154,18 @@ def test_published_parameter_counts(name):
 
 
 def test_flops_cli_prints_a_family_table_and_a_config_with_overrides():
-    family = subprocess.run([sys.executable, "-m", "moe_jax.flops", "--family=switch.py"],
+    family = subprocess.run([sys.executable, "-m", "moe_jax.analysis.flops", "--family=switch.py"],
                             capture_output=True, text=True, check=True, cwd=schema.CONFIGS_DIR)
     lines = family.stdout.strip().splitlines()
     assert lines[0].startswith("| config") and len(lines) == 2 + len(
         schema.family_members("switch.py"))
     assert "(dense.py:tiny)" in family.stdout
     one = subprocess.run(
-        [sys.executable, "-m", "moe_jax.flops", "--config=switch.py:e16",
+        [sys.executable, "-m", "moe_jax.analysis.flops", "--config=switch.py:e16",
          "--config.moe.num_experts=8"], capture_output=True, text=True, check=True,
         cwd=schema.CONFIGS_DIR)
     assert "experts_useful" in one.stdout and "attention_scores" in one.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "moe_jax.flops", "--config=switch.py:e16",
+        [sys.executable, "-m", "moe_jax.analysis.flops", "--config=switch.py:e16",
          "--config.moe.router=nope"], capture_output=True, text=True, cwd=schema.CONFIGS_DIR)
     assert bad.returncode != 0 and "config.moe.router" in bad.stderr

@@ -36,10 +36,10 @@ import gcs_emulator
 from google.cloud import storage as gcs
 from test_train import CHECKPOINT_EVERY, STEPS, TINY, _interrupt_train_iterator
 
-from moe_jax import convert, routing_report, schema, storage
-from moe_jax.main import apply_settings
+from moe_jax import schema, storage
+from moe_jax.interop import conversion
 from moe_jax.models import Transformer
-from moe_jax.train import checkpoint, init_from, lock, loop, optim
+from moe_jax.train import checkpoint, init_from, lock, loop, optim, routing_report
 from moe_jax.train.lock import WorkdirLock, WorkdirLockedError
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.restore import restore_run
@@ -73,7 +73,7 @@ def url(emulator, request):
 
 @pytest.fixture(scope="module")
 def config(data_dir):
-    return apply_settings(schema.base_config(), {**TINY, "data.data_dir": data_dir})
+    return schema.override(schema.base_config(), {**TINY, "data.data_dir": data_dir})
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_a_run_killed_on_gs_resumes_with_the_numbers_of_an_uninterrupted_run(
 def test_a_sigkilled_process_resumes_from_the_bucket_with_identical_losses(
         config, local_run, url):
     """A real kill -9 of a training process once its first checkpoint is committed."""
-    slow = apply_settings(config, {"train.async_checkpointing": True})
+    slow = schema.override(config, {"train.async_checkpointing": True})
     script = (f"import json, ml_collections; from moe_jax.train import loop; "
               f"loop.train_and_evaluate(ml_collections.ConfigDict(json.loads({slow.to_json()!r})),"
               f" {url!r})")
@@ -279,7 +279,7 @@ def test_the_directory_of_another_run_is_refused_and_left_as_it_was(config, wher
                                                                     tmp_path):
     workdir = str(tmp_path / "other") if where == "local" else url
     storage.makedirs(workdir)
-    theirs = apply_settings(config, {"model.d_ff": 48, "train.learning_rate": 3e-3})
+    theirs = schema.override(config, {"model.d_ff": 48, "train.learning_rate": 3e-3})
     text = theirs.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     storage.write_text(storage.join(workdir, "config.json"), text)
     storage.write_text(storage.join(workdir, "metrics.jsonl"), '{"step": 1, "train/loss": 5}\n')
@@ -336,12 +336,12 @@ def test_sample_routing_report_and_init_checkpoint_read_a_run_on_gs(gs_run, loca
     restored, local = restore_run(run_url), restore_run(local_run[0])  # what sample reads
     assert restored.step == STEPS
     np.testing.assert_array_equal(restored.params["embedding"], local.params["embedding"])
-    result = routing_report.main(["--workdir", run_url, "--out", url])
+    result = routing_report.main([f"--workdir={run_url}", f"--out={url}"])
     assert result["profiles"][0]["profile"]["step"] == STEPS
     assert storage.read_bytes(f"{url}/routing_report.png")[:4] == b"\x89PNG"
     assert json.loads(storage.read_text(f"{url}/routing_report.json"))["profiles"]
     # A new run that starts from the gs:// run's parameters (init.checkpoint).
-    experiment = schema.parse_config(apply_settings(
+    experiment = schema.parse_config(schema.override(
         schema.config_from_json(f"{run_url}/config.json"), {"init.checkpoint": run_url}))
     model = Transformer(experiment.model, experiment.moe)
     fresh = jax.eval_shape(lambda key: init_train_state(
@@ -354,17 +354,17 @@ def test_convert_imports_from_and_exports_to_gs(url, tmp_path):
     source = os.path.join(FIXTURES, "qwen2_moe")
     for name in os.listdir(source):
         storage.copy_file(os.path.join(source, name), f"{url}/hf_source/{name}")
-    written = convert.import_hf(f"{url}/hf_source", f"{url}/converted")
+    written = conversion.import_hf(f"{url}/hf_source", f"{url}/converted")
     assert written["family"] == "qwen2_moe"
     assert json.loads(storage.read_text(f"{url}/converted/config.json"))["init"][
         "checkpoint"] == f"{url}/converted"
-    convert.export_hf(f"{url}/converted", f"{url}/exported")
+    conversion.export_hf(f"{url}/converted", f"{url}/exported")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        convert.export_hf(f"{url}/converted", f"{url}/exported")
+        conversion.export_hf(f"{url}/converted", f"{url}/exported")
     local = str(tmp_path / "exported")
     os.makedirs(local)
     storage.download(f"{url}/exported", local)
-    convert.export_hf(f"{url}/converted", str(tmp_path / "direct"))
+    conversion.export_hf(f"{url}/converted", str(tmp_path / "direct"))
     assert sorted(os.listdir(local)) == sorted(os.listdir(tmp_path / "direct"))
     for name in os.listdir(local):
         assert (tmp_path / "direct" / name).read_bytes() == storage.read_bytes(

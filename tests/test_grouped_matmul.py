@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import cpu_ffi, grouped_matmul_cpu
-from moe_jax.grouped_matmul import (
+from moe_jax.kernels import cpu_ffi, grouped_matmul_cpu
+from moe_jax.kernels.grouped_matmul import (
     BLOCK_SIZES,
     _usable,
     blas_grouped_matmul,
@@ -236,7 +236,7 @@ def test_handler_refuses_a_call_frame_of_an_untested_ffi_version(monkeypatch):
 
 
 def test_import_leaves_the_environment_alone():
-    code = ("import os; before = dict(os.environ); import moe_jax, moe_jax.grouped_matmul; "
+    code = ("import os; before = dict(os.environ); import moe_jax, moe_jax.kernels.grouped_matmul; "
             "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS")}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)

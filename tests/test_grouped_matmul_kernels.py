@@ -9,9 +9,10 @@ import optax
 import pytest
 
 from experiments.benchmarks.train import synthetic_batch
-from moe_jax import MoeConfig, config, grouped_matmul_kernels, kernels_hlo, moe, schema
-from moe_jax.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
-from moe_jax.main import apply_settings
+from moe_jax import MoeConfig, config, moe, schema
+from moe_jax.analysis import kernels_hlo
+from moe_jax.kernels import grouped_matmul_kernels
+from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
 from moe_jax.models import Transformer
 from moe_jax.train import step
 from moe_jax.train.state import init_train_state
@@ -138,7 +139,7 @@ def test_dropless_layer_on_megablox_equals_blocked():
 def _mixtral_sgd_step(impl: str):
     """One SGD step of the tiny Mixtral (configs/mixtral.py:e8, dropless top-2 SwiGLU experts)
     on a synthetic batch: (new params, metrics). SGD so that the update is the gradient."""
-    config = apply_settings(schema.load_config("mixtral.py:e8"), {
+    config = schema.override(schema.load_config("mixtral.py:e8"), {
         "moe.grouped_matmul": impl, "model.num_layers": 2, "train.batch_size": 2,
         "train.seq_len": 16})
     experiment = schema.parse_config(config)

@@ -17,8 +17,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from moe_jax import convert, flops, interop, layers, sample, schema
-from moe_jax.interop import hf_weights
+from moe_jax import interop, layers, sample, schema
+from moe_jax.analysis import flops
+from moe_jax.interop import conversion, hf_weights
 from moe_jax.models import Transformer
 from moe_jax.models.sampling import SamplingConfig
 from moe_jax.train import checkpoint, evaluate
@@ -91,7 +92,7 @@ def test_the_families_exercise_every_option():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flops_counts_every_parameter_of_the_families(family):
-    """QK-norm scales and the shared experts' output gate are counted (moe_jax.flops)."""
+    """QK-norm scales and the shared experts' output gate are counted (moe_jax.analysis.flops)."""
     experiment = schema.parse_config(_imported(family).config)
     params = _imported(family).variables["params"]
     count = flops.count_model(experiment.model, experiment.moe)
@@ -202,7 +203,7 @@ def test_export_refuses_what_a_family_cannot_represent():
 def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
     source = os.path.join(FIXTURES, "qwen2_moe")
     out, back = str(tmp_path / "converted"), str(tmp_path / "back")
-    written = convert.import_hf(source, out)
+    written = conversion.import_hf(source, out)
     assert written["family"] == "qwen2_moe"
     assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "hf"]
     config = schema.load_config(os.path.join(out, "config.json"))  # a run's config.json
@@ -210,14 +211,14 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
     variables = checkpoint.read_weights(out)[0]
     jax.tree.map(np.testing.assert_array_equal, variables, _imported("qwen2_moe").variables)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        convert.import_hf(source, out)
-    convert.import_hf(source, out, overwrite=True)
-    assert convert.export_hf(out, back)["family"] == "qwen2_moe"
+        conversion.import_hf(source, out)
+    conversion.import_hf(source, out, overwrite=True)
+    assert conversion.export_hf(out, back)["family"] == "qwen2_moe"
     original = _tensors(source)
     for name, value in _tensors(back).items():
         np.testing.assert_array_equal(value, original[name], err_msg=name)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        convert.export_hf(out, back)
+        conversion.export_hf(out, back)
     # Sampling text needs the model's own tokenizer, which moe_jax does not ship: refused
     # before anything compiles, saying what to do.
     with pytest.raises(ValueError, match=r"vocabulary of .* tokenizer .*decode\.generate"):
@@ -228,11 +229,11 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
 def test_a_converted_model_fine_tunes_analyses_and_exports(tmp_path, data_dir):
     """The README's commands: convert, fine-tune with moe_jax.main, route the validation
     batches (routing analysis), export the fine-tuned run."""
-    from experiments.suites import routing_stats
+    from experiments.analyses import routing_stats
     from moe_jax.main import run_from_argv
 
     out, run_dir, back = (str(tmp_path / n) for n in ("converted", "ft", "back"))
-    convert.import_hf(os.path.join(FIXTURES, "mixtral"), out)
+    conversion.import_hf(os.path.join(FIXTURES, "mixtral"), out)
     (_, _, summary), = run_from_argv([
         "moe_jax.main", f"--config={out}/config.json", f"--workdir={run_dir}",
         "--config.data.name=embedded_tiny", f"--config.data.data_dir={data_dir}",
@@ -242,7 +243,7 @@ def test_a_converted_model_fine_tunes_analyses_and_exports(tmp_path, data_dir):
     assert summary["steps"] == 2 and np.isfinite(summary["eval_loss"])
     analysis = routing_stats.route_batches(run_dir, max_batches=1)
     assert analysis["num_experts"] == 4 and analysis["layers"] == [0, 1]
-    assert convert.export_hf(run_dir, back)["family"] == "mixtral"
+    assert conversion.export_hf(run_dir, back)["family"] == "mixtral"
     tuned = checkpoint.read_weights(run_dir)[0]["params"]
     again = interop.load(back).variables["params"]
     jax.tree.map(np.testing.assert_array_equal, again, tuned)

@@ -10,8 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import memory, schema, sharding
+from moe_jax import schema
+from moe_jax.analysis import memory
 from moe_jax.models import Transformer, decode
+from moe_jax.parallel import sharding
 from moe_jax.train import placement
 from moe_jax.train.state import init_train_state, logical_axes
 

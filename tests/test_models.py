@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import MoeConfig, objective
+from moe_jax import MoeConfig
 from moe_jax.models import ModelConfig, Transformer
+from moe_jax.train import objective
 
 B, L = 2, 16
 TINY = ModelConfig(vocab_size=259, vocab_multiple=128, d_model=32, num_layers=2, num_heads=4,

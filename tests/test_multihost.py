@@ -20,7 +20,6 @@ from multihost_worker import CONFIG, SETTINGS
 
 from moe_jax import schema
 from moe_jax.data import corpus
-from moe_jax.main import apply_settings
 from moe_jax.train import loop
 from moe_jax.train.metrics import read_metrics
 
@@ -96,7 +95,7 @@ def test_two_processes_train_save_and_resume_like_one(data_dir, tmp_path):
 
     reference_dir = str(tmp_path / "one_process")
     reference = loop.train_and_evaluate(
-        apply_settings(schema.load_config(CONFIG), {**SETTINGS, "data.data_dir": data_dir}),
+        schema.override(schema.load_config(CONFIG), {**SETTINGS, "data.data_dir": data_dir}),
         reference_dir)
 
     # Only process 0 writes metrics: one train/loss line per step, steps 5-6 from the resumed run.
@@ -128,7 +127,7 @@ def test_two_processes_dropless_data_parallel_match_one(data_dir, tmp_path):
     workdir = str(tmp_path / "two_processes")
     _run_two_processes(workdir, data_dir, tmp_path, settings, step_counts="3")
     reference_dir = str(tmp_path / "one_process")
-    loop.train_and_evaluate(apply_settings(schema.load_config(CONFIG), {
+    loop.train_and_evaluate(schema.override(schema.load_config(CONFIG), {
         **SETTINGS, **settings, "data.data_dir": data_dir, "train.num_train_steps": 3}),
         reference_dir)
     losses = [[read_metrics(d)[s]["train/loss"] for s in range(1, 4)]

@@ -50,7 +50,7 @@ def test_a_non_editable_install_runs_the_configs_from_another_directory(tmp_path
                 "s.CONFIGS_DIR)")
     assert where.returncode == 0, where.stderr
     assert str(target) in where.stdout and str(REPO) not in where.stdout
-    flops = run("-m", "moe_jax.flops", "--config=configs/switch.py:e8")
+    flops = run("-m", "moe_jax.analysis.flops", "--config=configs/switch.py:e8")
     assert flops.returncode == 0 and "configs/switch.py:e8" in flops.stdout, flops.stderr
     trained = run("-m", "moe_jax.main", "--config=configs/switch.py:e8",
                   "--config.data.name=embedded_tiny", f"--config.data.data_dir={data_dir}",

@@ -1,6 +1,6 @@
 """Routing profiles and drift (moe_jax/train/profiles.py) on hand-made numbers: the
 Jensen-Shannon divergence, profiles from evaluation sums, drift with movers and verdicts, and
-the report's text (moe_jax/routing_report.py)."""
+the report's text (moe_jax/train/routing_report.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from moe_jax import routing_report
 from moe_jax.config import MoeConfig
 from moe_jax.models.config import ModelConfig
-from moe_jax.train import evaluate, profiles
+from moe_jax.train import evaluate, profiles, routing_report
 
 
 def test_jensen_shannon_divergence_in_bits():

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import qwix
 
-from moe_jax import quantize
 from moe_jax.config import MoeConfig
-from moe_jax.models import ModelConfig, Transformer
+from moe_jax.models import ModelConfig, Transformer, quantize
 
 MODEL = ModelConfig(vocab_size=50, vocab_multiple=8, d_model=32, num_layers=2, num_heads=4,
                     d_ff=64, max_seq_len=16, moe_every=2)

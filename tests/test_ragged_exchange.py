@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from moe_jax import ragged_exchange
+from moe_jax.parallel import ragged_exchange
 
 # Two devices, four experts (device 0 holds experts 0-1, device 1 experts 2-3). Rows sent,
 # S[sender, receiver]: device 0 sends 1+2=3 rows to itself and 0+3=3 to device 1; device 1
@@ -83,7 +83,7 @@ def test_cpu_all_to_all_equivalent_matches_the_documented_semantics():
     operands = jnp.asarray(rng.normal(size=(n, rows, d)), jnp.float32)
     mesh = Mesh(np.array(jax.devices()[:n]), ("expert",))
 
-    # check_vma=False, as `sharding.MoeSharding` runs its shard_map
+    # check_vma=False, as `expert_parallel.MoeSharding` runs its shard_map
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(PartitionSpec("expert"),),
                        out_specs=PartitionSpec("expert"), check_vma=False)
     def exchange(operand):

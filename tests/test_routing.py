@@ -186,7 +186,7 @@ def test_route_gives_each_token_its_share_and_entropy():
     # sigmoid_bias: a large bias on expert 2 makes every token choose it.
     biased = top2.replace(router="sigmoid_bias", top_k=1)
     tokens = routing.route(logits, biased, num_groups=1, train=False,
-                           score_bias=jnp.array([0.0, 0.0, 5.0])).tokens
+                           state={"score_bias": jnp.array([0.0, 0.0, 5.0])}).tokens
     np.testing.assert_allclose(tokens.expert_share(), [[0, 0, 1], [0, 0, 1]])
     # Expert choice: tokens do not choose; their share is the routing distribution.
     chosen = routing.route(logits, top2.replace(router="expert_choice", top_k=1), num_groups=1,

@@ -1,11 +1,13 @@
 """The routing_drift suite's claims and figures on hand-made fine-tuning analyses (the numbers
-its analysis stage, experiments/suites/drift_finetune.py, writes per pretraining seed)."""
+its analysis stage, experiments/analyses/drift_finetune.py, writes per pretraining seed)."""
 
 from __future__ import annotations
 
-from experiments import report, suites
-from experiments.suites import routing_drift, stats
-from experiments.suites.results import Results
+from experiments import suites
+from experiments.analyses import report
+from experiments.library import stats
+from experiments.library.results import Results
+from experiments.suites import routing_drift
 
 
 def analysis(seed: int) -> dict:
@@ -67,6 +69,6 @@ def test_report_draws_the_figures(tmp_path):
     for figure in suite.figures:
         assert (tmp_path / f"tiny_{figure.name}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"tiny_{figure.name}.png" in markdown
-    assert suite.analysis == "experiments.suites.drift_finetune"
+    assert suite.analysis == "experiments.analyses.drift_finetune"
     member = suite.member_list("tiny")[0]
     assert member.overrides["data.train_domains"] == "code,prose"

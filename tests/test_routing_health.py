@@ -1,7 +1,7 @@
 """Routing health in real (tiny) training runs: the monitor's alarms provoked by no balance loss
 with a high learning rate (collapse), capacity 0.25 (drops) and a scaled-up router init
 (instability), a healthy run that raises none, the routing profiles saved at every evaluation,
-`python -m moe_jax.routing_report` on them and on labelled documents of the user's, and a
+`python -m moe_jax.train.routing_report` on them and on labelled documents of the user's, and a
 fine-tuning run started from another run's weights (`init.checkpoint`) with a frozen router,
 expert dropout and one training domain.
 
@@ -19,10 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import routing_report, schema
-from moe_jax.main import apply_settings
+from moe_jax import schema
 from moe_jax.models import Transformer
-from moe_jax.train import checkpoint, loop, monitor, optim, profiles, reevaluate
+from moe_jax.train import checkpoint, loop, monitor, optim, profiles, reevaluate, routing_report
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.state import init_train_state
 
@@ -43,7 +42,7 @@ def settings(data_dir: str, **changes) -> dict:
 
 
 def train(data_dir: str, workdir, **changes) -> dict:
-    config = apply_settings(schema.base_config(), settings(data_dir, **changes))
+    config = schema.override(schema.base_config(), settings(data_dir, **changes))
     return loop.train_and_evaluate(config, str(workdir))
 
 

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from multihost_worker import CONFIG, SETTINGS
 
-from moe_jax import objective, schema
+from moe_jax import schema
 from moe_jax.config import MoeConfig
-from moe_jax.main import apply_settings
 from moe_jax.models import ModelConfig, Transformer, stack
-from moe_jax.train import evaluate, functions, optim
+from moe_jax.train import evaluate, jitted, objective, optim
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.config import TrainConfig
 from moe_jax.train.state import TrainState
@@ -176,17 +175,17 @@ def test_scanned_training_and_evaluation_follow_the_unrolled_model():
 
 def test_a_checkpoint_restores_into_the_other_layout(tmp_path):
     settings = {**SETTINGS, "model.num_layers": 4}
-    unrolled = schema.parse_config(apply_settings(schema.load_config(CONFIG), settings))
-    stacked = schema.parse_config(apply_settings(schema.load_config(CONFIG), {
+    unrolled = schema.parse_config(schema.override(schema.load_config(CONFIG), settings))
+    stacked = schema.parse_config(schema.override(schema.load_config(CONFIG), {
         **settings, "model.scan_layers": True}))
     seq = unrolled.model.max_seq_len
-    fns = functions.setup(unrolled, seq)[1]
+    fns = jitted.setup(unrolled, seq)[1]
     state = fns["init"](unrolled.seed)
     checkpoints = Checkpoints(str(tmp_path), max_to_keep=1, async_save=False)
     try:
         checkpoints.save(1, state, {"data_iterator": {}})
-        restored, _ = functions.restore_state(checkpoints, 1, stacked, seq,
-                                              functions.setup(stacked, seq)[1])
+        restored, _ = jitted.restore_state(checkpoints, 1, stacked, seq,
+                                              jitted.setup(stacked, seq)[1])
     finally:
         checkpoints.close()
     assert stack.SCAN_NAME in restored.params

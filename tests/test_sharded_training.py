@@ -23,10 +23,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from multihost_worker import CONFIG, SETTINGS
 
-from moe_jax import distributed, objective, schema, sharding
-from moe_jax.main import apply_settings
+from moe_jax import schema
 from moe_jax.models import Transformer
-from moe_jax.train import functions, loop, placement
+from moe_jax.parallel import distributed, sharding
+from moe_jax.train import jitted, loop, objective, placement
 from moe_jax.train.checkpoint import Checkpoints
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.state import init_train_state
@@ -43,7 +43,7 @@ DROPS = {True: {"moe.capacity_factor": 1.0}, False: {"moe.expert_capacity": 16}}
 
 def make_config(mesh=(1, 1, 1, 1), form="gspmd", **settings):
     sizes = {f"mesh.{axis}": size for axis, size in zip(sharding.MESH_AXES, mesh, strict=True)}
-    return apply_settings(schema.load_config(CONFIG), {
+    return schema.override(schema.load_config(CONFIG), {
         **SETTINGS, **sizes, "mesh.expert_parallel": form, **settings})
 
 
@@ -90,7 +90,7 @@ def reference(k: int, drops: bool):
 def sharded_setup(mesh, form, **settings):
     """(experiment, model, jitted functions, initial state, global batch) on a mesh."""
     experiment = schema.parse_config(make_config(mesh, form, **settings))
-    model, fns = functions.setup(experiment, SEQ)
+    model, fns = jitted.setup(experiment, SEQ)
     state = fns["init"](experiment.seed)
     return experiment, model, fns, state, placement.global_batch(BATCH, fns["batch_sharding"],
                                                                  ROWS)
@@ -277,8 +277,8 @@ def test_checkpoint_restores_onto_another_mesh_with_identical_values(explicit_ru
     experiment = schema.parse_config(make_config(mesh, "explicit"))
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     try:
-        saved, _ = checkpoints.restore(STEPS, functions.setup(saved_on, SEQ)[1]["abstract_state"])
-        restored, host = checkpoints.restore(STEPS, functions.setup(experiment, SEQ)[1][
+        saved, _ = checkpoints.restore(STEPS, jitted.setup(saved_on, SEQ)[1]["abstract_state"])
+        restored, host = checkpoints.restore(STEPS, jitted.setup(experiment, SEQ)[1][
             "abstract_state"])
     finally:
         checkpoints.close()
@@ -324,7 +324,7 @@ def test_a_run_resumes_on_another_mesh_and_form(single_device_run, explicit_run,
 def test_a_mesh_that_does_not_fit_fails_before_any_work(mesh, form, settings, message):
     experiment = schema.parse_config(make_config(mesh, form, **settings))
     with pytest.raises(ValueError, match=message):
-        functions.setup(experiment, SEQ)
+        jitted.setup(experiment, SEQ)
 
 
 def test_mesh_config_errors_name_the_key():

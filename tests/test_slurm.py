@@ -1,4 +1,4 @@
-"""experiments.run --launcher=slurm (experiments/slurm.py, experiments/slurm_task.py).
+"""experiments.run --launcher=slurm (experiments/runner/slurm.py, experiments/runner/slurm_task.py).
 
 Fast (default suite), through submitit's local executor, which runs the same array tasks as
 processes here: a suite goes out as jobs, --status reports them while they run and after, a
@@ -28,8 +28,9 @@ import time
 
 import pytest
 
-from experiments import run, run_dir, slurm, slurm_status
-from experiments.suites.base import Member, Suite
+from experiments import run
+from experiments.library.base import Member, Suite
+from experiments.runner import run_dir, slurm, slurm_status, steps, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_MODEL = {  # tests/test_experiments.py's micro suite shapes
@@ -111,7 +112,7 @@ LOCAL = slurm.SlurmConfig(executor="local", max_requeues=1)
 
 
 def _states(suite, paths, python, lines=None):
-    return {spec.member.name: (state, detail) for spec, state, detail in run.suite_status(
+    return {spec.member.name: (state, detail) for spec, state, detail in sweep.suite_status(
         suite, "tiny", seeds=1, python=python, log=(lines or []).append, **paths)}
 
 
@@ -127,7 +128,7 @@ def test_local_executor_array_status_requeue_failure_and_resubmission(fake):
     suite = micro_suite()
     set_plan(dense=2.0, switch="hang", top2="fail")
     lines: list[str] = []
-    path = run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=LOCAL, python=python,
+    path = sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=LOCAL, python=python,
                          log=lines.append, **paths)
     submitted = next(line for line in lines if line.startswith("submitted 3 runs"))
     root = os.path.join(paths["workdir_root"], "tiny")
@@ -143,7 +144,7 @@ def test_local_executor_array_status_requeue_failure_and_resubmission(fake):
     assert states["switch"] == ("running", f"job {records['switch']['job_id']} (RUNNING)")
     # A second submission leaves the running member alone.
     again: list[str] = []
-    run.run_suite(suite, "tiny", seeds=1, members=["switch"], launcher="slurm", slurm=LOCAL,
+    sweep.run_suite(suite, "tiny", seeds=1, members=["switch"], launcher="slurm", slurm=LOCAL,
                   python=python, log=again.append, **paths)
     assert any("switch_s0: running" in line and "not submitted again" in line for line in again)
 
@@ -180,7 +181,7 @@ def test_local_executor_array_status_requeue_failure_and_resubmission(fake):
     # The next run submits the failed member only; finished runs are neither lost nor rerun.
     set_plan(dense=9.0, switch=9.0, top2=2.25)
     lines.clear()
-    run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=LOCAL, python=python,
+    sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=LOCAL, python=python,
                   wait=True, poll_seconds=0.2, log=lines.append, **paths)
     assert next(line for line in lines if line.startswith("submitted")).startswith(
         "submitted 1 run ")
@@ -207,21 +208,21 @@ def test_bad_input_names_the_problem_and_submits_nothing(fake, tmp_path, monkeyp
     suite = micro_suite()
     set_plan(dense=2.0, switch=2.0, top2=2.0)
     # A finished run in the results file, which nothing below may lose or resubmit.
-    run.run_suite(suite, "tiny", seeds=1, members=["dense"], python=python, log=lambda _: None,
+    sweep.run_suite(suite, "tiny", seeds=1, members=["dense"], python=python, log=lambda _: None,
                   **paths)
-    path = run.results_path("micro", "tiny", paths["results_dir"])
+    path = steps.results_path("micro", "tiny", paths["results_dir"])
     with open(path, "rb") as f:
         before = f.read()
 
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(slurm.SlurmError, match=r"no `sbatch` on the PATH.*--launcher=local"):
-        run.run_suite(suite, "tiny", seeds=1, launcher="slurm", python=python,
+        sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", python=python,
                       log=lambda _: None, **paths)
     refusal = ("sbatch: error: invalid partition specified: nogpu\n"
                "sbatch: error: Batch job submission failed: Invalid partition name specified")
     monkeypatch.setenv("PATH", _fake_commands(tmp_path, refusal) + os.pathsep + "/usr/bin:/bin")
     with pytest.raises(slurm.SlurmError) as error:
-        run.run_suite(suite, "tiny", seeds=1, launcher="slurm", python=python,
+        sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", python=python,
                       slurm=slurm.SlurmConfig(partition="nogpu"), log=lambda _: None, **paths)
     message = str(error.value)
     assert "Invalid partition name specified" in message and "--slurm.partition" in message
@@ -342,7 +343,7 @@ def test_micro_suite_as_a_slurm_array_equals_the_local_run(cluster, data_dir, tm
     paths = {"workdir_root": str(tmp_path / "slurm_runs"),
              "results_dir": str(tmp_path / "slurm_results")}
     lines: list[str] = []
-    path = run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources,
+    path = sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources,
                          log=lines.append, **paths)
     assert any(line.startswith("submitted 2 runs as job array") for line in lines), lines
     states = _states(suite, paths, sys.executable)
@@ -353,7 +354,7 @@ def test_micro_suite_as_a_slurm_array_equals_the_local_run(cluster, data_dir, tm
     assert all(f"job {jobs[n]} (" in states[n][1] for n in jobs
                if states[n][0] in ("pending", "running"))
     # The same suite run here, while the array runs.
-    local = run.run_suite(suite, "tiny", seeds=1, log=lambda _: None,
+    local = sweep.run_suite(suite, "tiny", seeds=1, log=lambda _: None,
                           workdir_root=str(tmp_path / "local_runs"),
                           results_dir=str(tmp_path / "local_results"))
     slurm.wait(suite.expand("tiny", 1), paths["workdir_root"], poll_seconds=2,
@@ -379,11 +380,11 @@ def test_a_cancelled_member_is_reported_failed_and_resubmitted(cluster, data_dir
     suite = micro_suite(data_dir, names=("dense",))
     paths = {"workdir_root": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
     with pytest.raises(slurm.SlurmError, match=r"(?s)Invalid partition name.*--slurm\.partition"):
-        run.run_suite(suite, "tiny", seeds=1, launcher="slurm", log=lambda _: None,
+        sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", log=lambda _: None,
                       slurm=slurm.SlurmConfig(partition="gpu"), **paths)
     assert not os.path.exists(os.path.join(paths["workdir_root"], "tiny", "dense_s0"))
     resources = slurm.SlurmConfig(time="30", cpus_per_task=1)
-    run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources,
+    sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources,
                   log=lambda _: None, **paths)
     workdir = os.path.join(paths["workdir_root"], "tiny", "dense_s0")
     job = slurm_status.read_job(workdir)["job_id"]
@@ -395,7 +396,7 @@ def test_a_cancelled_member_is_reported_failed_and_resubmitted(cluster, data_dir
     assert state == "failed" and detail.startswith(f"job {job} ended CANCELLED: ")
     assert "(log: " in detail
     lines: list[str] = []
-    path = run.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources, wait=True,
+    path = sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", slurm=resources, wait=True,
                          poll_seconds=2, log=lines.append, **paths)
     assert any(line.startswith(f"submitted 1 run as job {slurm_status.read_job(workdir)['job_id']}")
                for line in lines), lines
@@ -407,12 +408,11 @@ def _multihost_reference(data_dir: str, tmp_path) -> tuple[list[float], float]:
     from multihost_worker import CONFIG, SETTINGS
 
     from moe_jax import schema
-    from moe_jax.main import apply_settings
     from moe_jax.train import loop
     from moe_jax.train.metrics import read_metrics
 
     workdir = str(tmp_path / "one_process")
-    summary = loop.train_and_evaluate(apply_settings(schema.load_config(CONFIG), {
+    summary = loop.train_and_evaluate(schema.override(schema.load_config(CONFIG), {
         **SETTINGS, "data.data_dir": data_dir, "train.checkpoint_every": 0}), workdir)
     metrics = read_metrics(workdir)
     return [metrics[s]["train/loss"] for s in range(1, SETTINGS["train.num_train_steps"] + 1)], \
@@ -462,7 +462,7 @@ def test_two_slurm_tasks_train_the_tiny_moe_like_one_process(cluster, data_dir, 
     member = Member("moe", CONFIG.removeprefix("configs/"), {**settings}, {})
     suite = Suite(name="micro", title="micro", references=(), claims=(),
                   members=lambda scale: (member,), train={"tiny": {}})
-    path = run.run_suite(suite, "tiny", seeds=1, launcher="slurm", wait=True, poll_seconds=2,
+    path = sweep.run_suite(suite, "tiny", seeds=1, launcher="slurm", wait=True, poll_seconds=2,
                          slurm=slurm.SlurmConfig(time="30", tasks_per_node=2, cpus_per_task=1),
                          workdir_root=str(tmp_path / "runs"),
                          results_dir=str(tmp_path / "results"), log=lambda _: None)

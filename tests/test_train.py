@@ -26,13 +26,12 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import objective, routing, schema
+from moe_jax import routing, schema
 from moe_jax.config import MoeConfig
 from moe_jax.data import corpus
-from moe_jax.main import apply_settings
 from moe_jax.models import Transformer
 from moe_jax.models.config import ModelConfig
-from moe_jax.train import checkpoint, evaluate, functions, inputs, loop, optim, step
+from moe_jax.train import checkpoint, evaluate, inputs, jitted, loop, objective, optim, step
 from moe_jax.train import state as state_lib
 from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.config import TrainConfig
@@ -56,7 +55,7 @@ ORBAX_LEFTOVERS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExc
 
 @pytest.fixture(scope="module")
 def config(data_dir):
-    return apply_settings(schema.base_config(), {**TINY, "data.data_dir": data_dir})
+    return schema.override(schema.base_config(), {**TINY, "data.data_dir": data_dir})
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +228,7 @@ def test_checkpoint_of_another_config_is_refused(finished_run, config, tmp_path,
     shutil.copytree(finished_run[0], workdir)
     before = _snapshot(os.path.join(workdir, "checkpoints"))
     with pytest.raises(CheckpointError, match=expected) as error:
-        loop.train_and_evaluate(apply_settings(config, change), workdir)
+        loop.train_and_evaluate(schema.override(config, change), workdir)
     assert os.path.join(workdir, "checkpoints", str(STEPS)) in str(error.value)
     assert _snapshot(os.path.join(workdir, "checkpoints")) == before
     del error
@@ -241,7 +240,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(config, tmp_p
     workdir = str(tmp_path / "nan")
     # Losses are only checked at checkpoints (log_every is large): the NaN of step 6 must be
     # caught before step 8's checkpoint is written.
-    nan_config = apply_settings(config, {"train.log_every": 100})
+    nan_config = schema.override(config, {"train.log_every": 100})
     _interrupt_train_iterator(monkeypatch, at_batch=6, nan_weights=True)
     with pytest.raises(loop.NonFiniteLossError, match="at step 6") as error:
         loop.train_and_evaluate(nan_config, workdir)
@@ -254,7 +253,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(config, tmp_p
 def test_sigkilled_subprocess_resumes_with_identical_losses(finished_run, config, tmp_path):
     """A real kill -9 at a random moment after the first checkpoint, then a restart."""
     workdir = str(tmp_path / "sigkill")
-    slow = apply_settings(config, {"train.async_checkpointing": True})
+    slow = schema.override(config, {"train.async_checkpointing": True})
     script = (f"import json, ml_collections; from moe_jax.train import loop; "
               f"loop.train_and_evaluate(ml_collections.ConfigDict(json.loads({slow.to_json()!r})),"
               f" {workdir!r})")
@@ -363,7 +362,7 @@ def test_train_config_errors_name_the_field():
     with pytest.raises(ValueError, match="batch_size=6 is not a multiple of grad_accum_steps=4"):
         TrainConfig(batch_size=6, grad_accum_steps=4)
     with pytest.raises(ValueError, match=r"config\.train\.optimizer='sgd'"):
-        apply_settings(schema.base_config(), {"train.optimizer": "sgd"})
+        schema.override(schema.base_config(), {"train.optimizer": "sgd"})
 
 
 def test_coefficient_of_variation():
@@ -387,7 +386,7 @@ ENCODER = ModelConfig(causal=False)
 
 @pytest.fixture(scope="module")
 def mlm_config(config):
-    return apply_settings(config, MLM)
+    return schema.override(config, MLM)
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +401,7 @@ def mlm_parts(mlm_config, mlm_run, parts):
     """(experiment, model, the loop's jitted functions, init state) of the encoder, and the
     `parts` batch. After `mlm_run`, so that the loop's compilations are reused."""
     experiment = schema.parse_config(mlm_config)
-    model, fns = functions.setup(experiment, 32)
+    model, fns = jitted.setup(experiment, 32)
     return experiment, model, fns, fns["init"](experiment.seed), parts[4]
 
 
@@ -440,7 +439,7 @@ def test_objective_errors_name_the_fix(parts):
     with pytest.raises(ValueError, match="objective='mlm' is not supported"):
         TrainConfig(objective="mlm")
     with pytest.raises(ValueError, match=r"config\.train\.mask_rate=1\.5 must be in \(0, 1\)"):
-        apply_settings(schema.base_config(), {"train.mask_rate": 1.5})
+        schema.override(schema.base_config(), {"train.mask_rate": 1.5})
     with pytest.raises(ValueError, match=r"leaks the targets.*train\.objective='masked_lm'"):
         objective.check_objective("causal_lm", ENCODER)
     with pytest.raises(ValueError, match=r"model\.causal=True.*Set model\.causal=False"):

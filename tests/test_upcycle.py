@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from experiments import suites
+from experiments.library.base import Member, Suite
+from experiments.library.results import Results
 from experiments.suites import upcycling as upcycling_suite
-from experiments.suites.base import Member, Suite
-from experiments.suites.results import Results
-from moe_jax import MoeConfig, interop, schema, upcycle
+from moe_jax import MoeConfig, interop, schema
+from moe_jax.interop import upcycle
 from moe_jax.models import ModelConfig, Transformer, upcycling
 from moe_jax.models.upcycling import expert_copies
 from moe_jax.train import checkpoint, init_from
@@ -129,7 +130,7 @@ def test_a_mismatched_dense_checkpoint_is_refused_naming_the_parameters():
 
 
 def test_upcycling_the_hf_llama_fixture_keeps_its_logits(tmp_path):
-    """moe_jax.upcycle from a Hugging Face directory: every block of the converted Llama
+    """moe_jax.interop.upcycle from a Hugging Face directory: every block of the converted Llama
     becomes 4 experts, top-2 renormalised, and the logits stay transformers' logits."""
     config = interop.load(os.path.join(FIXTURES, "llama")).config
     config.model.moe_every = 1
@@ -236,7 +237,7 @@ def test_an_upcycled_run_starts_at_the_dense_function(tmp_path):
     an upcycled run. Both see the same first batch (same seed), so their first training
     cross-entropy (computed before the first update) is the same: the upcycled model starts as
     the dense function. Training in a converted/upcycled directory itself is refused."""
-    from experiments import run
+    from experiments.runner import sweep
     from moe_jax.data import corpus
     from moe_jax.train.metrics import read_metrics
 
@@ -258,7 +259,7 @@ def test_an_upcycled_run_starts_at_the_dense_function(tmp_path):
         train={"tiny": {"train.num_train_steps": 3, "train.warmup_steps": 1,
                         "train.log_every": 1}})
     root = str(tmp_path / "runs")
-    path = run.run_suite(chain, "tiny", seeds=1, workdir_root=root,
+    path = sweep.run_suite(chain, "tiny", seeds=1, workdir_root=root,
                          results_dir=str(tmp_path / "results"), log=lambda _: None)
     statuses = {r["member"]: r["status"] for r in Results.load(path).runs}
     assert statuses == {"dense": "finished", "cont": "finished", "up": "finished"}

@@ -28,7 +28,6 @@ and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -37,6 +36,10 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from absl import flags
+
+from moe_jax import cli
 
 VARIANTS = ("row_blocks", "blas_threads", "blas_threads_timeout4", "one_thread", "blocked")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -56,7 +59,8 @@ def child(variant: str) -> dict[str, Any]:
     import jax
 
     from experiments.benchmarks import layer, train
-    from moe_jax import MoeConfig, grouped_matmul_cpu
+    from moe_jax import MoeConfig, schema
+    from moe_jax.kernels import grouped_matmul_cpu
 
     if variant.startswith("blas_threads"):
         grouped_matmul_cpu.gemm_threads = None
@@ -75,7 +79,7 @@ def child(variant: str) -> dict[str, Any]:
     for name, spec, settings in (("dense_swiglu_step", "dense.py:tiny_swiglu", {}),
                                  ("mixtral_step", "mixtral.py:e8",
                                   {"moe.grouped_matmul": impl})):
-        config = train.apply_settings(train.scale_config(spec, "tiny"), settings)
+        config = schema.override(train.scale_config(spec, "tiny"), settings)
         steps[name] = train.time_train_step(config, steps=10, warmup=2)
     for name, result in (("dense_layer", dense), ("dropless_layer", moe), *steps.items()):
         t = result["timing"]
@@ -142,51 +146,51 @@ def to_markdown(result: dict[str, Any], variants: tuple[str, ...]) -> str:
     lines = [measured_line(result["machine"], result["command"]),
              f"Load average (1 min) during the runs: {min(loads):.2f}-{max(loads):.2f}.", "",
              "Medians over rounds of each process's median (wall ms, and CPU ms of all the "
-             "process's threads); ratios are taken within each process, then the median.", "",
-             "| variant | dense layer ms | dropless layer ms (CPU) | x dense | dense swiglu step "
-             "ms | mixtral step ms (CPU) | x dense | load |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "process's threads); ratios are taken within each process, then the median.", ""]
     table = summary(rows, variants)
-    for variant, e in table.items():
-        lines.append(
-            f"| {variant} | {e['dense_layer']:.0f} | {e['dropless_layer']:.0f} "
-            f"({e['dropless_layer_cpu']:.0f}) | {e['layer_ratio']:.2f} | "
-            f"{e['dense_swiglu_step']:.1f} | {e['mixtral_step']:.1f} ({e['mixtral_step_cpu']:.0f})"
-            f" | {e['step_ratio']:.2f} | {e['load']:.1f} |")
+    lines.append(cli.markdown_table(
+        ("variant", "dense layer ms", "dropless layer ms (CPU)", "x dense",
+         "dense swiglu step ms", "mixtral step ms (CPU)", "x dense", "load"),
+        [(variant, f"{e['dense_layer']:.0f}",
+          f"{e['dropless_layer']:.0f} ({e['dropless_layer_cpu']:.0f})", f"{e['layer_ratio']:.2f}",
+          f"{e['dense_swiglu_step']:.1f}",
+          f"{e['mixtral_step']:.1f} ({e['mixtral_step_cpu']:.0f})", f"{e['step_ratio']:.2f}",
+          f"{e['load']:.1f}") for variant, e in table.items()]))
     lines += ["", "Fastest single run over all rounds (least disturbed by other work):", "",
-              "| variant | dense layer ms | dropless layer ms | x dense | dense swiglu step ms | "
-              "mixtral step ms | x dense |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for variant, e in table.items():
-        lines.append(
-            f"| {variant} | {e['dense_layer_min']:.0f} | {e['dropless_layer_min']:.0f} | "
-            f"{e['layer_ratio_min']:.2f} | {e['dense_swiglu_step_min']:.1f} | "
-            f"{e['mixtral_step_min']:.1f} | {e['step_ratio_min']:.2f} |")
-    lines += ["", "Every process, in the order run:", "",
-              "| round | variant | dense layer | dropless layer | dense swiglu step | mixtral "
-              "step | load before -> after |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        cells = " | ".join(f"{r[m]['ms']:.0f} ({r[m]['cpu_ms']:.0f} CPU)" for m in METRICS)
-        lines.append(f"| {r['round']} | {r['variant']} | {cells} | "
-                     f"{r['load_before']:.2f} -> {r['load_after']:.2f} |")
+              cli.markdown_table(
+                  ("variant", "dense layer ms", "dropless layer ms", "x dense",
+                   "dense swiglu step ms", "mixtral step ms", "x dense"),
+                  [(variant, f"{e['dense_layer_min']:.0f}", f"{e['dropless_layer_min']:.0f}",
+                    f"{e['layer_ratio_min']:.2f}", f"{e['dense_swiglu_step_min']:.1f}",
+                    f"{e['mixtral_step_min']:.1f}", f"{e['step_ratio_min']:.2f}")
+                   for variant, e in table.items()])]
+    lines += ["", "Every process, in the order run:", "", cli.markdown_table(
+        ("round", "variant", "dense layer", "dropless layer", "dense swiglu step",
+         "mixtral step", "load before -> after"),
+        [(r["round"], r["variant"], *(f"{r[m]['ms']:.0f} ({r[m]['cpu_ms']:.0f} CPU)"
+                                      for m in METRICS),
+          f"{r['load_before']:.2f} -> {r['load_after']:.2f}") for r in rows])]
     return "\n".join(lines) + "\n"
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_integer("rounds", 3, "rounds over all variants", flag_values=values)
+    flags.DEFINE_string("variants", ",".join(VARIANTS), f"comma-separated, from {VARIANTS}",
+                        flag_values=values)
+    flags.DEFINE_string("out", None, "output path without extension", flag_values=values)
+    flags.DEFINE_string("child", None, "(internal) measure this variant in this process",
+                        flag_values=values)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, from {VARIANTS}")
-    parser.add_argument("--out", default=None, help="output path without extension")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     if args.child:
         pathlib.Path(args.out).write_text(json.dumps(child(args.child)))
         return
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+        cli.usage_error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     result = run(args.rounds, variants)
     out = pathlib.Path(args.out) if args.out else (
         RESULTS / f"blas-threads-{result['machine']['platform']}-{time.strftime('%Y-%m-%d')}")

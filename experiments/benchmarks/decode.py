@@ -10,7 +10,7 @@ CPU's 32 MB L3): `moe_e8k2` (top-2 of 8 experts of width 1024, Mixtral-style), `
 (top-8 of 64 experts of width 128, fine-grained: the same total, half the active expert width),
 each against the dense model with its active parameters (`dense_active_*`: FFN width k * f) and
 the dense model with its total (`dense_total`: width 8192); `*_int8`: the MoE models with
-int8 expert weights (`moe_jax.quantize`, qwix), dequantized inside the step.
+int8 expert weights (`moe_jax.models.quantize`, qwix), dequantized inside the step.
 
 Each step: `decode.step` (jitted, the state donated) on B rows whose cache holds 16 slots
 (rolling), the next token the greedy choice; the MoE models' dropless grouped matmul is XLA's
@@ -35,7 +35,6 @@ pattern of a decode step; `layer.ceiling`). `--trained_only` re-measures them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -47,13 +46,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from experiments.benchmarks import layer
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import command_line, machine_info, measure, measured_line
-from moe_jax import flops, quantize
+from moe_jax import cli
+from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
-from moe_jax.models import ModelConfig, decode
+from moe_jax.models import ModelConfig, decode, quantize
 
 CACHE_SLOTS = 16
 ROUNDS, STEPS, WARMUP = 2, 3, 1
@@ -235,33 +236,31 @@ def markdown(rows: list[dict], experts: dict[str, Any], ceilings: dict[str, floa
              "stream bandwidth "
              f"{ceilings.get('stream_bandwidth', 0) / 1e9:.1f} GB/s (y = 2x, read + write), "
              f"float32 matmul {ceilings['peak'] / 1e9:.0f} GFLOP/s.", "",
-             "| model | B | step ms (best) | median | tokens/s | distinct experts / block | "
-             "weight MB read / token | GB/s | GFLOP/s | bound | floor ms | of floor |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        d = "-" if r["distinct_experts"] is None else f"{r['distinct_experts']:.2f}"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['step_ms']:.2f} | "
-                     f"{r['median_ms']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {d} | {r['weight_bytes_per_token'] / 1e6:.2f} | "
-                     f"{r['gbytes_per_s']:.1f} | {r['gflops_per_s']:.1f} | {r['bound']} | "
-                     f"{r['floor_ms']:.2f} | {r['of_floor']:.0%} |")
+             cli.markdown_table(
+                 ("model", "B", "step ms (best)", "median", "tokens/s",
+                  "distinct experts / block", "weight MB read / token", "GB/s", "GFLOP/s",
+                  "bound", "floor ms", "of floor"),
+                 [(r["model"], r["batch"], f"{r['step_ms']:.2f}", f"{r['median_ms']:.2f}",
+                   f"{r['tokens_per_s']:.0f}",
+                   "-" if r["distinct_experts"] is None else f"{r['distinct_experts']:.2f}",
+                   f"{r['weight_bytes_per_token'] / 1e6:.2f}", f"{r['gbytes_per_s']:.1f}",
+                   f"{r['gflops_per_s']:.1f}", r["bound"], f"{r['floor_ms']:.2f}",
+                   f"{r['of_floor']:.0%}") for r in rows])]
     step = {(r["model"], r["batch"]): r["step_ms"] for r in rows}
+
+    def ratio(a: str, b: str, batch: int) -> str:
+        return f"{step[(a, batch)] / step[(b, batch)]:.2f}"
+
+    pairs = (("moe_e8k2", "dense_active_e8k2"), ("moe_e8k2", "dense_total"),
+             ("moe_e64k8", "dense_active_e64k8"), ("moe_e64k8", "dense_total"),
+             ("moe_e8k2_int8", "moe_e8k2"), ("moe_e64k8_int8", "moe_e64k8"))
     lines += ["", "Step time relative to the matched dense models (x = MoE / dense):", "",
-              "| B | e8k2 / active | e8k2 / total | e64k8 / active | e64k8 / total | "
-              "e8k2 int8 / fp32 | e64k8 int8 / fp32 |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for batch in sorted({r["batch"] for r in rows}):
-        def ratio(a: str, b: str, batch: int = batch) -> str:
-            return f"{step[(a, batch)] / step[(b, batch)]:.2f}"
-        lines.append(f"| {batch} | {ratio('moe_e8k2', 'dense_active_e8k2')} | "
-                     f"{ratio('moe_e8k2', 'dense_total')} | "
-                     f"{ratio('moe_e64k8', 'dense_active_e64k8')} | "
-                     f"{ratio('moe_e64k8', 'dense_total')} | {ratio('moe_e8k2_int8', 'moe_e8k2')} "
-                     f"| {ratio('moe_e64k8_int8', 'moe_e64k8')} |")
-    lines += ["", "Distinct experts per MoE block per decode step (B tokens):", "",
-              "| B | E=8 k=2 expected | uniform (sim.) | random router | trained router | "
-              "E=64 k=8 expected | uniform (sim.) | random router | trained router |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              cli.markdown_table(
+                  ("B", "e8k2 / active", "e8k2 / total", "e64k8 / active", "e64k8 / total",
+                   "e8k2 int8 / fp32", "e64k8 int8 / fp32"),
+                  [(batch, *(ratio(a, b, batch) for a, b in pairs))
+                   for batch in sorted({r["batch"] for r in rows})])]
+    table = []
     for batch in sorted(experts["batches"]):
         cells = []
         for key in ("e8k2", "e64k8"):
@@ -271,7 +270,11 @@ def markdown(rows: list[dict], experts: dict[str, Any], ceilings: dict[str, floa
             cells += [f"{x['expected'][batch]:.2f}", f"{x['uniform'][batch]:.2f}",
                       "-" if random is None else f"{random:.2f}",
                       "-" if trained is None else f"{trained:.2f}"]
-        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+        table.append((batch, *cells))
+    lines += ["", "Distinct experts per MoE block per decode step (B tokens):", "",
+              cli.markdown_table(("B", "E=8 k=2 expected", "uniform (sim.)", "random router",
+                                  "trained router", "E=64 k=8 expected", "uniform (sim.)",
+                                  "random router", "trained router"), table)]
     return "\n".join(lines) + "\n"
 
 
@@ -375,15 +378,19 @@ def add_trained(path: str, runs: str) -> None:
     print(stem.with_suffix(".md").read_text())
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_bool("quick", False, "small shapes, 3 batch sizes: the harness",
+                      flag_values=values)
+    flags.DEFINE_string("runs", "runs", "where the trained tiny runs live", flag_values=values)
+    flags.DEFINE_string("timed_batch_sizes", ",".join(map(str, TIMED_BATCH_SIZES)),
+                        "comma-separated batch sizes timed", flag_values=values)
+    flags.DEFINE_string("trained_only", None, "RESULTS_JSON: add the trained routers' expert "
+                        "counts to a finished run's results and re-measure the ceilings "
+                        "(rewrites its .md and .png)", flag_values=values)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--runs", default="runs", help="where the trained tiny runs live")
-    parser.add_argument("--timed_batch_sizes", default=",".join(map(str, TIMED_BATCH_SIZES)))
-    parser.add_argument("--trained_only", default=None, metavar="RESULTS_JSON",
-                        help="add the trained routers' expert counts to a finished run's "
-                        "results and re-measure the ceilings (rewrites its .md and .png)")
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     if args.trained_only:
         add_trained(args.trained_only, args.runs)
         return

@@ -2,15 +2,15 @@
 
     JAX_PLATFORMS=cpu python -m experiments.benchmarks.dropless_tpu --topology=v5p:2x2x1
 
-Compiles the real jitted train step (`functions.setup`, as `moe_jax.train` runs it) of the tiny
+Compiles the real jitted train step (`jitted.setup`, as `moe_jax.train` runs it) of the tiny
 Mixtral (configs/mixtral.py:e8: top-2 of 8 SwiGLU experts in every block) for a TPU topology,
 on libtpu's compile-only devices (`jax.experimental.topologies`; needs `pip install
 "jax[tpu]"`), in three variants on a mesh with every chip on the expert axis: dropless with
 explicit expert parallelism (ragged all-to-all of the routed rows, megablox on each chip's
 experts), dropless in the GSPMD form, and the capacity path ("gather", capacity factor 1.25,
 explicit all-to-all of [G, E, C, d] buffers). For each: the Mosaic custom calls, ragged dots,
-(ragged) all-to-alls and dots on expert-weight-shaped arrays (`moe_jax.kernels_hlo`), and the
-per-chip bytes of XLA's memory analysis. Writes results/dropless_tpu.json (machine, date,
+(ragged) all-to-alls and dots on expert-weight-shaped arrays (`moe_jax.analysis.kernels_hlo`),
+and the per-chip bytes of XLA's memory analysis. Writes results/dropless_tpu.json (machine, date,
 commit, command). Nothing here runs on a TPU: memory is what the compiler plans, not a
 measurement.
 """
@@ -29,11 +29,12 @@ import ml_collections
 from absl import app, flags
 
 from experiments.benchmarks.timing import command_line
-from experiments.provenance import git_commit
-from moe_jax import kernels_hlo, schema, sharding
+from experiments.library.provenance import git_commit
+from moe_jax import schema
+from moe_jax.analysis import kernels_hlo
 from moe_jax.data.pipeline import BATCH_FEATURES
-from moe_jax.main import apply_settings
-from moe_jax.train import functions
+from moe_jax.parallel import sharding
+from moe_jax.train import jitted
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "dropless_explicit": {"moe.dispatch": "dropless", "mesh.expert_parallel": "explicit"},
@@ -59,7 +60,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) ->
     experiment = schema.parse_config(config)
     seq_len = experiment.train.seq_len or experiment.model.max_seq_len
     mesh = sharding.make_mesh(experiment.mesh, devices)
-    _, fns = functions.setup(experiment, seq_len, mesh)
+    _, fns = jitted.setup(experiment, seq_len, mesh)
     shape = (experiment.train.batch_size, seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=fns["batch_sharding"])
              for name, dtype in BATCH_FEATURES.items()}
@@ -93,7 +94,7 @@ def base_config(num_chips: int, batch_size: int = 16, **settings: Any
                 ) -> ml_collections.ConfigDict:
     """The tiny Mixtral in bfloat16 with every chip on the expert axis (plus `settings`,
     dotted keys)."""
-    return apply_settings(schema.load_config("mixtral.py:e8"), {
+    return schema.override(schema.load_config("mixtral.py:e8"), {
         "mesh.data": 1, "mesh.expert": num_chips, "mesh.model": 1,
         "train.batch_size": batch_size, "model.dtype": "bfloat16", **settings})
 
@@ -102,7 +103,7 @@ def run(topology: str, variants: dict[str, dict[str, Any]] = VARIANTS,
         batch_size: int = 16) -> dict[str, Any]:
     devices = tpu_devices(topology)
     base = base_config(len(devices), batch_size)
-    rows = {name: variant_report(apply_settings(base, settings), devices)
+    rows = {name: variant_report(schema.override(base, settings), devices)
             for name, settings in variants.items()}
     return {"topology": topology, "device_kind": devices[0].device_kind,
             "config": "configs/mixtral.py:e8 (model.dtype bfloat16)", "batch_size": batch_size,

@@ -9,15 +9,16 @@ On CPU the figures check the plumbing, not speed (8 "devices" share the same cor
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from jax.sharding import NamedSharding
 
 from experiments.benchmarks.timing import machine_info, measure
-from moe_jax import MoeConfig, moe, sharding
+from moe_jax import MoeConfig, cli, moe
+from moe_jax.parallel import expert_parallel, sharding
 
 
 def time_forms(mesh_shape: tuple[int, int, int], *, tokens_per_device: int = 1024,
@@ -31,9 +32,9 @@ def time_forms(mesh_shape: tuple[int, int, int], *, tokens_per_device: int = 102
     x = jax.random.normal(jax.random.key(1), (batch_shards * tokens_per_device, d_model))
     rows = []
     for form in ("gspmd", "explicit"):
-        moe_sharding = sharding.MoeSharding(mesh, form=form)
+        moe_sharding = expert_parallel.MoeSharding(mesh, form=form)
         params = moe.init_params(jax.random.key(0), config, d_model)
-        specs = sharding.expert_param_specs(params, moe_sharding)
+        specs = expert_parallel.expert_param_specs(params, moe_sharding)
         params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
                               params, specs)
         xs = jax.device_put(x, NamedSharding(mesh, moe_sharding.token_spec))
@@ -50,8 +51,12 @@ def time_forms(mesh_shape: tuple[int, int, int], *, tokens_per_device: int = 102
     return rows
 
 
-def main(argv: list[str]) -> None:
-    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "JSON file of the timings", flag_values=values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    out = cli.parse_flags(define_flags, argv, __doc__)[0].out
     meshes = [(1, 8, 1), (2, 4, 1), (2, 2, 2)] if len(jax.devices()) >= 8 else [(1, 1, 1)]
     rows = [row for shape in meshes for row in time_forms(shape)]
     result = {"machine": machine_info(), "num_devices": len(jax.devices()), "rows": rows}
@@ -61,4 +66,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks.timing import measure
-from moe_jax import MoeConfig, experts, grouped_matmul_kernels, moe
+from moe_jax import MoeConfig, experts, moe
+from moe_jax.kernels import grouped_matmul_kernels
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ import numpy as np
 
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import machine_info, measured_line
-from moe_jax import grouped_matmul as gm
+from moe_jax import cli
+from moe_jax.kernels import grouped_matmul as gm
 
 
 def _time_all(cases: dict, rounds: int = 5) -> dict[str, float]:
@@ -97,11 +98,10 @@ def main() -> None:
     lines = []
     for title, probe in (("reductions", reductions), ("expert matmuls", expert_matmuls),
                          ("grouped matmul", grouped_ops)):
-        lines += [f"| {title} | ms |", "| --- | --- |"]
-        for name, ms in probe().items():
-            lines.append(f"| {name} | {ms:.2f} |")
-            print(lines[-1], flush=True)
-        lines.append("")
+        table = cli.markdown_table((title, "ms"), [(name, f"{ms:.2f}")
+                                                   for name, ms in probe().items()])
+        print(table, flush=True)
+        lines += [table, ""]
     m = machine_info()  # after the probes: its load average is the one at the end
     out = RESULTS / f"probes-{m['platform']}-{m['date'][:10]}.md"
     out.write_text("\n".join([measured_line(m, "python -m experiments.benchmarks.probes"), "",

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import os
 
+from absl import flags
+
+from moe_jax import cli
+
 if "--xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_cpu_enable_xprof_traceme=true").strip()
 
-import argparse
 import collections
 import gzip
 import json
@@ -81,21 +84,23 @@ def profile(apply_fn, params, x, steps: int = 3, top: int = 30) -> list[tuple[fl
     return rows[:top]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dense", action="store_true", help="the dense FFN instead")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top_k", type=int, default=1)
-    parser.add_argument("--dispatch", default="gather")
-    parser.add_argument("--capacity_factor", type=float, default=1.0)
-    parser.add_argument("--activation", default="gelu")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--d_ff", type=int, default=2048,
-                        help="dense width; experts get d_ff // top_k (dropless: d_ff)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="activation dtype (parameters stay float32 and are cast)")
-    args = parser.parse_args()
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_bool("dense", False, "the dense FFN instead", flag_values=values)
+    flags.DEFINE_integer("experts", 8, "experts", flag_values=values)
+    flags.DEFINE_integer("top_k", 1, "experts per token", flag_values=values)
+    flags.DEFINE_string("dispatch", "gather", "MoeConfig.dispatch", flag_values=values)
+    flags.DEFINE_float("capacity_factor", 1.0, "MoeConfig.capacity_factor", flag_values=values)
+    flags.DEFINE_string("activation", "gelu", "FFN activation", flag_values=values)
+    flags.DEFINE_integer("tokens", 8192, "tokens per step", flag_values=values)
+    flags.DEFINE_integer("d_ff", 2048, "dense width; experts get d_ff // top_k (dropless: d_ff)",
+                         flag_values=values)
+    flags.DEFINE_integer("steps", 3, "profiled steps", flag_values=values)
+    flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "activation dtype "
+                      "(parameters stay float32 and are cast)", flag_values=values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     d_model = 512
     x = jax.random.normal(jax.random.key(1), (args.tokens, d_model)).astype(args.dtype)
     if args.dense:

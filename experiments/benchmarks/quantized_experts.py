@@ -1,5 +1,5 @@
-"""Weight-only int8 / int4 expert weights (`moe_jax.quantize`, qwix) on trained runs: the memory
-of the expert weights measured from the arrays, and the validation loss before and after.
+"""Weight-only int8 / int4 expert weights (`moe_jax.models.quantize`, qwix) on trained runs: the
+memory of the expert weights measured from the arrays, and the validation loss before and after.
 
     python -m experiments.benchmarks.quantized_experts runs/main_job/switch runs/mixtral_e8 ...
 
@@ -14,16 +14,16 @@ the evaluation is the loop's).
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
 import numpy as np
+from absl import flags
 
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
-from moe_jax import quantize
-from moe_jax.models import Transformer
+from moe_jax import cli
+from moe_jax.models import Transformer, quantize
 from moe_jax.train import evaluate
 from moe_jax.train import inputs as train_inputs
 from moe_jax.train.restore import restore_run
@@ -86,29 +86,32 @@ def change_standard_error(nll_change: np.ndarray, tokens: list[float]) -> float:
     return float(np.sqrt(len(t) / (len(t) - 1) * np.sum(residual ** 2)) / t.sum())
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "PATH.md: the results file (default: "
+                        "results/quantized-experts-<platform>-<date>.md)", flag_values=values)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="WORKDIR", help="trained run directories")
-    parser.add_argument("--out", default=None, metavar="PATH.md",
-                        help="results file (default: results/quantized-experts-<platform>-"
-                             "<date>.md)")
-    args = parser.parse_args(argv)
+    args, runs = cli.parse_flags(define_flags, argv, __doc__, positional="WORKDIR ...")
+    if not runs:
+        cli.usage_error("give the trained run directories (WORKDIR ...)")
     m = machine_info()
     out = pathlib.Path(args.out) if args.out else (
         RESULTS / f"quantized-experts-{m['platform']}-{m['date'][:10]}.md")
     if out.exists():  # checked before the evaluations, which take minutes
-        parser.error(f"{out} exists and would be overwritten; pass --out=ANOTHER.md or move it")
-    rows = [row for workdir in args.runs for row in evaluate_run(workdir)]
-    lines = ["| run | step | tokens trained | val tokens | experts | expert MB | model MB | "
-             "val loss | change ± SE |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        cli.usage_error(f"{out} exists and would be overwritten; pass --out=ANOTHER.md or move it")
+    rows = [row for workdir in runs for row in evaluate_run(workdir)]
+    cells = []
     for row in rows:
         base = next(r for r in rows if r["run"] == row["run"] and r["precision"] == "float32")
         change = "" if row is base else (
             f"{row['val_loss'] - base['val_loss']:+.5f} ± {row['change_se']:.5f}")
-        lines.append(f"| {row['run']} | {row['step']} | {row['tokens_trained'] / 1e6:.2f}M | "
-                     f"{row['val_tokens']} | {row['precision']} | "
-                     f"{row['expert_bytes'] / 1e6:.2f} | {row['model_bytes'] / 1e6:.2f} | "
-                     f"{row['val_loss']:.5f} | {change} |")
+        cells.append((row["run"], row["step"], f"{row['tokens_trained'] / 1e6:.2f}M",
+                      row["val_tokens"], row["precision"], f"{row['expert_bytes'] / 1e6:.2f}",
+                      f"{row['model_bytes'] / 1e6:.2f}", f"{row['val_loss']:.5f}", change))
+    lines = cli.markdown_table(("run", "step", "tokens trained", "val tokens", "experts",
+                                "expert MB", "model MB", "val loss", "change ± SE"),
+                               cells).splitlines()
     m = machine_info()  # again, after the evaluations: its load average is the one at the end
     command = command_line("experiments.benchmarks.quantized_experts", argv)
     out.write_text("\n".join([measured_line(m, command), "", *lines]) + "\n")

@@ -14,7 +14,6 @@ in the header says how quiet it was.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -23,8 +22,11 @@ import sys
 import time
 from typing import Any
 
+from absl import flags
+
 from experiments.benchmarks import layer, train
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
+from moe_jax import cli
 
 SUITES = ("ceiling", "layer", "dropless", "growth", "train", "expert_parallel")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -86,27 +88,26 @@ def _train_table(rows: list[dict[str, Any]]) -> list[str]:
     then the peak each MFU is measured against."""
     if not rows:
         return []
-    lines = ["| train step | config | batch x seq | ms | tokens/s | model MFLOP/tok | computed "
-             "MFLOP/tok | XLA MFLOP/tok | MFU | x dense time | x dense model FLOPs | peak MB "
-             "| compile s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    sources = {}
+    header = ("train step", "config", "batch x seq", "ms", "tokens/s", "model MFLOP/tok",
+              "computed MFLOP/tok", "XLA MFLOP/tok", "MFU", "x dense time",
+              "x dense model FLOPs", "peak MB", "compile s")
+    cells, sources = [], {}
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['scale']} {r.get('model', '')} | skipped: {r['skipped']} "
-                         "| | | | | | | | | | | |")
+            cells.append((f"{r['scale']} {r.get('model', '')}", f"skipped: {r['skipped']}",
+                          *[""] * (len(header) - 2)))
             continue
         t, mfu, xla = r["timing"], r.get("mfu"), r.get("xla_flops_per_token")
-        ratios = (f"{r['ratio_step_time']:.2f} | {r['ratio_model_flops']:.3f}"
-                  if "ratio_step_time" in r else " | ")
-        lines.append(
-            f"| {r['scale']} {r['model']} | {r['config']} | {r['batch_size']} x {r['seq_len']} | "
-            f"{_ms(r)} | {r['tokens_per_s']:.0f} | {r['model_flops_per_token'] / 1e6:.2f} | "
-            f"{r['computed_flops_per_token'] / 1e6:.2f} | {f'{xla / 1e6:.2f}' if xla else ''} | "
-            f"{f'{mfu:.1%}' if mfu else ''} | {ratios} | {(t['peak_bytes'] or 0) / 2**20:.0f} | "
-            f"{t['compile_s']:.1f} |")
+        ratios = ((f"{r['ratio_step_time']:.2f}", f"{r['ratio_model_flops']:.3f}")
+                  if "ratio_step_time" in r else ("", ""))
+        cells.append((
+            f"{r['scale']} {r['model']}", r["config"], f"{r['batch_size']} x {r['seq_len']}",
+            _ms(r), f"{r['tokens_per_s']:.0f}", f"{r['model_flops_per_token'] / 1e6:.2f}",
+            f"{r['computed_flops_per_token'] / 1e6:.2f}", f"{xla / 1e6:.2f}" if xla else "",
+            f"{mfu:.1%}" if mfu else "", *ratios, f"{(t['peak_bytes'] or 0) / 2**20:.0f}",
+            f"{t['compile_s']:.1f}"))
         sources[r["peak_source"]] = r["peak_flops_per_s"]
-    lines.append("")
+    lines = [cli.markdown_table(header, cells), ""]
     lines += [f"MFU against {source}" + (f": {peak / 1e9:.0f} GFLOP/s." if peak else ".")
               for source, peak in sources.items()]
     return [*lines, ""]
@@ -117,79 +118,68 @@ def to_markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     ceiling = [r for r in rows if r["benchmark"] == "ceiling"]
     if ceiling:
-        lines += ["| matmul ceiling | size | ms | GFLOP/s |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r['dtype']} | {r['size']} | {_ms(r)} | {r['gflops_per_s']:.0f} |"
-                  for r in ceiling] + [""]
+        lines += [cli.markdown_table(("matmul ceiling", "size", "ms", "GFLOP/s"), [
+            (r["dtype"], r["size"], _ms(r), f"{r['gflops_per_s']:.0f}") for r in ceiling]), ""]
     lines += [f"Memory bandwidth: y = 2x over {r['bytes'] / 2**20:.0f} MB of float32, {_ms(r)} ms: "
               f"{r['gbytes_per_s']:.1f} GB/s read + write.\n"
               for r in rows if r["benchmark"] == "bandwidth"]
     table = [r for r in rows if r["benchmark"] == "layer"]
     if table:
-        lines += ["| pass | model | E | k | capacity | dispatch | ms | x dense | useful GFLOP/s "
-                  "| padded GFLOP/s | peak MB | compile s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in table:
-            t = r["timing"]
-            lines.append(
-                f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['model']} | "
-                f"{r.get('num_experts', '')} | {r.get('top_k', '')} | "
-                f"{r.get('capacity_factor') or ''} | {r.get('dispatch', '')} | {_ms(r)} | "
-                f"{r.get('ratio_to_dense', 1.0):.2f} | {r['useful_gflops_per_s']:.0f} | "
-                f"{r.get('padded_gflops_per_s', r['useful_gflops_per_s']):.0f} | "
-                f"{(t['peak_bytes'] or 0) / 2**20:.0f} | {t['compile_s']:.1f} |")
-        lines.append("")
+        lines += [cli.markdown_table(
+            ("pass", "model", "E", "k", "capacity", "dispatch", "ms", "x dense",
+             "useful GFLOP/s", "padded GFLOP/s", "peak MB", "compile s"),
+            [("fwd+bwd" if r["backward"] else "fwd", r["model"], r.get("num_experts", ""),
+              r.get("top_k", ""), r.get("capacity_factor") or "", r.get("dispatch", ""), _ms(r),
+              f"{r.get('ratio_to_dense', 1.0):.2f}", f"{r['useful_gflops_per_s']:.0f}",
+              f"{r.get('padded_gflops_per_s', r['useful_gflops_per_s']):.0f}",
+              f"{(r['timing']['peak_bytes'] or 0) / 2**20:.0f}",
+              f"{r['timing']['compile_s']:.1f}") for r in table]), ""]
     for name, title in (("dropless", "dropless vs dense on the routed work (fwd+bwd)"),
                         ("growth", "cost growth with the routing group (fwd+bwd)")):
         part = [r for r in rows if r["benchmark"] == name]
         if not part:
             continue
-        lines += [f"| {title} | tokens | ms | x dense | peak MB |",
-                  "| --- | --- | --- | --- | --- |"]
+        cells = []
         for r in part:
             label = r.get("model") or r.get("dispatch")
             if "skipped" in r:
-                lines.append(f"| {label} | {r.get('tokens', '')} | skipped: {r['skipped']} | | |")
+                cells.append((label, r.get("tokens", ""), f"skipped: {r['skipped']}", "", ""))
                 continue
-            lines.append(f"| {label} | {r.get('tokens', '')} | {_ms(r)} | "
-                         f"{r.get('ratio_to_dense', 1.0):.2f} | "
-                         f"{(r['timing']['peak_bytes'] or 0) / 2**20:.0f} |")
-        lines.append("")
+            cells.append((label, r.get("tokens", ""), _ms(r),
+                          f"{r.get('ratio_to_dense', 1.0):.2f}",
+                          f"{(r['timing']['peak_bytes'] or 0) / 2**20:.0f}"))
+        lines += [cli.markdown_table((title, "tokens", "ms", "x dense", "peak MB"), cells), ""]
     lines += _train_table([r for r in rows if r["benchmark"] == "train"])
     other = [r for r in rows if r["benchmark"] == "expert_parallel"]
     if other:
-        lines += ["| benchmark | setting | ms per step | tokens/s | MFU |",
-                  "| --- | --- | --- | --- | --- |"]
-        for r in other:
-            setting = r.get("model") or f"mesh {r.get('mesh')} {r.get('form')}"
-            tokens_s = r.get("tokens_per_s")
-            mfu = r.get("mfu")
-            lines.append(f"| {r['benchmark']} | {setting} | {_ms(r)} | "
-                         f"{f'{tokens_s:.0f}' if tokens_s else ''} | "
-                         f"{f'{mfu:.1%}' if mfu else ''} |")
+        lines.append(cli.markdown_table(
+            ("benchmark", "setting", "ms per step", "tokens/s", "MFU"),
+            [(r["benchmark"], r.get("model") or f"mesh {r.get('mesh')} {r.get('form')}", _ms(r),
+              f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "",
+              f"{r['mfu']:.1%}" if r.get("mfu") else "") for r in other]))
     return "\n".join(lines) + "\n"
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("only", ",".join(SUITES), f"comma-separated suites from {SUITES}",
+                        flag_values=values)
+    flags.DEFINE_bool("quick", False, "small shapes: checks the harness", flag_values=values)
+    flags.DEFINE_string("out", None, "output path without extension", flag_values=values)
+    flags.DEFINE_bool("train_small", None, "train suite: also time the small LMs on CPU "
+                      "(default: only on a GPU/TPU backend)", flag_values=values)
+    flags.DEFINE_integer("small_batch", None, "train suite: batch size of the small LMs "
+                         "(default: the small scale's 32 rows; at 32 x 512 a step needs 22-26 "
+                         "GiB of temporaries on CPU)", flag_values=values)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SUITES),
-                        help=f"comma-separated suites from {SUITES}")
-    parser.add_argument("--quick", action="store_true", help="small shapes: checks the harness")
-    parser.add_argument("--out", default=None, help="output path without extension")
-    parser.add_argument("--train_small", action="store_true", default=None,
-                        help="train suite: also time the small LMs on CPU (default: only on a "
-                             "GPU/TPU backend)")
-    parser.add_argument("--small_batch", type=int, default=None,
-                        help="train suite: batch size of the small LMs (default: the small "
-                             "scale's 32 rows; at 32 x 512 a step needs 22-26 GiB of "
-                             "temporaries on CPU)")
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     if args.small_batch is not None and args.small_batch < 1:
-        parser.error(f"--small_batch={args.small_batch}: give a positive number of rows")
+        cli.usage_error(f"--small_batch={args.small_batch}: give a positive number of rows")
     suites = tuple(s for s in args.only.split(",") if s)
     unknown = set(suites) - set(SUITES)
     if unknown:
-        parser.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
+        cli.usage_error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
     result = run(suites, args.quick, args.train_small, args.small_batch)
     if args.out:
         out = pathlib.Path(args.out)

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from experiments.provenance import cpu_model, git_commit
+from experiments.library.provenance import cpu_model, git_commit
 
 
 @dataclasses.dataclass

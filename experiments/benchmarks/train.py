@@ -1,7 +1,7 @@
 """Training throughput of the real jitted train step: dense models vs their FLOP-matched sparse
 models.
 
-Each config is built the way `moe_jax.train.loop` builds it (`functions.setup`: the model, the
+Each config is built the way `moe_jax.train.loop` builds it (`jitted.setup`: the model, the
 optimizer, the state created by the jitted init on the config's mesh, the jitted train step
 donating its state), without data files or checkpoints: the step runs on one synthetic batch of
 the config's batch size and sequence length (random tokens, one document per row), fed the
@@ -10,7 +10,7 @@ included. tokens/s = batch_size * seq_len / median step time.
 
 Model FLOPs utilisation (MFU; Chowdhery et al. 2022, PaLM, appendix B) = model FLOPs per token
 x tokens/s / the machine's peak FLOP/s. Model FLOPs per token are the training FLOPs of
-`moe_jax.flops.count_model` without capacity padding and einsum dispatch (3 x the useful
+`moe_jax.analysis.flops.count_model` without capacity padding and einsum dispatch (3 x the useful
 forward FLOPs: what `flops.match_flops` makes equal between a sparse model and its dense
 baseline); the FLOPs the step computes (padding and dispatch included) are reported beside
 them, and XLA's own count of the compiled step (`cost_analysis`) too. The peak is:
@@ -18,7 +18,7 @@ them, and XLA's own count of the compiled step (`cost_analysis`) too. The peak i
     float32 models, bfloat16 row otherwise); no ceiling in the run, no MFU;
   - on GPU/TPU, the vendor's dense (non-sparse) bfloat16 peak of the device (`PEAK_BF16`).
 
-Scales map to configs as in `experiments.suites.base` (`dense_variant`, `family`) with that
+Scales map to configs as in `experiments.library.base` (`dense_variant`, `family`) with that
 scale's training settings (`base.SCALES`: batch size, activation dtype). `small` runs for
 minutes per model on 2 CPU cores, so it is timed only on an accelerator or when asked.
 """
@@ -34,11 +34,11 @@ import ml_collections
 import numpy as np
 
 from experiments.benchmarks.timing import available_host_memory, measure
-from experiments.suites import base
-from moe_jax import flops, schema
+from experiments.library import base
+from moe_jax import schema
+from moe_jax.analysis import flops
 from moe_jax.data.pipeline import BATCH_FEATURES
-from moe_jax.main import apply_settings
-from moe_jax.train import functions, placement
+from moe_jax.train import jitted, placement
 
 # Dense bfloat16 peak FLOP/s per device (no 2:4 structured sparsity), matched against
 # `device.device_kind` in order (first substring that matches). Sources: NVIDIA H100 Tensor
@@ -111,7 +111,7 @@ def scale_config(spec: str, scale: str, batch_size: int | None = None
     settings = dict(base.SCALES[scale])
     if batch_size is not None:
         settings["train.batch_size"] = batch_size
-    return apply_settings(schema.load_config(spec), settings)
+    return schema.override(schema.load_config(spec), settings)
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0
@@ -136,7 +136,7 @@ def time_train_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmu
     experiment = schema.parse_config(config)
     train = experiment.train
     seq_len = train.seq_len or experiment.model.max_seq_len
-    _, fns = functions.setup(experiment, seq_len)
+    _, fns = jitted.setup(experiment, seq_len)
     state = fns["init"](experiment.seed)
     batch = placement.global_batch(
         synthetic_batch(train.batch_size, seq_len, experiment.model.vocab_size),

@@ -14,7 +14,6 @@ CPU core; the table says how long each took, on which machine and at which commi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -23,6 +22,10 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from absl import flags
+
+from moe_jax import cli
 
 HERE = pathlib.Path(__file__).parent
 RESULTS = HERE / "results.jsonl"
@@ -96,9 +99,8 @@ def key(case: Case) -> str:
 def run_case(case: Case, out: str) -> None:
     """The worker: one dry run, its report written to `out` as JSON."""
     from moe_jax import dryrun, schema
-    from moe_jax.main import apply_settings
 
-    experiment = schema.parse_config(apply_settings(schema.load_config(case.config),
+    experiment = schema.parse_config(schema.override(schema.load_config(case.config),
                                                     case.settings))
     report = dryrun.dryrun(experiment, case.topology, name=case.name)
     pathlib.Path(out).write_text(report.to_json())
@@ -139,17 +141,17 @@ def read_results() -> dict[str, dict[str, Any]]:
 
 
 def write_table(results: dict[str, dict[str, Any]]) -> str:
-    from moe_jax import dryrun
+    from moe_jax.analysis import dryrun_report
 
     order = [key(c) for c in cases()]
     rows = [results[k] for k in order if k in results]
     reports = []
     for row in rows:
-        fields = {f.name for f in dataclasses.fields(dryrun.Report)}
+        fields = {f.name for f in dataclasses.fields(dryrun_report.Report)}
         report = row["report"]
-        reports.append(dryrun.Report(**{k: v for k, v in report.items() if k in fields}) if
+        reports.append(dryrun_report.Report(**{k: v for k, v in report.items() if k in fields}) if
                        "mesh" in report else None)
-    lines = [dryrun.markdown_table([r for r in reports if r is not None])]
+    lines = [dryrun_report.table([r for r in reports if r is not None])]
     failed = [(row, r) for row, r in zip(rows, reports) if r is None or not r.compiled]
     if failed:
         lines += ["", "Not compiled:", ""]
@@ -167,15 +169,19 @@ def write_table(results: dict[str, dict[str, Any]]) -> str:
     return TABLE.read_text()
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("only", "", "run cases whose name contains this", flag_values=values)
+    flags.DEFINE_bool("rerun", False, "compile cases already done", flag_values=values)
+    flags.DEFINE_float("timeout_minutes", 45.0, "time limit of one case's compilation",
+                       flag_values=values)
+    flags.DEFINE_bool("table", False, "only rewrite results.md", flag_values=values)
+    flags.DEFINE_string("case", None, "(internal) compile this one case in this process",
+                        flag_values=values)
+    flags.DEFINE_string("out", None, "(internal) where --case writes its row", flag_values=values)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="run cases whose name contains this")
-    parser.add_argument("--rerun", action="store_true", help="compile cases already done")
-    parser.add_argument("--timeout_minutes", type=float, default=45.0)
-    parser.add_argument("--table", action="store_true", help="only rewrite results.md")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, _ = cli.parse_flags(define_flags, argv, __doc__)
     by_key = {key(c): c for c in cases()}
     if args.case:
         run_case(by_key[args.case], args.out)

@@ -4,11 +4,12 @@
     suite = suites.get("capacity")
     runs = suite.expand("tiny", seeds=3)        # [RunSpec]: config spec + overrides + seed
 
-One module per suite (each defines `SUITE`); `base` defines the types, `stats` and `checks` the
-verdict rule, `results` the results file, `plots` the figure helpers and `routing_stats` the
-routing analysis of trained checkpoints.
+One module per suite (each defines `SUITE`), built from the suite library (`experiments.library`:
+the types, the verdict rule, the results file, the figure helpers); the analyses of trained runs
+that some suites run are in `experiments.analyses`.
 """
 
+from experiments.library.base import Suite
 from experiments.suites import (
     balance,
     capacity,
@@ -20,7 +21,6 @@ from experiments.suites import (
     switch_scaling,
     upcycling,
 )
-from experiments.suites.base import Suite
 
 SUITES: dict[str, Suite] = {module.SUITE.name: module.SUITE for module in (
     switch_scaling, capacity, balance, stability, routers, granularity, routing_analysis,

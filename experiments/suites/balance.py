@@ -16,9 +16,9 @@ MaxVio = max load / mean load - 1 (Wang et al. 2024).
 
 from __future__ import annotations
 
-from experiments.suites import checks, plots
-from experiments.suites.base import Claim, Figure, Member, Suite, dense_variant, rematched
-from experiments.suites.results import Results
+from experiments.library import checks, plots
+from experiments.library.base import Claim, Figure, Member, Suite, dense_variant, rematched
+from experiments.library.results import Results
 
 COEFFICIENTS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 LB = tuple(f"lb{c:g}" for c in COEFFICIENTS)

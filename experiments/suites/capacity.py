@@ -16,9 +16,9 @@ members are not comparable.
 
 from __future__ import annotations
 
-from experiments.suites import checks, plots
-from experiments.suites.base import Claim, Figure, Member, Suite, family
-from experiments.suites.results import Results
+from experiments.library import checks, plots
+from experiments.library.base import Claim, Figure, Member, Suite, family
+from experiments.library.results import Results
 
 FACTORS = (0.5, 0.75, 1.0, 1.25, 2.0)
 BPR_FACTORS = (0.5, 0.75)

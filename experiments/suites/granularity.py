@@ -9,7 +9,7 @@ made shared experts, as DeepSeekMoE Sec. 3.2), plus the dense baseline. At the s
 scales the same recipe is re-matched on dense.py:{small,base}_swiglu.
 
 Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
-over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+over seeds; the pooled figure beside it): the rule of experiments/library/stats.py, fixed
 before this suite's runs at the scales run since.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import re
 
-from experiments.suites import checks, plots
-from experiments.suites.base import Claim, Figure, Member, Suite, dense_variant, rematched
-from experiments.suites.results import Results
+from experiments.library import checks, plots
+from experiments.library.base import Claim, Figure, Member, Suite, dense_variant, rematched
+from experiments.library.results import Results
 from moe_jax import schema
 
 ROUTED = ("e8k1s0", "e16k2s0", "e32k4s0", "e64k8s0")

@@ -15,15 +15,15 @@ its targets. The suite therefore trains the masked-LM objective (`train.objectiv
 on the same masks at every evaluation).
 
 Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
-over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+over seeds; the pooled figure beside it): the rule of experiments/library/stats.py, fixed
 before this suite's runs at the scales run since.
 """
 
 from __future__ import annotations
 
-from experiments.suites import checks, plots
-from experiments.suites.base import Claim, Figure, Member, Suite, dense_variant, rematched
-from experiments.suites.results import Results
+from experiments.library import checks, plots
+from experiments.library.base import Claim, Figure, Member, Suite, dense_variant, rematched
+from experiments.library.results import Results
 
 OBJECTIVE = {"train.objective": "masked_lm"}
 SPARSE = ("switch", "gshard", "mixtral", "expert_choice", "soft")

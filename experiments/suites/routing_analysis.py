@@ -3,7 +3,7 @@ Sec. 5: Fig. 7, Table 5).
 
 One member, `mixtral_e8` (configs/mixtral.py: every block sparse, top-2 of 8 SwiGLU experts,
 renormalised gates, dropless), trained longer than the other suites' members. After each run the
-runner calls `experiments.suites.routing_stats`, which restores the checkpoint and routes the
+runner calls `experiments.analyses.routing_stats`, which restores the checkpoint and routes the
 validation batches: expert shares by domain (code / prose / math) and by byte class, the rate at
 which consecutive tokens of a document share their first expert (chance 1/E) or any expert
 (chance 1 - C(E-2,2)/C(E,2)), mutual information of the first expert with domain and byte class,
@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments.suites import plots, stats
-from experiments.suites.base import Claim, Figure, Member, Suite, family, rematched
-from experiments.suites.results import Results
+from experiments.library import plots, stats
+from experiments.library.base import Claim, Figure, Member, Suite, family, rematched
+from experiments.library.results import Results
 
 MEMBER = "mixtral_e8"
 
@@ -206,7 +206,7 @@ SUITE = Suite(
                "router entropy vs ln E (right) per layer.", _repeats_entropy),
     ),
     columns=("eval_loss", "bits_per_byte", "load_cv", "router_entropy", "tokens_per_second"),
-    analysis="experiments.suites.routing_stats",
+    analysis="experiments.analyses.routing_stats",
     notes=(
         "Mixtral's domains are Pile subsets of mostly English text routed as ~32k-piece "
         "tokens; ours are code, prose and arithmetic as single bytes, where the byte "

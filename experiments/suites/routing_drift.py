@@ -4,7 +4,7 @@ balance loss; then an evaluation-time router temperature sweep.
 
 One member, `pretrain`: switch.py:e8 (top-1 of 8 experts in blocks 1 and 3) trained on the code
 and prose documents of the embedded corpus only (`data.train_domains`). After each pretraining
-run the runner calls `experiments.suites.drift_finetune`, which fine-tunes the run on math in
+run the runner calls `experiments.analyses.drift_finetune`, which fine-tunes the run on math in
 four variants (`VARIANTS`: plain, expert dropout 0.4, frozen router, balance loss off; all
 with dropout 0.1 elsewhere) from its weights (`init.checkpoint`), evaluates each
 on the whole validation split (code, prose, math), and sweeps the evaluation router
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from experiments.suites import plots, stats
-from experiments.suites.base import Claim, Figure, Member, Suite, family
-from experiments.suites.results import Results
+from experiments.library import plots, stats
+from experiments.library.base import Claim, Figure, Member, Suite, family
+from experiments.library.results import Results
 
 MEMBER = "pretrain"
 DOMAINS = ("code", "prose", "math")
@@ -227,7 +227,7 @@ SUITE = Suite(
     ),
     columns=("eval_loss", "bits_per_byte", "max_violation", "router_entropy",
              "tokens_per_second"),
-    analysis="experiments.suites.drift_finetune",
+    analysis="experiments.analyses.drift_finetune",
     notes=(
         "Switch fine-tunes T5-size models pre-trained on 34B tokens on GLUE-size tasks; ours "
         "are 6M-parameter byte models pre-trained on ~0.6M tokens of code and prose and "

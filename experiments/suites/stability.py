@@ -10,7 +10,7 @@ instabilities the papers report appear at scale. Divergence is the training loop
 loss guard (recorded by the runner as "diverged").
 
 Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
-over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+over seeds; the pooled figure beside it): the rule of experiments/library/stats.py, fixed
 before this suite's runs at the scales run since.
 """
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import itertools
 
-from experiments.suites import checks, plots
-from experiments.suites.base import Claim, Figure, Member, Suite, family
-from experiments.suites.results import DIVERGED, FINISHED, Results
+from experiments.library import checks, plots
+from experiments.library.base import Claim, Figure, Member, Suite, family
+from experiments.library.results import DIVERGED, FINISHED, Results
 
 Z_LOSS = (0.0, 1e-3)
 PRECISIONS = {"f32": "float32", "bf16": "bfloat16"}

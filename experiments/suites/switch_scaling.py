@@ -10,7 +10,7 @@ training cross-entropy (no run sees a token twice, so it is a held-out estimate)
 and against training seconds (the loop's tokens/s, compilation and evaluation excluded).
 
 Claims comparing members are decided on seed-paired estimates (per seed, then mean ± SE
-over seeds; the pooled figure beside it): the rule of experiments/suites/stats.py, fixed
+over seeds; the pooled figure beside it): the rule of experiments/library/stats.py, fixed
 before this suite's runs at the scales run since.
 """
 
@@ -20,26 +20,29 @@ import math
 
 import numpy as np
 
-from experiments.suites import checks, plots
-from experiments.suites.base import (
+from experiments.library import checks, plots, stats
+from experiments.library.base import (
     MODEL_SIZE,
     Claim,
     Figure,
     Member,
     Suite,
+    Table,
     dense_variant,
     family,
     rematched,
 )
-from experiments.suites.results import METRICS, Results
+from experiments.library.results import METRICS, Results
+from moe_jax import cli
 
 EXPERTS = (2, 4, 8, 16, 32, 64)
 SPARSE = tuple(f"switch_e{e}" for e in EXPERTS)
 LARGEST = SPARSE[-1]
 # Bigger dense baselines, by model size (`MODEL_SIZE`): layers x2 (2x FLOPs); layers x2 and
-# width x sqrt(2) (4x FLOPs).
+# width x sqrt(2) (4x FLOPs; mini: d 32 -> 44, the nearest width with an even head dimension,
+# 3.8x).
 BIGGER_DENSE = {
-    "mini": {"model.d_model": 92, "model.d_ff": 368, "moe.d_ff": 368},
+    "mini": {"model.d_model": 44, "model.d_ff": 176, "moe.d_ff": 176},
     "tiny": {"model.d_model": 272, "model.d_ff": 1088, "moe.d_ff": 1088},
     "small": {"model.d_model": 896, "model.num_heads": 14, "model.d_ff": 3584,
               "moe.d_ff": 3584},
@@ -161,6 +164,111 @@ def _loss_vs_experts(results: Results, path: str) -> None:
                           "cf. Switch Fig. 4 left)")
 
 
+DENSE_LADDER = ("dense", "dense_2x", "dense_4x")
+
+
+def _training_flops(run: dict) -> float | None:
+    """Total training FLOPs of a run: training FLOPs per token x the tokens it trained on."""
+    summary = run.get("summary") or {}
+    if not summary.get("training_flops_per_token") or not summary.get("train_tokens"):
+        return None
+    return float(summary["training_flops_per_token"]) * float(summary["train_tokens"])
+
+
+def _sparse_members(results: Results) -> list[str]:
+    return [m for m in results.members() if m not in DENSE_LADDER and results.runs_of(m)]
+
+
+def _ladder_multiplier(ladder: list[tuple[float, float]], loss: float) -> float:
+    """The dense FLOPs multiple (vs the first rung) that reaches `loss` on the dense ladder
+    [(FLOPs multiple, loss)], interpolating log2(FLOPs) linearly in loss between rungs and
+    extrapolating past the ends with the nearest segment's slope."""
+    x = np.log2([f for f, _ in ladder])
+    y = np.array([v for _, v in ladder])
+    i = int(np.clip(np.searchsorted(-y, -loss), 1, len(y) - 1))  # losses fall along the ladder
+    x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+    return float(2 ** (x0 + (x1 - x0) * (loss - y0) / (y1 - y0)))
+
+
+def gain_captured(results: Results) -> dict[str, list[float]]:
+    """Per sparse member, the share of dense_4x's loss gain over dense that it captures,
+    (L_dense - L) / (L_dense - L_4x), per seed (seed-paired: seeds where the member, dense and
+    dense_4x all finished)."""
+    loss = METRICS["eval_loss"].fn
+    dense, best = results.by_seed("dense", loss), results.by_seed("dense_4x", loss)
+    return {member: [(dense[s] - v) / (dense[s] - best[s])
+                     for s, v in results.by_seed(member, loss).items()
+                     if s in dense and s in best]
+            for member in _sparse_members(results)}
+
+
+def dense_equivalent(results: Results, member: str) -> tuple[float, bool] | None:
+    """(the dense FLOPs multiple that reaches `member`'s mean validation loss on the dense
+    ladder of mean losses, whether that is extrapolated past the ladder's ends); None without
+    two rungs."""
+    rungs = [(float(np.mean([f for r in results.runs_of(m) if (f := _training_flops(r))])),
+              float(np.mean(results.values(m, "eval_loss"))))
+             for m in DENSE_LADDER if results.runs_of(m)]
+    values = results.values(member, "eval_loss")
+    if len(rungs) < 2 or not values:
+        return None
+    loss = float(np.mean(values))
+    base = rungs[0][0]
+    multiple = _ladder_multiplier([(f / base, v) for f, v in rungs], loss)
+    return multiple, not rungs[-1][1] <= loss <= rungs[0][1]
+
+
+def _gain_table(results: Results) -> str:
+    rows = []
+    for member, fractions in gain_captured(results).items():
+        if not fractions:
+            continue
+        mean, se = stats.mean_se(fractions)
+        equivalent = dense_equivalent(results, member)
+        rows.append((member, results.tags(member).get("experts", ""), f"{mean:+.2f} ± {se:.2f}",
+                     ", ".join(f"{v:+.2f}" for v in fractions),
+                     "-" if equivalent is None else
+                     f"{equivalent[0]:.2f}x{' (extrapolated)' if equivalent[1] else ''}",
+                     str(len(fractions))))
+    if not rows:
+        return "No sparse member has finished beside dense and dense_4x of the same seed yet."
+    return cli.markdown_table(("member", "experts", "share of dense_4x's gain (mean ± SE)",
+                               "per seed", "dense FLOPs reaching its mean loss", "seeds"), rows)
+
+
+def _loss_vs_flops(results: Results, path: str) -> None:
+    fig, axes = plots.figure(ncols=2, width=5.6)
+    ax = axes[0, 0]
+    ladder = [(float(np.mean(results.values(m, "eval_loss"))),
+               float(np.mean([f for r in results.runs_of(m) if (f := _training_flops(r))])))
+              for m in DENSE_LADDER if results.runs_of(m)]
+    if ladder:
+        ax.plot([f for _, f in ladder], [v for v, _ in ladder], "o-", color="k",
+                label="dense ladder (1x, 2x, 4x FLOPs)")
+    for i, member in enumerate(_sparse_members(results)):
+        runs = results.runs_of(member)
+        x = [_training_flops(r) for r in runs]
+        y = [METRICS["eval_loss"].fn(r) for r in runs]
+        ax.plot(x, y, "o", alpha=0.35, color=plots.COLORS[i % len(plots.COLORS)])
+        ax.errorbar(np.mean(x), np.mean(y), yerr=np.std(y, ddof=1) if len(y) > 1 else None,
+                    fmt="s", color=plots.COLORS[i % len(plots.COLORS)], label=member, capsize=3)
+    ax.set_xscale("log", base=2)
+    plots.label_axes(ax, "training FLOPs (log2)", "validation loss (nats/token)")
+    # Normalised: the share of dense_4x's gain over dense each member captures (seed-paired).
+    ax = axes[0, 1]
+    captured = {m: v for m, v in gain_captured(results).items() if v}
+    if captured:
+        plots.bars(ax, list(captured), list(captured.values()))
+    ax.axhline(1.0, color="k", ls="--", lw=1)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.text(0.02, 0.97, "dashed: dense_4x. Switch Fig. 6: Switch-Base 64e stays below "
+            "T5-Large\n(3.5x its FLOPs) at every step, i.e. above the dashed line",
+            transform=ax.transAxes, va="top", fontsize=7)
+    plots.label_axes(ax, "", "share of dense_4x's loss gain over dense")
+    plots.save(fig, path, f"Validation loss against training FLOPs ({results.scale}; cf. Switch "
+                          "Figs. 4 and 6)")
+
+
 def _curves(axis: str) -> callable:
     def draw(results: Results, path: str) -> None:
         fig, axes = plots.figure(width=7.0)
@@ -189,7 +297,7 @@ SUITE = Suite(
     train={
         "tiny": {"train.num_train_steps": 100, "train.warmup_steps": 10},
         "cpu": {"train.num_train_steps": 600, "train.warmup_steps": 60},
-        "mini": {"train.num_train_steps": 4000, "train.warmup_steps": 200},
+        "mini": {"train.num_train_steps": 6000, "train.warmup_steps": 300},
         "small": {"train.num_train_steps": 1000, "train.warmup_steps": 100},
     },
     claims=(
@@ -230,7 +338,21 @@ SUITE = Suite(
               "2.5x speed-up of Switch-Base 64e over T5-Large in wall-clock time",
               lambda r: checks.speedup(r, LARGEST, "dense_4x", "time")),
     ),
+    tables=(
+        Table("Gain captured", "For each sparse member, seed-paired with dense and dense_4x of "
+              "the same seed: the share of dense_4x's validation-loss gain over dense that it "
+              "captures, (L_dense - L) / (L_dense - L_dense_4x) (1 = as good as ~4x the dense "
+              "FLOPs; Switch Fig. 6 puts Switch-Base 64e above 1); and, from the mean losses, "
+              "the multiple of the dense model's training FLOPs at which the dense ladder "
+              "reaches the member's loss (log2 FLOPs linear in loss between rungs).",
+              _gain_table),
+    ),
     figures=(
+        Figure("loss_vs_flops", "Left: validation loss against total training FLOPs, the dense "
+               "ladder (means) and each sparse member (squares: mean ± SD; dots: seeds). "
+               "Right: each sparse member's share of dense_4x's gain over dense (bars: mean ± "
+               "SD over seeds, seed-paired); the paper's Switch-Base 64e is above 1 (Fig. 6).",
+               _loss_vs_flops),
         Figure("loss_vs_experts", "Left: validation loss against the number of experts at equal "
                "steps; dashed: dense baselines at 1x, 2x and 4x FLOPs (band: ± SD over seeds). "
                "Middle: the loss gain over dense, each curve divided by its gain at E=64, beside "
@@ -242,8 +364,9 @@ SUITE = Suite(
         Figure("curves_time", "Smoothed training cross-entropy against training seconds.",
                _curves("time")),
     ),
-    columns=("eval_loss", "bits_per_byte", "train_ce", "dropped_train", "load_cv",
-             "tokens_per_second", "params_total", "train_flops"),
+    columns=("eval_loss", "bits_per_byte", "train_ce", "tokens_per_expert_group",
+             "dropped_train", "load_cv", "tokens_per_second", "benchmark_tokens_per_second",
+             "params_total", "train_flops"),
     notes=(
         "The paper trains for 100k-500k steps at 2^20 tokens per batch; tiny runs see 0.2M "
         "tokens and cpu runs 1.2M. Its speed-ups are measured at a far lower loss, where more "

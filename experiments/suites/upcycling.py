@@ -17,8 +17,8 @@ suite order):
   moe_scratch_xB  the same sparse model from a random init for the whole budget, (1 + B) x the
                   dense pretraining compute, with the dense pretraining recipe.
 
-Compute is `moe_jax.flops` training FLOPs per token x tokens (same batch and length for all);
-step counts are rounded. B in {0.25, 0.5}.
+Compute is `moe_jax.analysis.flops` training FLOPs per token x tokens (same batch and length for
+all); step counts are rounded. B in {0.25, 0.5}.
 
 Statistics (fixed before the runs): each claim compares final validation losses of two members
 paired by seed (`checks.lower`: the mean of the per-seed differences and its standard error over
@@ -32,11 +32,11 @@ import functools
 
 import numpy as np
 
-from experiments.suites import checks, plots
-from experiments.suites.base import Claim, Figure, Member, Suite, dense_variant
-from experiments.suites.results import Results, history_values
-from moe_jax import flops, schema
-from moe_jax.main import apply_settings
+from experiments.library import checks, plots
+from experiments.library.base import Claim, Figure, Member, Suite, dense_variant
+from experiments.library.results import Results, history_values
+from moe_jax import schema
+from moe_jax.analysis import flops
 
 # Extra compute, as a multiple of the dense pretraining compute (the paper's abstract: upcycled
 # models win "using only ~50% of the initial dense pretraining sunk cost").
@@ -70,7 +70,7 @@ def _name(arm: str, budget: float) -> str:
 def flop_ratio(scale: str) -> float:
     """Training FLOPs per token of the upcycled sparse model over the dense one's."""
     dense = schema.load_config(dense_variant(scale, "_swiglu"))
-    sparse = apply_settings(dense, SPARSE)
+    sparse = schema.override(dense, SPARSE)
     return flops.count(sparse).training_flops_per_token / flops.count(
         dense).training_flops_per_token
 

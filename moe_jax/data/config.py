@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 
-from moe_jax import validation
+from moe_jax import fields
 
 # Built-in corpus (moe_jax.data.corpus) names -> TFDS builder config. "embedded_tiny" is a
 # ~100 KB variant for tests and smoke runs; "embedded" is the ~6 MB corpus; "embedded_large" the
@@ -62,32 +62,32 @@ class DataConfig:
         if not isinstance(self.name, str) or not (
             self.name in EMBEDDED_DATASETS or _TFDS_NAME.match(self.name)
         ):
-            validation.fail(self, "name", "is not a dataset name",
+            fields.fail(self, "name", "is not a dataset name",
                             f"use one of {tuple(EMBEDDED_DATASETS)} or a TFDS name such as "
                             "'lm1b', 'c4/en' or 'wiki40b/en'")
         for field in ("train_split", "eval_split", "text_key"):
-            validation.text(self, field)
+            fields.text(self, field)
         for field in ("data_dir", "spm_model_path"):
-            validation.text(self, field, optional=True)
-        validation.one_of(self, "tokenizer", TOKENIZERS)
-        validation.integer(self, "spm_vocab_size", minimum=MIN_SPM_VOCAB_SIZE,
+            fields.text(self, field, optional=True)
+        fields.one_of(self, "tokenizer", TOKENIZERS)
+        fields.integer(self, "spm_vocab_size", minimum=MIN_SPM_VOCAB_SIZE,
                            fix="256 byte-fallback pieces + specials + merges")
-        validation.boolean(self, "packing")
-        validation.integer(self, "shuffle_seed", minimum=0, optional=True)
+        fields.boolean(self, "packing")
+        fields.integer(self, "shuffle_seed", minimum=0, optional=True)
         if self.shuffle_seed is not None and self.shuffle_seed >= 2**32:
-            validation.fail(self, "shuffle_seed", "must be below 2**32")
-        validation.integer(self, "worker_count", minimum=0, fix="0 = read in the main process")
-        validation.integer(self, "eval_batches", minimum=1, optional=True,
+            fields.fail(self, "shuffle_seed", "must be below 2**32")
+        fields.integer(self, "worker_count", minimum=0, fix="0 = read in the main process")
+        fields.integer(self, "eval_batches", minimum=1, optional=True,
                            fix="None evaluates the whole split")
         if not isinstance(self.train_domains, str):
-            validation.fail(self, "train_domains", "must be a string",
+            fields.fail(self, "train_domains", "must be a string",
                             "list domains separated by commas, e.g. 'code,prose'")
         if self.train_domains and not self.is_embedded:
-            validation.fail(self, "train_domains", f"needs domain labels, which dataset "
+            fields.fail(self, "train_domains", f"needs domain labels, which dataset "
                             f"{self.name!r} does not have", "use the embedded corpus or ''")
         names = self.train_domain_names
         if any(d not in EMBEDDED_DOMAINS for d in names) or len(set(names)) != len(names):
-            validation.fail(self, "train_domains", "names an unknown or repeated domain",
+            fields.fail(self, "train_domains", "names an unknown or repeated domain",
                             f"use distinct names from {EMBEDDED_DOMAINS}, comma-separated")
 
     @property

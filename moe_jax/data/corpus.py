@@ -28,7 +28,6 @@ Build explicitly and print statistics: `python -m moe_jax.data.corpus --data_dir
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -42,7 +41,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import tensorflow_datasets as tfds
+from absl import flags
 
+from moe_jax import cli
 from moe_jax.data.config import EMBEDDED_DOMAINS
 
 DOMAINS = EMBEDDED_DOMAINS
@@ -331,12 +332,17 @@ def _print_stats(builder, seconds: float | None) -> None:
     print(f"total bytes {total}" + ("" if seconds is None else f"  build time {seconds:.1f} s"))
 
 
+def define_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: DataConfig's)",
+                        flag_values=values)
+    flags.DEFINE_enum("config", "default", ("default", "tiny", "large"), "the corpus size",
+                      flag_values=values)
+    flags.DEFINE_bool("overwrite", False, "delete and rebuild", flag_values=values)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded moe_jax corpus.")
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: DataConfig's)")
-    parser.add_argument("--config", default="default", choices=("default", "tiny", "large"))
-    parser.add_argument("--overwrite", action="store_true", help="delete and rebuild")
-    args = parser.parse_args(argv)
+    """Builds the embedded corpus (unless prepared) and prints its statistics."""
+    args, _ = cli.parse_flags(define_flags, argv, "Build the embedded moe_jax corpus.")
     builder = corpus_builder(args.config, args.data_dir)
     seconds = None
     if args.overwrite or not builder.is_prepared():

@@ -11,7 +11,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from moe_jax import validation
+from moe_jax import fields
 from moe_jax.config import ACTIVATIONS, MoeConfig
 
 NORMS = ("rmsnorm", "layernorm")
@@ -81,38 +81,38 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "vocab_multiple", "d_model", "num_layers", "num_heads", "d_ff",
                      "max_seq_len"):
-            validation.integer(self, name, minimum=1)
+            fields.integer(self, name, minimum=1)
         for name in ("num_kv_heads", "head_dim"):
-            validation.integer(self, name, minimum=1, optional=True)
-        validation.integer(self, "moe_every", minimum=0,
+            fields.integer(self, name, minimum=1, optional=True)
+        fields.integer(self, "moe_every", minimum=0,
                            fix="0 = no sparse block, 1 = every block, 2 = every other block")
         if self.num_heads % self.kv_heads:
-            validation.fail(self, "num_heads", f"must be a multiple of num_kv_heads="
+            fields.fail(self, "num_heads", f"must be a multiple of num_kv_heads="
                             f"{self.num_kv_heads}", "change one of them")
         if self.head_dim is None and self.d_model % self.num_heads:
-            validation.fail(self, "d_model", f"is not divisible by num_heads={self.num_heads}",
+            fields.fail(self, "d_model", f"is not divisible by num_heads={self.num_heads}",
                             "change one or set head_dim explicitly")
         if self.positions == "rotary" and self.head_size % 2:
-            validation.fail(self, "head_dim", "gives an odd head dimension, and rotary positions "
+            fields.fail(self, "head_dim", "gives an odd head dimension, and rotary positions "
                             "need an even head dimension", "set head_dim or num_heads",
                             value=self.head_size)
-        validation.one_of(self, "activation", ACTIVATIONS)
-        validation.one_of(self, "norm", NORMS)
-        validation.one_of(self, "positions", POSITIONS)
-        validation.one_of(self, "qk_norm", QK_NORMS)
-        validation.one_of(self, "dtype", DTYPES)
-        validation.one_of(self, "param_dtype", DTYPES)
+        fields.one_of(self, "activation", ACTIVATIONS)
+        fields.one_of(self, "norm", NORMS)
+        fields.one_of(self, "positions", POSITIONS)
+        fields.one_of(self, "qk_norm", QK_NORMS)
+        fields.one_of(self, "dtype", DTYPES)
+        fields.one_of(self, "param_dtype", DTYPES)
         for name in ("norm_eps", "rope_base", "embed_init_std"):
-            validation.number(self, name, above=0)
-        validation.number(self, "dropout_rate", at_least=0, below=1)
-        validation.one_of(self, "remat_policy", REMAT_POLICIES)
+            fields.number(self, name, above=0)
+        fields.number(self, "dropout_rate", at_least=0, below=1)
+        fields.one_of(self, "remat_policy", REMAT_POLICIES)
         for name in ("tie_embeddings", "qkv_bias", "causal", "scan_layers"):
-            validation.boolean(self, name)
+            fields.boolean(self, name)
         if self.moe_layers is not None:
             layers = tuple(self.moe_layers)
             bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
             if bad or len(set(layers)) != len(layers):
-                validation.fail(self, "moe_layers", f"must list distinct block indices in [0, "
+                fields.fail(self, "moe_layers", f"must list distinct block indices in [0, "
                                 f"{self.num_layers}); offending entries: {bad or 'duplicates'}")
             object.__setattr__(self, "moe_layers", tuple(sorted(layers)))
 

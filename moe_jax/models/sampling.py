@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moe_jax import validation
+from moe_jax import fields
 
 Array = jax.Array
 
@@ -33,9 +33,9 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        validation.number(self, "temperature", at_least=0)
-        validation.integer(self, "top_k", minimum=0, fix="0 keeps every token")
-        validation.number(self, "top_p", above=0, at_most=1, fix="1 keeps every token")
+        fields.number(self, "temperature", at_least=0)
+        fields.integer(self, "top_k", minimum=0, fix="0 keeps every token")
+        fields.number(self, "top_p", above=0, at_most=1, fix="1 keeps every token")
 
     @property
     def greedy(self) -> bool:

@@ -139,7 +139,7 @@ class Transformer(nn.Module):
     [B, L] restart per segment. Both default to one sequence per row. Randomness in training:
     rng streams "dropout" and "router" (router jitter, GShard's random second expert).
     `moe_sharding` lays every MoE layer out on a mesh (a `moe.Layout`, e.g.
-    `moe_jax.sharding.MoeSharding`).
+    `moe_jax.parallel.expert_parallel.MoeSharding`).
     """
 
     config: ModelConfig

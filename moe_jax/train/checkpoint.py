@@ -14,10 +14,10 @@ mid-save leaves the previous checkpoints intact. Directories may be gs:// URLs (
 Restoring never deletes or rewrites anything; a checkpoint that cannot be read raises
 `CheckpointError` naming the step and the directory.
 
-An *initial* checkpoint (`write_initial`, used by `moe_jax.convert` and `moe_jax.upcycle`) is
-the same layout with only {"params", "model_state"} as its state and {"initial": {...}} (where
-the parameters came from) as its host item: a starting point for runs (`InitConfig.checkpoint`),
-not a run to resume. `read_weights` reads the parameters and model state of either kind.
+An *initial* checkpoint (`write_initial`, used by `moe_jax.convert` and `moe_jax.interop.upcycle`)
+is the same layout with only {"params", "model_state"} as its state and {"initial": {...}} (where
+the parameters came from) as its host item: a starting point for runs (`InitConfig.checkpoint`), not
+a run to resume. `read_weights` reads the parameters and model state of either kind.
 """
 
 from __future__ import annotations
@@ -117,13 +117,13 @@ class Checkpoints:
 
 def check_not_initial(workdir: str) -> None:
     """Raises CheckpointError if `workdir` holds an initial checkpoint (moe_jax.convert or
-    moe_jax.upcycle output): a starting point for runs, never trained in (checkpoint rotation
-    would delete it)."""
+    moe_jax.interop.upcycle output): a starting point for runs, never trained in (checkpoint
+    rotation would delete it)."""
     directory = os.path.join(workdir, CHECKPOINT_DIR, "0")
     if storage.isdir(os.path.join(directory, HOST_ITEM)) and INITIAL in read_host(directory):
         raise CheckpointError(
             f"{workdir} holds the initial parameters written by moe_jax.convert or "
-            "moe_jax.upcycle, a starting point rather than a run to resume; train in a new "
+            "moe_jax.interop.upcycle, a starting point rather than a run to resume; train in a new "
             f"workdir that starts from them: --config.init.checkpoint={workdir} "
             "--workdir=runs/NAME (its config.json already sets init.checkpoint). Nothing was "
             "changed.")
@@ -151,8 +151,8 @@ def step_directory(path: str, step: int | None = None) -> str:
     if not steps:
         raise CheckpointError(
             f"no checkpoint in {path}: expected a run's workdir (with checkpoints/<step>/), a "
-            "directory written by moe_jax.convert or moe_jax.upcycle, or one checkpoints/<step> "
-            "directory.")
+            "directory written by moe_jax.convert or moe_jax.interop.upcycle, or one "
+            "checkpoints/<step> directory.")
     if step is not None and step not in steps:
         raise CheckpointError(f"no checkpoint of step {step} in {directory} (saved: {steps}); "
                               "train that run first or pick a saved step.")

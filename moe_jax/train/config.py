@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe_jax import validation
+from moe_jax import fields
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -63,30 +63,30 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("num_train_steps", "batch_size", "grad_accum_steps", "log_every",
                      "max_to_keep"):
-            validation.integer(self, name, minimum=1)
+            fields.integer(self, name, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            validation.integer(self, name, minimum=0)
-        validation.integer(self, "seq_len", minimum=1, optional=True,
+            fields.integer(self, name, minimum=0)
+        fields.integer(self, "seq_len", minimum=1, optional=True,
                            fix="None uses model.max_seq_len")
         if self.batch_size % self.grad_accum_steps:
-            validation.fail(self, "batch_size", f"is not a multiple of grad_accum_steps="
+            fields.fail(self, "batch_size", f"is not a multiple of grad_accum_steps="
                             f"{self.grad_accum_steps}", "each micro-batch must hold the same "
                             "number of sequences")
-        validation.one_of(self, "optimizer", OPTIMIZERS)
-        validation.one_of(self, "objective", OBJECTIVES)
-        validation.one_of(self, "schedule", SCHEDULES)
-        validation.number(self, "mask_rate", above=0, below=1, fix="BERT uses 0.15")
+        fields.one_of(self, "optimizer", OPTIMIZERS)
+        fields.one_of(self, "objective", OBJECTIVES)
+        fields.one_of(self, "schedule", SCHEDULES)
+        fields.number(self, "mask_rate", above=0, below=1, fix="BERT uses 0.15")
         for name in ("learning_rate", "eps"):
-            validation.number(self, name, above=0)
+            fields.number(self, name, above=0)
         for name in ("weight_decay", "grad_clip_norm"):
-            validation.number(self, name, at_least=0)
+            fields.number(self, name, at_least=0)
         for name in ("b1", "b2", "end_lr_ratio"):
-            validation.number(self, name, at_least=0, at_most=1)
+            fields.number(self, name, at_least=0, at_most=1)
         if self.warmup_steps > self.num_train_steps:
-            validation.fail(self, "warmup_steps", f"exceeds num_train_steps="
+            fields.fail(self, "warmup_steps", f"exceeds num_train_steps="
                             f"{self.num_train_steps}", "shorten the warmup or train longer")
         for name in ("progress_bar", "async_checkpointing", "freeze_router"):
-            validation.boolean(self, name)
+            fields.boolean(self, name)
 
     @property
     def micro_batch_size(self) -> int:
@@ -130,19 +130,19 @@ class MonitorConfig:
     stop_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        validation.boolean(self, "enabled")
+        fields.boolean(self, "enabled")
         for name in ("grace_steps",):
-            validation.integer(self, name, minimum=0)
+            fields.integer(self, name, minimum=0)
         for name in ("patience", "growth_window"):
-            validation.integer(self, name, minimum=1)
-        validation.number(self, "collapse_fraction", above=0, below=1,
+            fields.integer(self, name, minimum=1)
+        fields.number(self, "collapse_fraction", above=0, below=1,
                           fix="0.1 flags an expert below a tenth of its balanced share")
         for name in ("max_violation", "max_router_logit", "max_router_z_loss"):
-            validation.number(self, name, above=0)
-        validation.number(self, "max_dropped_fraction", above=0, at_most=1)
-        validation.number(self, "logit_growth", above=1)
+            fields.number(self, name, above=0)
+        fields.number(self, "max_dropped_fraction", above=0, at_most=1)
+        fields.number(self, "logit_growth", above=1)
         if not isinstance(self.stop_on, tuple) or any(a not in ALARMS for a in self.stop_on):
-            validation.fail(self, "stop_on", "lists an unknown alarm",
+            fields.fail(self, "stop_on", "lists an unknown alarm",
                             f"use a tuple of names from {ALARMS}")
 
 
@@ -155,8 +155,8 @@ class InitConfig:
     order; once it has saved a checkpoint, a restart resumes from that, never from `checkpoint`.
     """
 
-    # A run's workdir (its newest checkpoint), a directory written by `python -m moe_jax.convert`
-    # or `python -m moe_jax.upcycle`, or one checkpoint directory <workdir>/checkpoints/<step>.
+    # A run's workdir (its newest checkpoint), a directory written by `python -m moe_jax.convert` or
+    # `python -m moe_jax.interop.upcycle`, or one checkpoint directory <workdir>/checkpoints/<step>.
     # Only the parameters and model state are read (not the optimizer state).
     checkpoint: str | None = None
     # Sparse upcycling (Komatsuzaki et al. 2022, Sec. 3.1): `checkpoint` is a dense model of this
@@ -173,16 +173,16 @@ class InitConfig:
     reinit_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        validation.text(self, "checkpoint", optional=True,
+        fields.text(self, "checkpoint", optional=True,
                         fix="None starts from a random init")
-        validation.boolean(self, "upcycle")
-        validation.number(self, "expert_noise", at_least=0)
-        validation.number(self, "reinit_fraction", at_least=0, at_most=1)
+        fields.boolean(self, "upcycle")
+        fields.number(self, "expert_noise", at_least=0)
+        fields.number(self, "reinit_fraction", at_least=0, at_most=1)
         if self.upcycle and self.checkpoint is None:
-            validation.fail(self, "upcycle", "needs a dense checkpoint to upcycle",
+            fields.fail(self, "upcycle", "needs a dense checkpoint to upcycle",
                             "set init.checkpoint to the dense run's workdir")
         if (self.expert_noise or self.reinit_fraction) and not self.upcycle:
-            validation.fail(self, "expert_noise" if self.expert_noise else "reinit_fraction",
+            fields.fail(self, "expert_noise" if self.expert_noise else "reinit_fraction",
                             "only applies to upcycled experts", "set init.upcycle=True or 0")
 
     def replace(self, **changes) -> InitConfig:

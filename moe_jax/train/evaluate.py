@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import layers, objective, routing
+from moe_jax import layers, routing
 from moe_jax.config import MoeConfig
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.transformer import layer_routing
+from moe_jax.train import objective
 from moe_jax.train.step import model_inputs
 
 Array = jax.Array

@@ -14,9 +14,9 @@ Files in the workdir:
 The workdir may be a gs:// URL (`moe_jax.storage`): the same files, with metrics.jsonl and
 alerts.jsonl as series of objects (`storage.JsonLines`) and the lock a Cloud Storage object.
 
-The run is laid out on the mesh of `config.mesh` (`moe_jax.sharding`; one device by default):
-the state is created sharded by jitting the init with out_shardings, each process feeds its own
-rows of every batch, checkpoints are written and read by every process (and restore onto any
+The run is laid out on the mesh of `config.mesh` (`moe_jax.parallel.sharding`; one device by
+default): the state is created sharded by jitting the init with out_shardings, each process feeds
+its own rows of every batch, checkpoints are written and read by every process (and restore onto any
 mesh), and only process 0 writes config, metrics and summary files.
 
 A run restarted with the same workdir resumes from its latest checkpoint and continues with the
@@ -40,8 +40,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from moe_jax import flops, routing, schema, storage
-from moe_jax.train import evaluate, functions, init_from, lock, monitor, optim, placement, profiles
+from moe_jax import routing, schema, storage
+from moe_jax.analysis import flops
+from moe_jax.train import evaluate, init_from, jitted, lock, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import (
     CheckpointError,
@@ -203,7 +204,7 @@ class _Run:
         self.experiment = experiment
         train = experiment.train
         self.seq_len = train.seq_len or experiment.model.max_seq_len
-        _, self.fns = functions.setup(experiment, self.seq_len, mesh)
+        _, self.fns = jitted.setup(experiment, self.seq_len, mesh)
         self.data = train_input.make_inputs(experiment.data, experiment.model,
                                             batch_size=train.batch_size, seq_len=self.seq_len,
                                             seed=experiment.seed)
@@ -232,7 +233,7 @@ class _Run:
                                                 optim.make_optimizer(self.experiment.train))
             return state
         step = self.last_good
-        state, host = functions.restore_state(self.checkpoints, step, self.experiment,
+        state, host = jitted.restore_state(self.checkpoints, step, self.experiment,
                                               self.seq_len, self.fns)
         try:
             self.data.train.set_state(_iterator_state(host))
@@ -359,8 +360,8 @@ def _summary(experiment: Any, state: TrainState, seq_len: int, last_train: dict[
 
     train_loss / train_cross_entropy: means over the last `log_every` steps. eval_*: the final
     evaluation (eval_loss is the cross-entropy in nats per token; `eval` holds every eval
-    metric). params_total / params_active and FLOPs per token: `moe_jax.flops` at the training
-    sequence length; params_in_state counts the created parameters (equal to params_total).
+    metric). params_total / params_active and FLOPs per token: `moe_jax.analysis.flops` at the
+    training sequence length; params_in_state counts the created parameters (equal to params_total).
     tokens_per_second: training throughput of the last process that trained (compilation and
     evaluation excluded). wall_time_seconds: over all resumed segments.
     """

@@ -1,4 +1,5 @@
-"""Where the train state and the batches live on a mesh (`moe_jax.sharding` builds the mesh).
+"""Where the train state and the batches live on a mesh (`moe_jax.parallel.sharding` builds the
+mesh).
 
     check_experiment(mesh, experiment, rules)                  # clear errors before any work
     shardings = state_shardings(abstract_state, logical, mesh, rules)
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax import sharding
+from moe_jax.parallel import sharding
 from moe_jax.train.state import TrainState
 
 PyTree = Any

@@ -3,7 +3,7 @@
     train_step = make_train_step(model, optimizer, experiment, grad_accum_steps=2)
     state, metrics = jax.jit(train_step, donate_argnums=0)(state, batch)
 
-Batches are dicts of [B, L] arrays (see `moe_jax.objective`). With A = grad_accum_steps the
+Batches are dicts of [B, L] arrays (see `moe_jax.train.objective`). With A = grad_accum_steps the
 batch is split into A micro-batches of B / A rows, scanned in order; micro-batch i's loss is
 weighted by its share of the batch's target tokens, so the accumulated gradient equals the
 gradient of the full batch's token-averaged loss (exactly for the cross-entropy; the per-micro
@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_jax import layers, objective, routing
+from moe_jax import layers, routing
 from moe_jax.config import MoeConfig
 from moe_jax.models import transformer
 from moe_jax.models.config import ModelConfig
+from moe_jax.train import objective
 from moe_jax.train.state import TrainState
 
 Array = jax.Array
@@ -78,18 +79,19 @@ def combine_micro_metrics(metrics: Metrics, share: Array) -> Metrics:
 
 def update_moe_state(model_state: dict[str, Any], assignment_fraction: Array, model: ModelConfig,
                      moe: MoeConfig) -> dict[str, Any]:
-    """DeepSeek-V3 auxiliary-loss-free balancing: move each sparse block's score bias by
-    +/- `bias_update_rate` toward uniform load (`routing.update_score_bias`).
+    """Moves each sparse block's router state after a step (`routing.Router.update_state`, e.g.
+    DeepSeek-V3's auxiliary-loss-free balancing: the score bias +/- `bias_update_rate` toward
+    uniform load).
 
     assignment_fraction: [M, E], the share of assignments of each expert in each of the M sparse
-    blocks (block order, as the model stacks its aux). A no-op unless router == "sigmoid_bias".
+    blocks (block order, as the model stacks its aux). A no-op for a router without one.
     """
-    if moe.router != "sigmoid_bias" or not model.sparse_layers:
+    update = routing.ROUTERS[moe.router].update_state
+    if update is None or not model.sparse_layers:
         return model_state
     state = model_state[layers.STATE]
-    moved = [{**v, layers.SCORE_BIAS: routing.update_score_bias(
-        v[layers.SCORE_BIAS], assignment_fraction[m], moe.bias_update_rate)}
-        for m, v in enumerate(transformer.moe_layer_variables(state, model))]
+    moved = [update(v, assignment_fraction[m], moe)
+             for m, v in enumerate(transformer.moe_layer_variables(state, model))]
     return {**model_state,
             layers.STATE: transformer.with_moe_layer_variables(state, model, moved)}
 
