@@ -132,7 +132,11 @@ def _routing_group(config: str, overrides: str) -> tuple[int, int, int] | None:
 def tokens_per_expert_group(run: Run) -> float | None:
     """Assignments per expert per routing group if routing were uniform: T * k / E (Switch
     Sec. 2.2's expert capacity before the capacity factor); None for a dense model."""
-    group = _routing_group(run["config"], json.dumps(run.get("overrides") or {}, sort_keys=True))
+    try:
+        group = _routing_group(run["config"], json.dumps(run.get("overrides") or {},
+                                                         sort_keys=True))
+    except FileNotFoundError:  # a config file this checkout does not have
+        return None
     return None if group is None else group[0] * group[1] / group[2]
 
 
