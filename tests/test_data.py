@@ -310,3 +310,16 @@ def test_tfrecord_dataset_without_tensorflow_says_how_to_fix(data_dir, tmp_path)
     config = DataConfig(name="moe_jax_corpus/tiny", data_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match=r"pip install tensorflow.*convert_format"):
         make_eval_batches(config, seq_len=SEQ_LEN, global_batch_size=BATCH)
+
+
+def _prepare_tiny(data_dir: str) -> str:
+    return corpus.prepare_embedded_corpus(data_dir, "tiny").info.metadata["content_sha256"]
+
+
+def test_two_processes_preparing_one_corpus_at_once_both_succeed(tmp_path):
+    """Runs started together (a sweep's first members) build the corpus once, not twice."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        shas = pool.map(_prepare_tiny, [str(tmp_path)] * 2)
+    assert shas[0] == shas[1]

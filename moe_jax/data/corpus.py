@@ -29,7 +29,9 @@ Build explicitly and print statistics: `python -m moe_jax.data.corpus --data_dir
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import platform
@@ -298,6 +300,26 @@ def corpus_builder(config_name: str = "default", data_dir: str | None = None) ->
     return MoeJaxCorpus(config=config_name, data_dir=data_dir, file_format="array_record")
 
 
+@contextlib.contextmanager
+def _preparation_lock(data_dir: str, config_name: str) -> Iterator[None]:
+    """Serializes the preparation of one corpus config by processes of this machine.
+
+    Two runs started at once would both build the corpus and the second one's rename of its
+    finished directory fails (tfds refuses to replace the first one's). Object-store data
+    directories (`gs://...`) are prepared once beforehand; they are not locked here.
+    """
+    if "://" in data_dir:
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".moe_jax_corpus_{config_name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare_embedded_corpus(data_dir: str | None = None, config_name: str = "default"):
     """Builds the corpus under `data_dir` if it is not there yet; returns the prepared builder.
 
@@ -306,8 +328,9 @@ def prepare_embedded_corpus(data_dir: str | None = None, config_name: str = "def
     from moe_jax.data.config import DataConfig
 
     data_dir = data_dir or DataConfig().resolved_data_dir()
-    builder = corpus_builder(config_name, data_dir)
-    builder.download_and_prepare()
+    with _preparation_lock(data_dir, config_name):
+        builder = corpus_builder(config_name, data_dir)
+        builder.download_and_prepare()
     built_by = builder.info.metadata.get("python_version")
     if built_by != platform.python_version():
         warnings.warn(
