@@ -9,6 +9,7 @@ Build: `pip install -e ".[docs]"`, then `sphinx-build -W --keep-going -b html do
 """
 
 import pathlib
+import shutil
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -42,6 +43,9 @@ nb_execution_mode = "off"
 nb_merge_streams = True
 
 # -- API reference ---------------------------------------------------------------------------
+# autosummary writes one page per module into api/generated/ (not committed); it is written anew
+# by every build, so that a module that no longer exists leaves no page behind.
+shutil.rmtree(DOCS / "api" / "generated", ignore_errors=True)
 autosummary_generate = True
 # Each object is documented where it is defined: a package face's re-exports (`moe_jax.MoeConfig`)
 # are not documented again, so cross-references have one target (the module template).
