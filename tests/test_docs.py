@@ -34,9 +34,14 @@ def test_readme_links_into_the_docs_resolve():
     assert not missing, f"README.md links to missing files: {missing}"
 
 
+def _test_command(path: pathlib.Path) -> str:
+    section = path.read_text().split("Install and run the tests", 1)[1]
+    return re.search(r"```bash\n(.+?)\n```", section, re.S).group(1).strip()
+
+
 def test_ci_runs_exactly_the_readme_test_command():
-    text = README.read_text()
-    section = text.split("Install and run the tests", 1)[1]
-    command = re.search(r"```bash\n(.+?)\n```", section, re.S).group(1).strip()
+    command = _test_command(README)
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1].strip()
     assert ci == command, f".ci/run runs {ci!r}, the README says {command!r}"
+    docs = _test_command(ROOT / "docs" / "getting_started.md")
+    assert docs == command, f"docs/getting_started.md says {docs!r}, the README {command!r}"
