@@ -1,7 +1,8 @@
 """`MoeConfig`: every knob of the MoE feed-forward layer, validated once.
 
-Conventions (which paper each comes from) are documented on the fields and in the README's
-conventions table. The config is a frozen dataclass so it can be a static argument of `jax.jit`.
+Conventions (which paper each comes from) are documented on the fields and in the conventions
+table of docs/moe_layer.md. The config is a frozen dataclass so it can be a static argument of
+`jax.jit`.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def run(workdir: str, prompts: Sequence[str], *, max_new_tokens: int,
             f"its data tokenizer ({tokenizer!r}) has {tokenizer.vocab_size}: the model was "
             "converted from a checkpoint whose own tokenizer moe_jax does not ship, so text "
             "cannot be encoded or decoded here. Tokenize with the model's own tokenizer and call "
-            "moe_jax.models.decode.generate on the ids (README, Decoding), or train the model "
+            "moe_jax.models.decode.generate on the ids (docs/decoding.md), or train the model "
             "on moe_jax's data first.")
     encoded = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in prompts]
     tokens, lengths = decode.pad_prompts(encoded, tokenizer.pad_id)

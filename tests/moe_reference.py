@@ -1,7 +1,7 @@
 """A float64 NumPy reference of the MoE layer, written as a plain loop over tokens.
 
 Independent of moe_jax's vectorised code: it re-derives routing, priority, capacity and combine
-from the conventions in the README so that `moe.apply` can be checked against it.
+from the conventions in docs/moe_layer.md so that `moe.apply` can be checked against it.
 """
 
 import math

@@ -227,8 +227,8 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
 
 @pytest.mark.slow
 def test_a_converted_model_fine_tunes_analyses_and_exports(tmp_path, data_dir):
-    """The README's commands: convert, fine-tune with moe_jax.main, route the validation
-    batches (routing analysis), export the fine-tuned run."""
+    """The commands of docs/huggingface.md: convert, fine-tune with moe_jax.main, route the
+    validation batches (routing analysis), export the fine-tuned run."""
     from experiments.analyses import routing_stats
     from moe_jax.main import run_from_argv
 

@@ -61,7 +61,7 @@ def test_default_workdir_names_the_config():
 
 def test_main_job_prints_dense_and_switch_side_by_side(data_dir, tmp_path, capsys):
     """The no-argument job's code path with tiny shapes and 2 steps (the real one is timed in
-    the README)."""
+    docs/training.md)."""
     settings = {**main.MAIN_JOB_SETTINGS, "model.d_model": 32, "model.num_layers": 2,
                 "model.num_heads": 2, "model.d_ff": 64, "model.max_seq_len": 32, "moe.d_ff": 64,
                 "train.batch_size": 4, "train.num_train_steps": 2, "train.warmup_steps": 1,

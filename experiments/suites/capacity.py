@@ -9,9 +9,9 @@ Switch Table 1 and the top-n rows of ST-MoE Table 8 do. moe_jax counts k in the 
 token-order drop priority by V-MoE's batch-priority routing (highest router probability first).
 
 Causality: with top-2 (rank priority) or batch priority a later token can take an earlier token's
-slot, so drops leak the future in a causal LM (see the README). Validation runs at capacity 2.0,
-where few tokens drop, so the validation loss is close to honest; training losses of those
-members are not comparable.
+slot, so drops leak the future in a causal LM (docs/models.md, "Causality"). Validation runs at
+capacity 2.0, where few tokens drop, so the validation loss is close to honest; training losses
+of those members are not comparable.
 """
 
 from __future__ import annotations

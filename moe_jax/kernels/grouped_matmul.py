@@ -181,7 +181,7 @@ def _cpu_default() -> str:
 
 def _gpu_default() -> str:
     """"auto" on GPU: tokamax when installed and traced on a GPU host (it picks its kernel from
-    the host's device), else ragged_dot (see the README for XLA:GPU's cuDNN ragged-dot fusion
+    the host's device), else ragged_dot (docs/dispatch.md has XLA:GPU's cuDNN ragged-dot fusion
     flag)."""
     on_gpu = jax.default_backend() == "gpu"
     return "tokamax" if on_gpu and grouped_matmul_kernels.tokamax_available() else "ragged_dot"
