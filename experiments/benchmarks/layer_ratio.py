@@ -8,7 +8,8 @@ The dense FFN (d_model 512, d_ff 2048, 8192 tokens, gelu) and each MoE layer (to
 of width d_ff, capacity factor 1.0, the default dispatch) are compiled first; then every round
 runs each of them once, forward+backward as in the `layer` suite (`layer.vjp_loss`), the order
 rotated by one each round. Per member and round: wall-clock time, process CPU time (user + system,
-all threads) and minor page faults, from `getrusage`. A member's ratio to dense is the median over
+all threads), its system part (the kernel's work: mostly zeroing the fresh pages of the buffers
+XLA allocates for each call) and minor page faults, from `getrusage`. A member's ratio to dense is the median over
 rounds of its time divided by the dense FFN's time in the same round, so load that drifts between
 rounds cancels. On a shared machine CPU time is the steadier figure: wall-clock time also counts
 the time other processes held the cores.
@@ -50,10 +51,10 @@ def define_flags(values: flags.FlagValues) -> None:
                         "<platform>-<date>.json; the .md beside it)", flag_values=values)
 
 
-def _usage() -> tuple[float, int]:
-    """(process CPU seconds, minor page faults) so far."""
+def _usage() -> tuple[float, float, int]:
+    """(process CPU seconds, of which system, minor page faults) so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime, usage.ru_minflt
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime, usage.ru_minflt
 
 
 class _Member:
@@ -70,17 +71,19 @@ class _Member:
         self.output_bytes = memory.output_size_in_bytes if memory else None
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.system: list[float] = []
         self.faults: list[int] = []
         for _ in range(2):  # warm-up
             jax.block_until_ready(self.compiled(*self.args))
 
     def run(self) -> None:
-        cpu, faults = _usage()
+        cpu, system, faults = _usage()
         start = time.perf_counter()
         out = jax.block_until_ready(self.compiled(*self.args))
         self.wall.append(time.perf_counter() - start)
-        cpu_end, faults_end = _usage()
+        cpu_end, system_end, faults_end = _usage()
         self.cpu.append(cpu_end - cpu)
+        self.system.append(system_end - system)
         self.faults.append(faults_end - faults)
         del out
 
@@ -117,22 +120,24 @@ def rows(group: list[_Member]) -> list[dict[str, Any]]:
     base = group[0]
     median = statistics.median
     return [{"member": m.name, "wall_ms": median(m.wall) * 1e3, "cpu_ms": median(m.cpu) * 1e3,
+             "system_ms": median(m.system) * 1e3,
              "minor_faults": median(m.faults),
              "wall_ratio": median(a / b for a, b in zip(m.wall, base.wall, strict=True)),
              "cpu_ratio": median(a / b for a, b in zip(m.cpu, base.cpu, strict=True)),
              "wall_ratio_range": [min(a / b for a, b in zip(m.wall, base.wall, strict=True)),
                                   max(a / b for a, b in zip(m.wall, base.wall, strict=True))],
-             "rounds_wall_s": m.wall, "rounds_cpu_s": m.cpu, "compile_s": m.compile_s,
+             "rounds_wall_s": m.wall, "rounds_cpu_s": m.cpu,
+             "rounds_system_s": m.system, "compile_s": m.compile_s,
              "temp_bytes": m.temp_bytes, "output_bytes": m.output_bytes} for m in group]
 
 
 def table(result_rows: Sequence[dict[str, Any]]) -> str:
     return cli.markdown_table(
         ("fwd+bwd", "wall ms", "x dense (wall)", "range over rounds", "CPU ms", "x dense (CPU)",
-         "minor page faults", "temp + output MB"),
+         "of which system ms", "minor page faults", "temp + output MB"),
         [(r["member"], f"{r['wall_ms']:.0f}", f"{r['wall_ratio']:.2f}",
           f"{r['wall_ratio_range'][0]:.2f}-{r['wall_ratio_range'][1]:.2f}", f"{r['cpu_ms']:.0f}",
-          f"{r['cpu_ratio']:.2f}", f"{r['minor_faults']:.0f}",
+          f"{r['cpu_ratio']:.2f}", f"{r['system_ms']:.0f}", f"{r['minor_faults']:.0f}",
           f"{(r['temp_bytes'] or 0) / 1e6:.0f} + {(r['output_bytes'] or 0) / 1e6:.0f}")
          for r in result_rows])
 
