@@ -7,12 +7,12 @@
 The dense FFN (d_model 512, d_ff 2048, 8192 tokens, gelu) and each MoE layer (top-1 of E experts
 of width d_ff, capacity factor 1.0, the default dispatch) are compiled first; then every round
 runs each of them once, forward+backward as in the `layer` suite (`layer.vjp_loss`), the order
-rotated by one each round. Per member and round: wall-clock time, process CPU time (user + system,
-all threads), its system part (the kernel's work: mostly zeroing the fresh pages of the buffers
-XLA allocates for each call) and minor page faults, from `getrusage`. A member's ratio to dense is the median over
-rounds of its time divided by the dense FFN's time in the same round, so load that drifts between
-rounds cancels. On a shared machine CPU time is the steadier figure: wall-clock time also counts
-the time other processes held the cores.
+rotated by one each round. Per member and round: wall-clock time, process CPU time (user +
+system, all threads), its system part (the kernel's work: mostly zeroing the fresh pages of the
+buffers XLA allocates for each call) and minor page faults, from `getrusage`. A member's ratio to
+dense is the median over rounds of its time divided by the dense FFN's time in the same round, so
+load that drifts between rounds cancels. On a shared machine CPU time is the steadier figure:
+wall-clock time also counts the time other processes held the cores.
 
 Results go to `results/layer-ratio-<platform>-<date>.{json,md}` (or `--out`), with the machine,
 date, commit, command, the load average before and after, and GLIBC_TUNABLES as set.
