@@ -247,3 +247,21 @@ def test_suite_throughput_times_members_interleaved_and_refuses_to_overwrite(tmp
     assert (tmp_path / "tiny_throughput.md").exists()
     with pytest.raises(SystemExit, match="exists"):
         suite_throughput.main(argv)
+
+
+def test_layer_ratio_interleaves_dense_and_moe_and_writes_results(tmp_path):
+    from experiments.benchmarks import layer_ratio
+
+    out = tmp_path / "ratio.json"
+    layer_ratio.main(["--experts=2", "--tokens=64", "--rounds=2", f"--out={out}"])
+    result = json.loads(out.read_text())
+    dense, sparse = result["rows"]
+    assert dense["member"] == "dense FFN" and sparse["member"].startswith("E=2 top-1")
+    assert dense["wall_ratio"] == dense["cpu_ratio"] == 1.0
+    for row in (dense, sparse):
+        assert len(row["rounds_wall_s"]) == len(row["rounds_cpu_s"]) == 2
+        assert row["wall_ratio_range"][0] <= row["wall_ratio"] <= row["wall_ratio_range"][1]
+    # Two experts' weights and gradients: twice the dense FFN's parameters in the outputs.
+    assert sparse["output_bytes"] > 1.9 * dense["output_bytes"]
+    assert result["machine"]["commit"] and "layer_ratio" in result["command"]
+    assert "interleaved" in (tmp_path / "ratio.md").read_text()
