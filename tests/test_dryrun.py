@@ -155,6 +155,8 @@ ENTRY %main (x: bf16[4,8]) -> bf16[32,8] {
   %agd = bf16[32,8]{1,0} all-gather-done(%ag)
   %ar = f32[16]{0} all-reduce(%y), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
   %ar2 = f32[16]{0} all-reduce(%y), replica_groups={}, to_apply=%add
+  %a2a = f32[2,4]{1,0} all-to-all(%z), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+  %b = f32[2,4] all-to-all(z), replica_groups=mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0)) {'a','b'}
   %cp = (bf16[4,8], bf16[4,8], u32[], u32[]) collective-permute-start(%x), channel_id=1
 }
 """
@@ -163,6 +165,7 @@ ENTRY %main (x: bf16[4,8]) -> bf16[32,8] {
     assert found["all-gather"].bytes_per_step_by_group == {8: 512}
     assert found["all-reduce"].bytes_per_step_by_group == {4: 64, 8: 64}
     assert found["collective-permute"].bytes_per_step_by_group == {1: 64}
+    assert found["all-to-all"].bytes_per_step_by_group == {4: 32, 8: 32}
 
 
 def test_a_compile_refused_for_memory_says_by_how_much_and_which_knobs_help():

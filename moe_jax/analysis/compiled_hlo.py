@@ -30,9 +30,11 @@ _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1,
 _ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
-# replica_groups={{0,1},{2,3}} (explicit), replica_groups=[2,2]<=[4] (iota: groups x size).
+# replica_groups={{0,1},{2,3}} (explicit), replica_groups=[2,2]<=[4] (iota: groups x size),
+# replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'} (the mesh axes each group spans).
 _EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
 _PARTITIONS = re.compile(r"num_partitions=(\d+)")
 
 
@@ -63,6 +65,9 @@ def group_size(instruction: str, partitions: int) -> int:
         return len([d for d in match.group(1).split(",") if d]) or partitions
     if match := _IOTA_GROUPS.search(instruction):
         return int(match.group(2))
+    if match := _MESH_GROUPS.search(instruction):
+        sizes = {axis: int(n) for axis, n in re.findall(r"'([\w.]+)'=(\d+)", match.group(1))}
+        return math.prod(sizes[axis] for axis in re.findall(r"'([\w.]+)'", match.group(2)))
     return partitions
 
 
