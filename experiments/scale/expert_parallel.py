@@ -91,7 +91,8 @@ def write() -> str:
         f"Fewer ICI seconds per model and topology: {summary or 'none compiled'}; shorter "
         f"overlap step: {step_summary or 'none compiled'}.", "",
         f"{run.LEGACY_MARK.strip()} Recorded before the dry run read group sizes: each "
-        "all-to-all is taken over the expert axis, the other collectives over all devices."])
+        "all-to-all is taken over the expert axis, the other collectives over all devices; "
+        "a collective-permute-start counts operand and result, twice the result."])
     TABLE.write_text(text + "\n")
     return text
 
