@@ -67,7 +67,8 @@ def rows(results: dict[str, dict[str, Any]]
             by_step[step] = by_step.get(step, 0) + 1
             for form, r in reports.items():
                 e = r.estimate
-                out.append((r.config.removesuffix(" " + FORMS[form]), topology, form,
+                mark = run.LEGACY_MARK if r.config.endswith(run.LEGACY_MARK) else ""
+                out.append((name + mark, topology, form,
                             *(_kind(r, k) for k in KINDS), f"{ici[form]:.3g}",
                             f"{e['overlap_step_seconds']:.3g} / {e['serial_step_seconds']:.3g}",
                             f"{r.bytes['peak'] / dryrun_report.GIB:.3g}",
@@ -92,7 +93,8 @@ def write() -> str:
         f"overlap step: {step_summary or 'none compiled'}.", "",
         f"{run.LEGACY_MARK.strip()} Recorded before the dry run read group sizes: each "
         "all-to-all is taken over the expert axis, the other collectives over all devices; "
-        "a collective-permute-start counts operand and result, twice the result."])
+        "an asynchronous collective-permute-start, where the program has one, counted operand "
+        "and result."])
     TABLE.write_text(text + "\n")
     return text
 

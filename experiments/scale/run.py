@@ -227,9 +227,9 @@ def write_table(results: dict[str, dict[str, Any]]) -> str:
     if any(r is not None and r.config.endswith(LEGACY_MARK) for r in reports):
         lines += ["", f"{LEGACY_MARK.strip()} Compiled before the dry run read the collectives' "
                   "group sizes: the communication bound takes each all-to-all over the expert "
-                  "axis and the other collectives over all devices (`LEGACY_GROUPS`); their "
-                  "asynchronous starts (collective-permute-start) count operand and result, "
-                  "twice the result."]
+                  "axis and the other collectives over all devices (`LEGACY_GROUPS`); an "
+                  "asynchronous collective-permute-start, where the program has one, counted "
+                  "operand and result."]
     failed = [(row, r) for row, r in zip(rows, reports) if r is None or not r.compiled]
     if failed:
         lines += ["", "Not compiled:", ""]
