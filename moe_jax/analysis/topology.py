@@ -56,7 +56,7 @@ CHIPS = {chip.generation: chip for chip in (
          "https://cloud.google.com/tpu/docs/v5e (bidirectional ICI per chip: 400 GBps)"),
     Chip("v5p", 459e12, 95 * GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p", 1200e9,
          "https://cloud.google.com/tpu/docs/v5p (bidirectional ICI per chip: 1200 GBps; "
-         "older revisions: 4800 Gbps = 600 GB/s one way)"),
+         "older revisions: 4800 Gbps, i.e. 600 GB/s, half of it)"),
     Chip("v6e", 918e12, 32 * GIB, 1640e9, "https://cloud.google.com/tpu/docs/v6e", 800e9,
          "https://cloud.google.com/tpu/docs/v6e (bidirectional ICI per chip: 800 GBps)"),
 )}
