@@ -122,6 +122,11 @@ def write() -> str:
     text = "\n".join([
         "# moe_jax's dry-run estimates beside MaxText's measured MFU (TPU v5p)", "",
         cli.markdown_table(COLUMNS, rows(results)), "", _provenance(results), "",
+        "The two step estimates come from lower bounds at peak rates (overlap: the largest "
+        "bound, a lower bound on the step; serial: their sum, nothing overlapping); they are "
+        "not predictions of moe_jax's MFU, and a measurement of the same program usually "
+        "falls between them. What the gaps can and "
+        "cannot mean: docs/performance.md, \"Beside MaxText's measurements\".", "",
         "Sources of the measurements:", "", *sources, ""])
     TABLE.write_text(text)
     return text
