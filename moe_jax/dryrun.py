@@ -8,9 +8,12 @@ and the same jitted train step) on a mesh of the topology's devices, lowers and 
 no TPU attached (libtpu: `pip install -e ".[tpu]"`), and prints, and writes as JSON and
 Markdown, the `analysis.dryrun_report.Report`: whether it compiled (or the compiler's error);
 bytes per device against the chip's HBM; the collectives in the compiled HLO; XLA's FLOPs and
-bytes; a roofline estimate of the step time and MFU; the compile time. `dryrun(experiment,
-topology)` returns the same `Report` for use from Python; `compile_train_step` also the
-compiled executable (its HLO text, for checks of what the compiler made of a kernel).
+bytes; lower bounds on the step time from compute, HBM traffic and communication (the
+collectives' bytes at the chip's ICI bandwidth), two step estimates (all three overlap: their
+max; none does: their sum) and the MFU of each (docs/performance.md); the compile time.
+`dryrun(experiment, topology)` returns the same `Report` for use from Python;
+`compile_train_step` also the compiled executable (its HLO text, for checks of what the
+compiler made of a kernel).
 """
 
 from __future__ import annotations

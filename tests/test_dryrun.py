@@ -79,9 +79,22 @@ def test_tiny_switch_train_step_compiles_for_tpu(name, fsdp, expert, form):
     chip = topology.CHIPS[name.split(":")[0]]
     assert result.hbm_bytes == chip.hbm_bytes and result.fits
     assert result.mesh == {"data": 1, "fsdp": fsdp, "expert": expert, "model": 1}
-    assert 0 < result.estimate["mfu"] < 1 and result.estimate["step_seconds"] > 0
+    e = result.estimate
+    assert 0 < e["serial_mfu"] < e["overlap_mfu"] < 1
+    assert e["overlap_step_seconds"] == max(
+        e[k] for k in ("compute_seconds", "memory_seconds", "communication_seconds"))
+    assert e["serial_step_seconds"] == pytest.approx(
+        e["compute_seconds"] + e["memory_seconds"] + e["communication_seconds"])
+    assert e["communication_seconds"] == pytest.approx(sum(result.communication_seconds.values()))
+    assert set(result.communication_seconds) == set(result.collectives)
+    # Every collective of the fsdp x expert = 2 x 4 mesh runs over 2, 4 or all 8 devices.
+    assert {int(g) for c in result.collectives.values() for g in c["bytes_per_step_by_group"]
+            } <= {1, 2, 4, 8}, result.collectives
     if form == "explicit":  # 2 exchanges per MoE block forward, 2 backward, 2 MoE blocks
         assert result.collectives["all-to-all"]["per_step"] >= 8, result.collectives
+        assert 4 in result.collectives["all-to-all"]["bytes_per_step_by_group"]  # the experts
+    text = dryrun_report.markdown(result)
+    assert "est. step: overlap / serial" in text and "ICI bound s" in text
     assert result.bytes["parameters"] < result.bytes["optimizer"] < result.bytes["peak"]
 
 
@@ -128,8 +141,31 @@ ENTRY %main (x: f32[8]) -> f32[16] {
 """
     found, unknown = compiled_hlo.collective_counts(hlo)
     assert unknown == 0 and compiled_hlo.loop_trip_counts(hlo) == [3]
-    assert found["all-to-all"] == compiled_hlo.Collective(1, 3, 32, 96)
-    assert found["all-gather"] == compiled_hlo.Collective(1, 1, 64, 64)  # -done not counted again
+    assert found["all-to-all"] == compiled_hlo.Collective(1, 3, 32, 96, {2: 96})
+    # -done not counted again; no replica groups and no num_partitions: one device
+    assert found["all-gather"] == compiled_hlo.Collective(1, 1, 64, 64, {1: 64})
+
+
+def test_collective_group_sizes_and_async_results_are_read():
+    hlo = """HloModule m, num_partitions=8
+
+ENTRY %main (x: bf16[4,8]) -> bf16[32,8] {
+  %x = bf16[4,8]{1,0} parameter(0)
+  %ag = (bf16[4,8], bf16[32,8]) all-gather-start(%x), replica_groups=[1,8]<=[8], dimensions={0}
+  %agd = bf16[32,8]{1,0} all-gather-done(%ag)
+  %ar = f32[16]{0} all-reduce(%y), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %ar2 = f32[16]{0} all-reduce(%y), replica_groups={}, to_apply=%add
+  %a2a = f32[2,4]{1,0} all-to-all(%z), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+  %b = f32[2,4] all-to-all(z), replica_groups=mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0)) {'a','b'}
+  %cp = (bf16[4,8], bf16[4,8], u32[], u32[]) collective-permute-start(%x), channel_id=1
+}
+"""
+    found, _ = compiled_hlo.collective_counts(hlo)
+    assert found["all-gather"].result_bytes == 32 * 8 * 2  # the gathered array, not the operand
+    assert found["all-gather"].bytes_per_step_by_group == {8: 512}
+    assert found["all-reduce"].bytes_per_step_by_group == {4: 64, 8: 64}
+    assert found["collective-permute"].bytes_per_step_by_group == {1: 64}
+    assert found["all-to-all"].bytes_per_step_by_group == {4: 32, 8: 32}
 
 
 def test_a_compile_refused_for_memory_says_by_how_much_and_which_knobs_help():

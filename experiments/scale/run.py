@@ -1,5 +1,6 @@
-"""Will it fit? The train steps of `dense.py:base`, `switch.py:base_e128` and the published MoE
-models compiled for TPU slices by `moe_jax.dryrun`, gathered into one table.
+"""Will it fit? The train steps of `dense.py:base`, `switch.py:base_e128`, the published MoE
+models (`PUBLISHED`) and moe_jax's versions of MaxText's published runs (`maxtext_cases`)
+compiled for TPU slices by `moe_jax.dryrun`, gathered into one table.
 
     python -m experiments.scale.run                   # every case not yet in results.jsonl
     python -m experiments.scale.run --only=mixtral    # cases whose name contains "mixtral"
@@ -9,13 +10,16 @@ Each case compiles in its own process with a time limit: a crash or a timeout is
 such, and every finished case is appended to `results.jsonl` at once (a rerun skips the cases
 already there; `--rerun` compiles them again), then `results.md` is rewritten. Needs libtpu
 (`pip install -e ".[tpu]"`). Compiling a 47B-parameter model for 128 chips takes minutes of a
-CPU core; the table says how long each took, on which machine and at which commit.
+CPU core; the table says how long each took, on which machine and at which commit. `--table`
+recomputes the communication bound and the step estimates of every record from its collectives
+(`load_report`), so a change of the estimator needs no recompilation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -37,6 +41,23 @@ COMMON = {"model.dtype": "bfloat16", "model.scan_layers": True}
 # Fixed capacity instead of the published models' dropless dispatch: what the explicit form
 # needs, and (under gspmd) a dispatch that the compiler partitions by routing group.
 CAPACITY = {"moe.dispatch": "gather", "moe.capacity_factor": 1.25}
+
+
+# The published MoE models, each compiled as published (gspmd, dropless) and in both
+# expert-parallel forms with capacity (`_published`), at sequence length 4096 and global batch
+# 256, on each topology with its (fsdp, expert) mesh. Adding a model is one line here;
+# experiments/scale/expert_parallel.py compares the forms of every model listed.
+PUBLISHED = {
+    "Mixtral-8x7B": ("configs/published/mixtral_8x7b.py",
+                     {"v5p:4x4x8": (16, 8), "v5e:16x16": (32, 8)}),
+    "DeepSeekMoE-16B": ("configs/published/deepseek_moe_16b.py",
+                        {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)}),
+    "OLMoE-1B-7B": ("configs/published/olmoe_1b_7b.py",
+                    {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)}),
+    "Qwen1.5-MoE-A2.7B": ("configs/published/qwen1_5_moe_a2_7b.py",
+                          {"v5p:4x4x4": (16, 4), "v5e:16x16": (64, 4)}),
+    "Qwen3-235B-A22B": ("configs/published/qwen3_235b_a22b.py", {"v5p:4x4x8": (16, 8)}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +102,32 @@ def cases() -> list[Case]:
         out.append(Case(f"switch base_e128 gspmd remat={policy}", "configs/switch.py:base_e128",
                         "v5p:4x4x4", {**switch, "mesh.fsdp": 16, "mesh.expert": 4,
                                       "model.remat_policy": policy}))
-    out += _published("Mixtral-8x7B", "configs/published/mixtral_8x7b.py", 4096,
-                      {"v5p:4x4x8": (16, 8), "v5e:16x16": (32, 8)})
-    out += _published("DeepSeekMoE-16B", "configs/published/deepseek_moe_16b.py", 4096,
-                      {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)})
-    out += _published("OLMoE-1B-7B", "configs/published/olmoe_1b_7b.py", 4096,
-                      {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)})
-    out += _published("Qwen1.5-MoE-A2.7B", "configs/published/qwen1_5_moe_a2_7b.py", 4096,
-                      {"v5p:4x4x4": (16, 4), "v5e:16x16": (64, 4)})
-    return out
+    for name, (config, meshes) in PUBLISHED.items():
+        out += _published(name, config, 4096, meshes)
+    return out + maxtext_cases()
+
+
+def maxtext_cases() -> list[Case]:
+    """MaxText's published v5p runs (experiments/scale/maxtext.py) in moe_jax's closest form: the
+    same model shape, slice (v5p-128), global batch and sequence length; their weight dtype
+    (Mixtral's recipe: bfloat16; Llama's: the float32 default) and bfloat16 activations; FSDP
+    over every chip; full remat (Mixtral's default; Llama's save_dot_except_mlpwi has no
+    moe_jax counterpart); micro-batches where their per-chip batch in one pass does not fit
+    moe_jax's activations."""
+    common = {**COMMON, "model.remat_policy": "full", "train.seq_len": 4096, "mesh.fsdp": 64}
+    mixtral = {**common, "model.param_dtype": "bfloat16", "train.batch_size": 36 * 64,
+               "moe.group_size": 4096}
+    spec = "configs/published/mixtral_8x7b.py"
+    return [Case("MaxText Mixtral-8x7B dropless 1 pass", spec, "v5p:4x4x4", mixtral),
+            Case("MaxText Mixtral-8x7B dropless", spec, "v5p:4x4x4",
+                 {**mixtral, "train.grad_accum_steps": 18}),
+            Case("MaxText Llama2-70B", "configs/published/llama2_70b.py", "v5p:4x4x4",
+                 {**common, "train.batch_size": 2 * 64}),
+            Case("MaxText Mixtral-8x7B dropless 1 seq", spec, "v5p:4x4x4",
+                 {**mixtral, "train.grad_accum_steps": 36}),
+            Case("MaxText Mixtral-8x7B cf1.0", spec, "v5p:4x4x4",
+                 {**mixtral, "train.grad_accum_steps": 18, **CAPACITY,
+                  "moe.capacity_factor": 1.0})]
 
 
 def key(case: Case) -> str:
@@ -140,18 +178,58 @@ def read_results() -> dict[str, dict[str, Any]]:
     return {row["case"]: row for row in rows}  # the last line of a case wins
 
 
+# Records written before the HLO reader split collective bytes by group size: the group each
+# kind is taken to run over (the all-to-alls of expert parallelism over the expert axis; the
+# others in the large-group limit, over all devices; a permute sends to one peer).
+LEGACY_GROUPS = {"all-to-all": "expert", "ragged-all-to-all": "expert"}
+LEGACY_MARK = " †"
+
+
+def _legacy_groups(report: dict[str, Any]) -> dict[str, int]:
+    return {kind: report["mesh"][LEGACY_GROUPS[kind]] if kind in LEGACY_GROUPS else
+            report["devices"] for kind in report["collectives"]}
+
+
+def load_report(report: dict[str, Any]):
+    """A recorded report as a `dryrun_report.Report` with the communication bound and both step
+    estimates (recomputed from its collectives and its compute and memory bounds, with
+    `LEGACY_GROUPS` and a mark on the name where the record has no group sizes); None for a
+    record of a case that never reached the compiler."""
+    from moe_jax.analysis import communication, dryrun_report, topology
+
+    if "mesh" not in report:
+        return None
+    fields = {f.name for f in dataclasses.fields(dryrun_report.Report)}
+    result = dryrun_report.Report(**{k: v for k, v in report.items() if k in fields})
+    if not (result.compiled and result.estimate and result.chip in topology.CHIPS):
+        return result
+    chips = math.prod(int(n) for n in result.topology.split(":")[1].split("x"))
+    topo = topology.Topology(result.topology, (), topology.CHIPS[result.chip],
+                             devices_per_chip=result.devices // chips)
+    if any(not c.get("bytes_per_step_by_group") for c in result.collectives.values()):
+        result.collectives = communication.assume_groups(result.collectives,
+                                                         _legacy_groups(report))
+        result.config += LEGACY_MARK
+    if "useful_flops" not in result.estimate:  # older records: useful = MFU x step x peak
+        e = result.estimate
+        e["useful_flops"] = e["mfu"] * e["step_seconds"] * topo.device_peak_flops
+    dryrun_report.add_communication(result, topo)
+    return result
+
+
 def write_table(results: dict[str, dict[str, Any]]) -> str:
     from moe_jax.analysis import dryrun_report
 
     order = [key(c) for c in cases()]
     rows = [results[k] for k in order if k in results]
-    reports = []
-    for row in rows:
-        fields = {f.name for f in dataclasses.fields(dryrun_report.Report)}
-        report = row["report"]
-        reports.append(dryrun_report.Report(**{k: v for k, v in report.items() if k in fields}) if
-                       "mesh" in report else None)
+    reports = [load_report(row["report"]) for row in rows]
     lines = [dryrun_report.table([r for r in reports if r is not None])]
+    if any(r is not None and r.config.endswith(LEGACY_MARK) for r in reports):
+        lines += ["", f"{LEGACY_MARK.strip()} Compiled before the dry run read the collectives' "
+                  "group sizes: the communication bound takes each all-to-all over the expert "
+                  "axis and the other collectives over all devices (`LEGACY_GROUPS`); an "
+                  "asynchronous collective-permute-start, where the program has one, counted "
+                  "operand and result."]
     failed = [(row, r) for row, r in zip(rows, reports) if r is None or not r.compiled]
     if failed:
         lines += ["", "Not compiled:", ""]

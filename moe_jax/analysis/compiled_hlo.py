@@ -7,11 +7,12 @@
 Collectives are read from the optimised HLO text: every instruction whose opcode is one of
 `COLLECTIVES` (or its asynchronous `-start` form), with the bytes of its result shape (the
 gathered array of an all-gather, the shard of a reduce-scatter, the exchanged array of an
-all-to-all or all-reduce). An instruction inside a while loop (a scan over layers or
-micro-batches) runs once per iteration: `per_step` multiplies by the trip counts that the loop
-conditions state (`i < N`; loops whose count cannot be read count once, and
-`unknown_trip_counts` says how many there were). XLA's cost analysis, in contrast, counts a
-loop body once.
+all-to-all or all-reduce) and the number of devices in each of its groups
+(`replica_groups`; an empty list means all of the program's partitions). An instruction inside
+a while loop (a scan over layers or micro-batches) runs once per iteration: `per_step`
+multiplies by the trip counts that the loop conditions state (`i < N`; loops whose count cannot
+be read count once, and `unknown_trip_counts` says how many there were). XLA's cost analysis,
+in contrast, counts a loop body once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ _ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1,
 _ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+# replica_groups={{0,1},{2,3}} (explicit), replica_groups=[2,2]<=[4] (iota: groups x size),
+# replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'} (the mesh axes each group spans).
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
+_PARTITIONS = re.compile(r"num_partitions=(\d+)")
 
 
 @dataclasses.dataclass
@@ -40,12 +47,38 @@ class Collective:
     per_step: int = 0
     result_bytes: int = 0
     result_bytes_per_step: int = 0
+    # result_bytes_per_step split by the size of the instruction's device groups (1 for a
+    # collective-permute, whose pairs are not groups): {group size: bytes per step}.
+    bytes_per_step_by_group: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def shape_bytes(shape: str) -> int:
     """Bytes of an HLO shape string (an array, or a tuple of arrays)."""
     return int(sum(_ITEM_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
                    for dtype, dims in _ARRAY.findall(shape)))
+
+
+def group_size(instruction: str, partitions: int) -> int:
+    """Devices per group of a collective instruction's `replica_groups` (`partitions`, all of
+    the program's devices, when the groups are empty or absent)."""
+    if match := _EXPLICIT_GROUPS.search(instruction):
+        return len([d for d in match.group(1).split(",") if d]) or partitions
+    if match := _IOTA_GROUPS.search(instruction):
+        return int(match.group(2))
+    if match := _MESH_GROUPS.search(instruction):
+        sizes = {axis: int(n) for axis, n in re.findall(r"'([\w.]+)'=(\d+)", match.group(1))}
+        return math.prod(sizes[axis] for axis in re.findall(r"'([\w.]+)'", match.group(2)))
+    return partitions
+
+
+def _result_bytes(opcode: str, shape: str) -> int:
+    """Bytes of a collective's result. The asynchronous `-start` forms of all-gather and
+    collective-permute return a tuple (operand, result, ...): their result is the second
+    array."""
+    arrays = _ARRAY.findall(shape)
+    if opcode.endswith("-start") and shape.startswith("(") and len(arrays) >= 2:
+        return shape_bytes(f"{arrays[1][0]}[{arrays[1][1]}]")
+    return shape_bytes(shape)
 
 
 def _computations(text: str) -> dict[str, list[str]]:
@@ -108,6 +141,7 @@ def collective_counts(hlo_text: str) -> tuple[dict[str, Collective], int]:
     """({kind: Collective} for the kinds present, number of loops with unknown trip counts)."""
     computations = _computations(hlo_text)
     runs, unknown = _multipliers(computations)
+    partitions = int(match.group(1)) if (match := _PARTITIONS.search(hlo_text)) else 1
     found: dict[str, Collective] = {}
     for name, lines in computations.items():
         for line in lines:
@@ -117,12 +151,15 @@ def collective_counts(hlo_text: str) -> tuple[dict[str, Collective], int]:
             opcode = match.group(3).removesuffix("-start")
             if opcode not in COLLECTIVES or match.group(3).endswith("-done"):
                 continue
-            size = shape_bytes(match.group(2))
+            size = _result_bytes(match.group(3), match.group(2))
             entry = found.setdefault(opcode, Collective())
             entry.instructions += 1
             entry.per_step += runs.get(name, 1)
             entry.result_bytes += size
             entry.result_bytes_per_step += size * runs.get(name, 1)
+            group = 1 if opcode == "collective-permute" else group_size(line, partitions)
+            entry.bytes_per_step_by_group[group] = (entry.bytes_per_step_by_group.get(group, 0)
+                                                    + size * runs.get(name, 1))
     return dict(sorted(found.items())), unknown
 
 

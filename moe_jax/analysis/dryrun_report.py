@@ -3,14 +3,18 @@
 `moe_jax.dryrun` compiles the real train step for a topology; `analyse` reads the compiled
 executable into a `Report`: bytes per device of parameters, optimizer state, batch and
 temporaries against the chip's HBM (fits, or over by how much and which knob helps); the
-collectives in the compiled HLO; XLA's FLOPs and bytes; a roofline estimate of the step time and
-MFU from the chip's published figures. `out_of_memory` reads a compiler's refusal instead.
+collectives in the compiled HLO; XLA's FLOPs and bytes; an estimate of the step time and MFU
+from the chip's published figures. `out_of_memory` reads a compiler's refusal instead.
 
-The estimate is a lower bound on the step time: max(compute, HBM traffic) at peak rates, no
-communication, no overlap losses. XLA's cost analysis counts a loop body once, so for programs
-with loops (scanned layers, gradient accumulation) the compute estimate uses the larger of
-XLA's FLOPs and the model's (`flops.count` at training, 3 x forward, 4 x with full remat) and
-scales XLA's bytes by the same factor.
+The estimate has three lower bounds per device and step: compute (the step's FLOPs at the
+chip's peak bf16 rate), HBM (XLA's bytes accessed at the HBM bandwidth) and communication (each
+collective's bytes through the device's ICI links, `communication.bound_seconds`). From them two
+step estimates: `overlap`, the largest of the three (everything overlaps perfectly: the best
+case), and `serial`, their sum (nothing overlaps). MFU is the model's useful FLOPs (3 x the
+forward's, no remat recompute, no capacity padding) over each step time at peak. XLA's cost
+analysis counts a loop body once, so for programs with loops (scanned layers, gradient
+accumulation) the compute bound uses the larger of XLA's FLOPs and the model's (`flops.count`
+at training, 3 x forward, 4 x with full remat) and scales XLA's bytes by the same factor.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import jax
 
 from moe_jax import cli
-from moe_jax.analysis import compiled_hlo, flops
+from moe_jax.analysis import communication, compiled_hlo, flops
 from moe_jax.analysis import topology as topology_lib
 from moe_jax.analysis.topology import GIB
 from moe_jax.parallel import sharding
@@ -67,6 +71,11 @@ class Report:
     xla_flops: float | None = None
     xla_bytes_accessed: float | None = None
     model_flops: float | None = None
+    # Seconds per step of each collective kind at least (communication.bound_seconds).
+    communication_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    # compute_seconds, memory_seconds, communication_seconds (all kinds), useful_flops (per
+    # device and step), overlap_step_seconds and overlap_mfu (max of the three bounds),
+    # serial_step_seconds and serial_mfu (their sum): see `step_estimates`.
     estimate: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -101,16 +110,43 @@ def _advice(report: Report, experiment: Any) -> list[str]:
     return [f"over by {over / GIB:.2f} GiB", *(text for _, text in tips)]
 
 
+def step_estimates(compute_seconds: float, memory_seconds: float,
+                   communication_seconds: float, useful_flops: float, peak_flops: float
+                   ) -> dict[str, float]:
+    """The two step estimates from the three lower bounds (seconds per device and step):
+    `overlap` = max(compute, memory, communication), `serial` = their sum; the MFU of each is
+    `useful_flops` (per device and step) over step time x `peak_flops` (per device)."""
+    bounds = (compute_seconds, memory_seconds, communication_seconds)
+    out = {"compute_seconds": compute_seconds, "memory_seconds": memory_seconds,
+           "communication_seconds": communication_seconds, "useful_flops": useful_flops}
+    for name, step in (("overlap", max(bounds)), ("serial", sum(bounds))):
+        out[f"{name}_step_seconds"] = step
+        out[f"{name}_mfu"] = useful_flops / (step * peak_flops) if step else 0.0
+    return out
+
+
+def add_communication(report: Report, topology: topology_lib.Topology) -> None:
+    """Fills `report.communication_seconds` from its collectives and the estimate's
+    communication bound and step estimates from its compute and memory bounds (which
+    `analyse` computed; also for reports read back from JSON)."""
+    report.communication_seconds = communication.bound_seconds(
+        report.collectives, topology.device_ici_bytes_per_second)
+    e = report.estimate
+    report.estimate = step_estimates(e["compute_seconds"], e["memory_seconds"],
+                                     sum(report.communication_seconds.values()),
+                                     e["useful_flops"], topology.device_peak_flops)
+
+
 def _estimate(report: Report, topology: topology_lib.Topology, useful_flops: float,
-              has_loops: bool) -> dict[str, float]:
-    """The roofline estimate (see the module docstring)."""
+              has_loops: bool) -> None:
+    """The compute and memory bounds (see the module docstring), then `add_communication`."""
     computed = max(report.xla_flops, report.model_flops) if has_loops else report.xla_flops
     scale = computed / report.xla_flops if report.xla_flops else 1.0
-    compute = computed / topology.device_peak_flops
-    memory = report.xla_bytes_accessed * scale / topology.device_hbm_bytes_per_second
-    step = max(compute, memory)
-    return {"step_seconds": step, "compute_seconds": compute, "memory_seconds": memory,
-            "mfu": useful_flops / (step * topology.device_peak_flops) if step else 0.0}
+    report.estimate = {
+        "compute_seconds": computed / topology.device_peak_flops,
+        "memory_seconds": report.xla_bytes_accessed * scale / topology.device_hbm_bytes_per_second,
+        "useful_flops": useful_flops}
+    add_communication(report, topology)
 
 
 def state_bytes(fns: dict[str, Any]) -> dict[str, int]:
@@ -160,14 +196,15 @@ def analyse(report: Report, executable: Any, experiment: Any,
         report.advice = [] if report.fits else _advice(report, experiment)
         has_loops = any(n != 1 for n in compiled_hlo.loop_trip_counts(text))
         useful = 3 * count.useful_forward_flops_per_token * tokens / report.devices
-        report.estimate = _estimate(report, topology, useful, has_loops)
+        _estimate(report, topology, useful, has_loops)
 
 
 # --- output --------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = ("config", "topology", "mesh (data, fsdp, expert, model)", "form", "scan/remat",
                  "compiled", "GiB/device: params+opt, temp, peak / HBM", "fits",
-                 "collectives per step", "est. step", "est. MFU", "compile")
+                 "collectives per step", "bounds s: compute, HBM, ICI",
+                 "est. step: overlap / serial", "est. MFU: overlap / serial", "compile")
 
 
 def _gib(value: float) -> str:
@@ -181,20 +218,22 @@ def _collectives(report: Report) -> str:
 def table_row(report: Report) -> tuple[str, ...]:
     """One report as a row of `TABLE_COLUMNS`."""
     b = report.bytes
-    memory = steps = mfu = "-"
+    memory = bounds = steps = mfu = "-"
     if b:
         memory = ", ".join([_gib(b["parameters"] + b["optimizer"]),
                             *(_gib(b[k]) if k in b else "?" for k in ("temporaries", "peak"))])
         memory += f" / {_gib(report.hbm_bytes)}" if report.hbm_bytes else ""
     fits = "-" if report.fits is None else ("yes" if report.fits else "**no**")
-    if report.estimate:
-        steps = f"{report.estimate['step_seconds']:.3g} s"
-        mfu = f"{100 * report.estimate['mfu']:.0f}%"
+    if e := report.estimate:
+        bounds = ", ".join(f"{e[k]:.3g}" for k in ("compute_seconds", "memory_seconds",
+                                                   "communication_seconds"))
+        steps = f"{e['overlap_step_seconds']:.3g} / {e['serial_step_seconds']:.3g} s"
+        mfu = f"{100 * e['overlap_mfu']:.0f}% / {100 * e['serial_mfu']:.0f}%"
     compile_time = f"{report.compile_seconds:.0f} s" if report.compile_seconds else "-"
     return (report.config, report.topology, "x".join(str(v) for v in report.mesh.values()),
             report.expert_parallel, f"{'scan' if report.scan_layers else 'unrolled'}/"
             f"{report.remat_policy}", "yes" if report.compiled else "**no**", memory, fits,
-            _collectives(report) if report.compiled else "-", steps, mfu, compile_time)
+            _collectives(report) if report.compiled else "-", bounds, steps, mfu, compile_time)
 
 
 def table(reports: Sequence[Report]) -> str:
@@ -213,20 +252,26 @@ def markdown(report: Report) -> str:
                   + (f"; HBM {_gib(report.hbm_bytes)} GiB" if report.hbm_bytes else "") + "."]
         lines += [f"- {tip}" for tip in report.advice]
     if report.compiled:
+        ici = report.communication_seconds
         lines += ["", cli.markdown_table(
-            ("collective", "instructions", "per step", "result GiB per step"),
-            [(k, c["instructions"], c["per_step"], _gib(c["result_bytes_per_step"]))
+            ("collective", "instructions", "per step", "result GiB per step",
+             "devices per group", "ICI bound s"),
+            [(k, c["instructions"], c["per_step"], _gib(c["result_bytes_per_step"]),
+              ", ".join(str(g) for g in sorted(c.get("bytes_per_step_by_group", {}), key=int)),
+              f"{ici[k]:.3g}" if k in ici else "-")
              for k, c in report.collectives.items()])]
         lines += ["", f"XLA cost analysis per device: {report.xla_flops:.3g} FLOPs, "
                   f"{report.xla_bytes_accessed:.3g} bytes accessed (loop bodies counted once); "
                   f"model FLOPs per device and step (flops.count): {report.model_flops:.3g}."]
-    if report.estimate:
-        e = report.estimate
-        lines += ["", f"Estimate (a roofline from the {report.chip}'s published peak bf16 FLOP/s "
-                  f"and HBM bandwidth, moe_jax.analysis.topology.CHIPS; not a measurement): "
-                  f"step >= "
-                  f"{e['step_seconds']:.3g} s (compute {e['compute_seconds']:.3g} s, HBM "
-                  f"{e['memory_seconds']:.3g} s), MFU <= {100 * e['mfu']:.1f}%."]
+    if e := report.estimate:
+        lines += ["", f"Estimate (lower bounds from the {report.chip}'s published peak bf16 "
+                  "FLOP/s, HBM and ICI bandwidth, moe_jax.analysis.topology.CHIPS; not a "
+                  f"measurement): compute {e['compute_seconds']:.3g} s, HBM "
+                  f"{e['memory_seconds']:.3g} s, ICI {e['communication_seconds']:.3g} s per "
+                  f"step. Step >= {e['overlap_step_seconds']:.3g} s if all three overlap "
+                  f"(MFU <= {100 * e['overlap_mfu']:.1f}%), "
+                  f"{e['serial_step_seconds']:.3g} s if none does "
+                  f"(MFU {100 * e['serial_mfu']:.1f}%)."]
     return "\n".join(lines) + "\n"
 
 

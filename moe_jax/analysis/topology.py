@@ -28,21 +28,37 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """Published per-chip figures of a TPU generation (peak dense bf16 matmul FLOP/s, HBM
-    capacity and bandwidth). Google publishes HBM in "GB"; taken here as GiB, the size of the
-    chips' HBM stacks (the program gets a little less: the runtime reserves some)."""
+    capacity and bandwidth, inter-chip interconnect bandwidth). Google publishes HBM in "GB";
+    taken here as GiB, the size of the chips' HBM stacks (the program gets a little less: the
+    runtime reserves some).
+
+    `ici_bytes_per_second` is the chip's bidirectional ICI bandwidth as Google's Cloud TPU pages
+    state it: bytes per second in and out together, summed over all of the chip's ICI ports
+    (v5e and v6e: 4 ports, a 2D torus; v4 and v5p: 6 ports, a 3D torus). One direction carries
+    half of it. `ici_source` says where each figure comes from."""
 
     generation: str
     peak_bf16_flops: float
     hbm_bytes: int
     hbm_bytes_per_second: float
     source: str
+    ici_bytes_per_second: float
+    ici_source: str
 
 
 CHIPS = {chip.generation: chip for chip in (
-    Chip("v4", 275e12, 32 * GIB, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    Chip("v5e", 197e12, 16 * GIB, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-    Chip("v5p", 459e12, 95 * GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    Chip("v6e", 918e12, 32 * GIB, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    # Cloud's v4 page gives no per-chip ICI figure; "How to Scale Your Model" (Austin et al.
+    # 2025, "All about TPUs", the table of ICI bandwidths) gives 4.5e10 bytes/s per link and
+    # direction: x 6 links x 2 directions.
+    Chip("v4", 275e12, 32 * GIB, 1200e9, "https://cloud.google.com/tpu/docs/v4", 540e9,
+         "https://jax-ml.github.io/scaling-book/tpus/ (4.5e10 B/s per link one way, 6 links)"),
+    Chip("v5e", 197e12, 16 * GIB, 819e9, "https://cloud.google.com/tpu/docs/v5e", 400e9,
+         "https://cloud.google.com/tpu/docs/v5e (bidirectional ICI per chip: 400 GBps)"),
+    Chip("v5p", 459e12, 95 * GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p", 1200e9,
+         "https://cloud.google.com/tpu/docs/v5p (bidirectional ICI per chip: 1200 GBps; "
+         "older revisions: 4800 Gbps, i.e. 600 GB/s, half of it)"),
+    Chip("v6e", 918e12, 32 * GIB, 1640e9, "https://cloud.google.com/tpu/docs/v6e", 800e9,
+         "https://cloud.google.com/tpu/docs/v6e (bidirectional ICI per chip: 800 GBps)"),
 )}
 # Cloud accelerator types ("v5p-128") -> topology shapes, for the common single slices. v4 and
 # v5p count TensorCores (2 per chip), v5e and v6e chips.
@@ -83,6 +99,13 @@ class Topology:
     def device_hbm_bytes_per_second(self) -> float | None:
         return (None if self.chip is None
                 else self.chip.hbm_bytes_per_second / self.devices_per_chip)
+
+    @property
+    def device_ici_bytes_per_second(self) -> float | None:
+        """One direction's ICI bandwidth per device (half the chip's bidirectional figure,
+        shared by the chip's devices): what a device can send, or receive, per second."""
+        return (None if self.chip is None
+                else self.chip.ici_bytes_per_second / 2 / self.devices_per_chip)
 
 
 def libtpu_installed() -> bool:
