@@ -40,6 +40,7 @@ import ml_collections
 
 from moe_jax import cli, schema
 from moe_jax.config import MoeConfig
+from moe_jax.models import latent_attention
 from moe_jax.models.config import ModelConfig
 
 # Bytes per parameter of each weight precision (int8/int4: weight-only quantization, scales
@@ -129,6 +130,12 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
     attn_params += (n_q + 2 * n_kv) * h if model.qkv_bias else 0
     qk_norm_width = {"none": 0, "per_head": 2 * h, "projection": (n_q + n_kv) * h}[model.qk_norm]
     attn_params += qk_norm_width * (norm_params // d)
+    attn_matmul_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
+    score_flops = 4.0 * seq_len * n_q * h
+    if model.latent_attention:
+        attn_matmul_params = latent_attention.projection_params(model)
+        attn_params = attn_matmul_params + latent_attention.norm_params(model)
+        score_flops = latent_attention.score_flops_per_token(model, seq_len)
     dense_ffn_params = _ffn_matrices(model.activation) * d * model.d_ff
     expert_params = _ffn_matrices(moe.activation) * d * moe.d_ff
     router_cols = moe.num_experts * (moe.slots_per_expert if moe.router == "soft" else 1)
@@ -155,9 +162,8 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
     else:
         dispatch = 0.0
     flops = {
-        "attention_projections": model.num_layers * 2.0 * (d * n_q * h + 2 * d * n_kv * h
-                                                           + n_q * h * d),
-        "attention_scores": model.num_layers * 4.0 * seq_len * n_q * h,
+        "attention_projections": model.num_layers * 2.0 * attn_matmul_params,
+        "attention_scores": model.num_layers * score_flops,
         "dense_ffn": num_dense * 2.0 * dense_ffn_params,
         "router": num_sparse * 2.0 * (d * router_cols + shared_gate),
         "experts_useful": num_sparse * (useful + moe.num_shared_experts) * expert_flops,

@@ -32,7 +32,7 @@ from moe_jax import experts, routing
 from moe_jax import moe as moe_lib
 from moe_jax.config import MoeConfig
 from moe_jax.layers import ROUTING, MoeLayer
-from moe_jax.models import stack
+from moe_jax.models import latent_attention, stack
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.models.norms import Norm
@@ -108,11 +108,14 @@ class Block(nn.Module):
         c = self.config
         dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
         dropout = nn.Dropout(c.dropout_rate, deterministic=not train)
-        attention = Attention(
-            num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
-            causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
-            qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
-            dtype=dtype, param_dtype=param_dtype, name="attention")
+        if c.latent_attention:
+            attention = latent_attention.from_config(c, "attention")
+        else:
+            attention = Attention(
+                num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
+                causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
+                qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
+                dtype=dtype, param_dtype=param_dtype, name="attention")
         h = Norm(c.norm, c.norm_eps, param_dtype, name="attention_norm")(x)
         x = x + dropout(attention(h, segment_ids, positions))
 
