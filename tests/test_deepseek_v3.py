@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from moe_jax import interop, routing, schema
+from moe_jax.analysis import memory
 from moe_jax.config import MoeConfig
 from moe_jax.fields import ConfigError
 from moe_jax.models import decode, latent_attention
@@ -122,6 +123,11 @@ def test_decoding_with_the_latent_cache_equals_the_full_forward_pass(imported):
     logits, state, _ = prefill(model, variables, prompts, lengths, cache_len=8)
     cache = jax.tree.leaves(state.cache)
     assert {a.shape[-1] for a in cache if a.ndim == 3} == {16, 8}  # latent c, rotary key r
+    # the memory planner's bytes per token are those of the latent cache's arrays
+    plan = memory.plan(experiment, kv_dtype="float32")
+    latent_bytes = sum(a.nbytes for a in cache if a.ndim == 3) / (2 * 8)  # B = 2, S = 8 slots
+    assert plan.kv_cache_per_token == latent_bytes == 3 * (16 + 8) * 4
+    assert plan.attention_cache_per_token == 3 * 4 * (8 + 8 + 6) * 4  # layers * H * (n+r+v)
     rows = jnp.arange(2)
     for _ in range(3):
         np.testing.assert_allclose(logits, full[rows, state.lengths - 1], atol=1e-4)
