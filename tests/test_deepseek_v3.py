@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moe_jax import interop, routing, schema
-from moe_jax.analysis import memory
+from moe_jax.analysis import flops, memory
 from moe_jax.config import MoeConfig
 from moe_jax.fields import ConfigError
 from moe_jax.models import decode, latent_attention
@@ -132,3 +132,13 @@ def test_decoding_with_the_latent_cache_equals_the_full_forward_pass(imported):
     for _ in range(3):
         np.testing.assert_allclose(logits, full[rows, state.lengths - 1], atol=1e-4)
         logits, state, _ = step(model, variables, state, ids[rows, state.lengths])
+
+
+def test_published_deepseek_v3_counts():
+    """Sec. 1 and 4.2: "671B total parameters with 37B activated for each token" (the MTP
+    module's 14B counted apart); ours count every embedding and output parameter."""
+    count = flops.count(schema.load_config("configs/published/deepseek_v3.py"))
+    assert abs(count.total_params / 671e9 - 1) <= 0.02, count.total_params
+    assert abs(count.active_params / 37e9 - 1) <= 0.02, count.active_params
+    assert round(count.total_params / 1e9, 2) == 671.03
+    assert round(count.active_params / 1e9, 2) == 37.55
