@@ -25,7 +25,8 @@ routing group of T tokens: T = `group_size` or, when that is None (the whole bat
 against XLA's cost analysis.
 
 Parameters: total counts every parameter (padded vocabulary rows included; the sigmoid_bias
-router's `score_bias` is state, not a parameter). Active = total minus the experts a token
+router's `score_bias` is state, not a parameter; the multi-token-prediction modules of
+`mtp_depth` included, their FLOPs not). Active = total minus the experts a token
 does not use: k routed of E (expert choice: E*C/T on average; Soft MoE: all). Embedding
 parameters = token embedding + learned position table + untied output matrix.
 """
@@ -153,6 +154,12 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
              + model.num_layers * (attn_params + 2 * norm_params)
              + num_dense * dense_ffn_params + num_sparse * moe_params)
     active = total - num_sparse * (moe.num_experts - active_experts) * expert_params
+    if model.mtp_depth:  # DeepSeek-V3's MTP modules: 3 norms, [2d, d], a block like the last
+        last_sparse = (model.num_layers - 1) in model.sparse_layers
+        block = attn_params + 2 * norm_params + (moe_params if last_sparse else dense_ffn_params)
+        unused = (moe.num_experts - active_experts) * expert_params if last_sparse else 0
+        mtp = model.mtp_depth * (3 * norm_params + 2 * d * d + block)
+        total, active = total + mtp, active + mtp - model.mtp_depth * unused
 
     expert_flops = 2 * expert_params  # one expert row
     if moe.router == "soft":

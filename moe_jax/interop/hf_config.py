@@ -256,6 +256,8 @@ def check_exportable(experiment: Any, family: Family) -> None:
           f"its q/k/v projections {'always' if fixed else 'never'} have biases")
     _must(bool(m.sparse_layers) == family.sparse, family,
           "it is " + ("an MoE" if family.sparse else "a dense") + " architecture")
+    _must(not m.mtp_depth, family, "multi-token-prediction modules are not exported; set "
+          "model.mtp_depth=0 to write the main model without them")
     _must(m.latent_attention == family.latent_attention, family, "its attention is "
           + ("multi-head latent attention (model.kv_lora_rank set)" if family.latent_attention
              else "grouped-query attention (model.kv_lora_rank=None)"))

@@ -35,6 +35,7 @@ from moe_jax.layers import ROUTING, MoeLayer
 from moe_jax.models import latent_attention, stack
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
+from moe_jax.models.multi_token import MTP_LOGITS, MultiTokenPrediction
 from moe_jax.models.norms import Norm
 from moe_jax.models.positions import default_positions
 from moe_jax.models.stack import MOE_NAME, block_name
@@ -180,16 +181,25 @@ class Transformer(nn.Module):
         x, aux = stack.apply_blocks(Block, c, self.moe, self.moe_sharding, x, segment_ids,
                                     positions, train=train)
 
+        hidden = x
         x = Norm(c.norm, c.norm_eps, c.jnp_param_dtype, name="final_norm")(x)
         if c.tie_embeddings:
-            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(c.jnp_dtype),
-                                preferred_element_type=jnp.float32) * c.d_model**-0.5
+            def head(y: Array) -> Array:
+                return jnp.einsum("bld,vd->blv", y, embedding.astype(c.jnp_dtype),
+                                  preferred_element_type=jnp.float32)[
+                    ..., :c.vocab_size] * c.d_model**-0.5
         else:
             out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
             kernel = self.param("output", nn.with_logical_partitioning(
                 out_init, ("embed", "vocab")), (c.d_model, c.padded_vocab_size),
                 c.jnp_param_dtype)
-            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(c.jnp_dtype),
-                                preferred_element_type=jnp.float32)
-        return logits[..., :c.vocab_size], aux
+
+            def head(y: Array) -> Array:
+                return jnp.einsum("bld,dv->blv", y, kernel.astype(c.jnp_dtype),
+                                  preferred_element_type=jnp.float32)[..., :c.vocab_size]
+        if c.mtp_depth:  # DeepSeek-V3's multi-token prediction: logits [D, B, L, V]
+            aux = {**aux, MTP_LOGITS: MultiTokenPrediction(
+                c, self.moe, self.moe_sharding, Block, name="mtp")(
+                hidden, inputs, embedding, head, segment_ids, positions, train)}
+        return head(x), aux
 
