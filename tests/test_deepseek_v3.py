@@ -4,21 +4,27 @@ latent-cache model (the imported fixture) equals its full forward pass."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from moe_jax import interop, routing, schema
 from moe_jax.analysis import flops, memory
 from moe_jax.config import MoeConfig
 from moe_jax.fields import ConfigError
+from moe_jax.interop import conversion, hf_weights
 from moe_jax.models import decode, latent_attention
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.positions import Yarn, apply_rotary
+from moe_jax.train import checkpoint
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "deepseek_v3")
 
@@ -142,3 +148,61 @@ def test_published_deepseek_v3_counts():
     assert abs(count.active_params / 37e9 - 1) <= 0.02, count.active_params
     assert round(count.total_params / 1e9, 2) == 671.03
     assert round(count.active_params / 1e9, 2) == 37.55
+
+
+def _variant(tmp_path, change=None, extra_tensors=None) -> str:
+    directory = str(tmp_path / "deepseek_v3")
+    shutil.copytree(FIXTURE, directory)
+    if change:
+        with open(os.path.join(directory, "config.json")) as f:
+            hf = json.load(f)
+        change(hf)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(hf, f)
+    if extra_tensors:
+        save_file(extra_tensors, os.path.join(directory, "mtp.safetensors"),
+                  metadata={"format": "pt"})
+    return directory
+
+
+def test_what_deepseek_v3_import_cannot_represent_is_named(tmp_path):
+    fp8 = _variant(tmp_path, lambda hf: hf.update(quantization_config={
+        "quant_method": "fp8", "weight_block_size": [128, 128]}))
+    with pytest.raises(interop.UnsupportedModelError, match=r"'fp8'.*dequantize to bf16 first"):
+        interop.load(fp8)
+    shutil.rmtree(fp8)
+    unnormalised = _variant(tmp_path, lambda hf: hf.update(norm_topk_prob=False))
+    with pytest.raises(interop.UnsupportedModelError, match="norm_topk_prob=False"):
+        interop.load(unnormalised)
+    shutil.rmtree(unnormalised)
+    other_rope = _variant(tmp_path, lambda hf: hf["rope_parameters"].update(rope_type="llama3"))
+    with pytest.raises(interop.UnsupportedModelError, match="rope scaling 'llama3'"):
+        interop.load(other_rope)
+
+
+def test_mtp_layers_of_a_checkpoint_are_skipped_and_not_exported(tmp_path, imported, caplog):
+    # the released checkpoints hold the MTP module as block num_hidden_layers (here 3)
+    directory = _variant(tmp_path, extra_tensors={
+        "model.layers.3.eh_proj.weight": np.zeros((32, 64), np.float32)})
+    again = interop.load(directory)
+    assert "multi-token-prediction layers" in caplog.text
+    jax.tree.map(np.testing.assert_array_equal, again.variables, imported.variables)
+    experiment = schema.parse_config(imported.config)
+    with_mtp = experiment.__class__(**{**experiment.__dict__,
+                                       "model": experiment.model.replace(mtp_depth=1)})
+    with pytest.raises(interop.UnsupportedModelError, match=r"set model\.mtp_depth=0"):
+        interop.hf_config.check_exportable(with_mtp, interop.FAMILIES["deepseek_v3"])
+
+
+def test_convert_cli_round_trip_keeps_the_correction_bias(tmp_path, imported):
+    out, back = str(tmp_path / "converted"), str(tmp_path / "back")
+    assert conversion.import_hf(FIXTURE, out)["family"] == "deepseek_v3"
+    variables = checkpoint.read_weights(out)[0]
+    jax.tree.map(np.testing.assert_array_equal, variables, imported.variables)
+    bias = variables["model_state"]["moe_state"]["block_1"]["moe"]["score_bias"]
+    assert np.any(np.asarray(bias) != 0)
+    assert conversion.export_hf(out, back)["family"] == "deepseek_v3"
+    name = "model.layers.2.mlp.gate.e_score_correction_bias"
+    with safe_open(os.path.join(FIXTURE, "model.safetensors"), "numpy") as original, \
+            safe_open(hf_weights.tensor_files(back)[name], "numpy") as written:
+        np.testing.assert_array_equal(written.get_tensor(name), original.get_tensor(name))
