@@ -87,7 +87,7 @@ def test_the_families_exercise_every_option():
     assert _imported("qwen2").hf["tie_word_embeddings"]
     deepseek = models.pop("deepseek_v3")
     assert deepseek.model.latent_attention and deepseek.model.q_lora_rank == 16
-    assert deepseek.model.yarn.mscale_all_dim == 0.8 and deepseek.model.rope_interleave
+    assert deepseek.model.yarn_mscale_all_dim == 0.8 and deepseek.model.rope_interleave
     assert deepseek.model.latent_norm_eps == 1e-6 and deepseek.model.norm_eps == 1e-5
     assert deepseek.moe.router == "sigmoid_bias" and deepseek.moe.expert_groups == 4
     assert deepseek.moe.top_expert_groups == 2 and deepseek.moe.routed_scaling_factor == 1.7

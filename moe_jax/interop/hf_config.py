@@ -24,6 +24,7 @@ import ml_collections
 
 from moe_jax import schema
 from moe_jax.interop import hf_deepseek
+from moe_jax.interop.hf_keys import UnsupportedModelError, rope_parameters
 
 ARCHITECTURE_KEYS = ("model_type", "architectures")
 DEFAULT_TRAIN_SEQ_LEN = 2048  # converted configs train on at most this many tokens per row
@@ -92,10 +93,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 
-class UnsupportedModelError(ValueError):
-    """A Hugging Face config moe_jax cannot represent exactly."""
-
-
 def supported() -> str:
     return ", ".join(f"{f.model_type} ({f.architecture})" for f in FAMILIES.values())
 
@@ -116,14 +113,6 @@ def _get(hf: dict[str, Any], key: str, where: str, default: Any = dataclasses.MI
             raise UnsupportedModelError(f"{where} has no {key!r}, which this family needs.")
         return default
     return hf[key]
-
-
-def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
-    """The rope settings: `rope_parameters` (transformers 5.x) over `rope_scaling` (4.x), with
-    "rope_type" filled in ("type" in old configs, "default" when absent)."""
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    return params
 
 
 def rope_theta(hf: dict[str, Any], where: str, allowed: tuple[str, ...] = ("default",)

@@ -25,6 +25,8 @@ from typing import Any
 
 import ml_collections
 
+from moe_jax.interop.hf_keys import UnsupportedModelError, rope_parameters
+
 # transformers' DeepseekV3RMSNorm default, used for q_a_layernorm and kv_a_layernorm.
 LATENT_NORM_EPS = 1e-6
 LATENT_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -37,16 +39,12 @@ YARN_KEYS = {"factor": "yarn_factor", "original_max_position_embeddings":
 
 
 def _error(where: str, problem: str) -> Exception:
-    from moe_jax.interop.hf_config import UnsupportedModelError
-
     return UnsupportedModelError(f"{where}: {problem}")
 
 
 def configure(config: ml_collections.ConfigDict, hf: dict[str, Any], where: str) -> None:
     """Sets the DeepSeek-V3 fields of an experiment config from config.json (after the common
     keys are mapped)."""
-    from moe_jax.interop.hf_config import rope_parameters
-
     quantization = hf.get("quantization_config")
     if quantization:
         raise _error(where, f"quantization_config {quantization.get('quant_method', '?')!r} "
@@ -86,14 +84,13 @@ def describe(experiment: Any) -> dict[str, Any]:
     common ones)."""
     m, e = experiment.model, experiment.moe
     if e.top_k == 1:
-        from moe_jax.interop.hf_config import UnsupportedModelError
-
         raise UnsupportedModelError("this model cannot be written as deepseek_v3: its top-1 "
                                     "sigmoid_bias gates are the raw scores, deepseek_v3's are "
                                     "normalised to 1; use top_k >= 2.")
-    rope: dict[str, Any] = {"rope_type": m.rope_scaling if m.yarn else "default",
+    yarn = m.rope_scaling == "yarn"
+    rope: dict[str, Any] = {"rope_type": m.rope_scaling if yarn else "default",
                             "rope_theta": m.rope_base}
-    if m.yarn:
+    if yarn:
         rope.update({key: getattr(m, field) for key, field in YARN_KEYS.items()})
         if not m.yarn_truncate:
             rope["truncate"] = False

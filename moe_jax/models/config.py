@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from moe_jax import fields
 from moe_jax.config import ACTIVATIONS, MoeConfig
-from moe_jax.models.positions import Yarn
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rotary", "learned")
@@ -94,7 +93,7 @@ class ModelConfig:
     latent_norm_eps: float = 1e-6
     # Rotary pairs (2i, 2i+1) instead of (i, i + h/2) (`positions.apply_rotary`).
     rope_interleave: bool = False
-    # "yarn": YaRN rotary scaling (`positions.Yarn`) with the yarn_* fields; MLA only.
+    # "yarn": YaRN rotary scaling (`positions.yarn_of`) with the yarn_* fields; MLA only.
     rope_scaling: str = "none"
     yarn_factor: float = 1.0
     yarn_original_max_seq_len: int = 4096
@@ -177,15 +176,6 @@ class ModelConfig:
     def latent_attention(self) -> bool:
         """Whether the blocks use multi-head latent attention (kv_lora_rank set)."""
         return self.kv_lora_rank is not None
-
-    @property
-    def yarn(self) -> Yarn | None:
-        """The `positions.Yarn` of rope_scaling='yarn', else None."""
-        if self.rope_scaling != "yarn":
-            return None
-        return Yarn(self.yarn_factor, self.yarn_original_max_seq_len, self.yarn_beta_fast,
-                    self.yarn_beta_slow, self.yarn_mscale, self.yarn_mscale_all_dim,
-                    self.yarn_truncate)
 
     @property
     def kv_heads(self) -> int:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from moe_jax.models.attention import CACHE, attention_mask, cache_mask, cached_keys_values
 from moe_jax.models.norms import Norm
-from moe_jax.models.positions import Yarn, apply_rotary
+from moe_jax.models.positions import Yarn, apply_rotary, yarn_of
 
 Array = jax.Array
 
@@ -157,7 +157,7 @@ def from_config(config: Any, name: str) -> LatentAttention:
     return LatentAttention(
         num_heads=c.num_heads, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
         qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
-        v_head_dim=c.v_head_dim, causal=c.causal, rope_base=c.rope_base, yarn=c.yarn,
+        v_head_dim=c.v_head_dim, causal=c.causal, rope_base=c.rope_base, yarn=yarn_of(c),
         rope_interleave=c.rope_interleave, norm_eps=c.latent_norm_eps, dtype=c.jnp_dtype,
         param_dtype=c.jnp_param_dtype, name=name)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,15 @@ class Yarn:
         """Multiplier of the softmax scale 1/sqrt(h): mscale(s, mscale_all_dim)^2 when
         mscale_all_dim is set (DeepSeek-V2/V3's attention), else 1."""
         return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+
+def yarn_of(config: Any) -> Yarn | None:
+    """The `Yarn` of a `ModelConfig` with rope_scaling='yarn', else None."""
+    if config.rope_scaling != "yarn":
+        return None
+    return Yarn(config.yarn_factor, config.yarn_original_max_seq_len, config.yarn_beta_fast,
+                config.yarn_beta_slow, config.yarn_mscale, config.yarn_mscale_all_dim,
+                config.yarn_truncate)
 
 
 def apply_rotary(x: Array, positions: Array, base: float, *, yarn: Yarn | None = None,
