@@ -32,6 +32,8 @@ Array = jax.Array
 # The key of the MTP logits [D, B, L, V] in the Transformer's aux (`objective.compute_loss`
 # takes them out: they are not a routing statistic).
 MTP_LOGITS = "mtp_logits"
+# The Transformer's submodule holding the MTP modules (params and router state under it).
+MTP_NAME = "mtp"
 
 
 def shifted_tokens(tokens: Array, k: int, fill: int = 0) -> Array:

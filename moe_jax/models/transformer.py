@@ -35,7 +35,7 @@ from moe_jax.layers import ROUTING, MoeLayer
 from moe_jax.models import latent_attention, stack
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
-from moe_jax.models.multi_token import MTP_LOGITS, MultiTokenPrediction
+from moe_jax.models.multi_token import MTP_LOGITS, MTP_NAME, MultiTokenPrediction
 from moe_jax.models.norms import Norm
 from moe_jax.models.positions import default_positions
 from moe_jax.models.stack import MOE_NAME, block_name
@@ -199,7 +199,7 @@ class Transformer(nn.Module):
                                   preferred_element_type=jnp.float32)[..., :c.vocab_size]
         if c.mtp_depth:  # DeepSeek-V3's multi-token prediction: logits [D, B, L, V]
             aux = {**aux, MTP_LOGITS: MultiTokenPrediction(
-                c, self.moe, self.moe_sharding, Block, name="mtp")(
+                c, self.moe, self.moe_sharding, Block, name=MTP_NAME)(
                 hidden, inputs, embedding, head, segment_ids, positions, train)}
         return head(x), aux
 
