@@ -82,6 +82,13 @@ class MoeConfig:
     # when train=False. The z-loss and max_router_logit are of the scaled logits.
     router_temperature: float = 1.0
     eval_router_temperature: float | None = None
+    # sigmoid_bias only (DeepSeek-V3 as released, `routing.route_sigmoid_bias`): the experts
+    # form `expert_groups` consecutive groups (n_group) and each token chooses among its
+    # `top_expert_groups` best groups (topk_group); the gates are multiplied by
+    # `routed_scaling_factor`.
+    expert_groups: int = 1
+    top_expert_groups: int = 1
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "d_ff", "slots_per_expert"):
@@ -110,6 +117,7 @@ class MoeConfig:
         if self.eval_router_temperature is not None:
             fields.number(self, "eval_router_temperature", above=0,
                               fix="None uses router_temperature")
+        self._check_expert_groups()
         fields.one_of(self, "router", tuple(routing.ROUTERS))
         fields.one_of(self, "drop_priority", DROP_PRIORITIES)
         fields.one_of(self, "dispatch", DISPATCHES)
@@ -130,6 +138,25 @@ class MoeConfig:
             allowed = " or ".join(map(repr, router.dispatches))
             fields.fail(self, "dispatch", f"does not apply to router={self.router!r}: "
                         f"{router.why}", f"use dispatch={allowed}")
+
+    def _check_expert_groups(self) -> None:
+        fields.integer(self, "expert_groups", minimum=1)
+        fields.integer(self, "top_expert_groups", minimum=1)
+        fields.number(self, "routed_scaling_factor", above=0)
+        groups, top = self.expert_groups, self.top_expert_groups
+        if self.num_experts % groups:
+            fields.fail(self, "expert_groups", f"does not divide num_experts={self.num_experts}",
+                        "use a divisor of num_experts")
+        if top > groups:
+            fields.fail(self, "top_expert_groups", f"exceeds expert_groups={groups}",
+                        "set top_expert_groups <= expert_groups")
+        if self.top_k > top * (self.num_experts // groups):
+            fields.fail(self, "top_k", f"exceeds the {top * (self.num_experts // groups)} experts "
+                        "of the top_expert_groups groups", "raise top_expert_groups")
+        if (groups > 1 or self.routed_scaling_factor != 1.0) and self.router != "sigmoid_bias":
+            fields.fail(self, "expert_groups", "and routed_scaling_factor apply to "
+                        "router='sigmoid_bias' only", "set router='sigmoid_bias' or leave them at "
+                        "1", value=groups)
 
     @property
     def is_causal_safe(self) -> bool:

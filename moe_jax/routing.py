@@ -267,20 +267,46 @@ def route_top_k(probs: Array, k: int, *, renormalize: bool) -> TokenChoice:
     return TokenChoice(expert_index.astype(jnp.int32), gate, jnp.ones(expert_index.shape, bool))
 
 
-def route_sigmoid_bias(scores: Array, bias: Array, k: int) -> TokenChoice:
+def route_sigmoid_bias(scores: Array, bias: Array, k: int, *, expert_groups: int = 1,
+                       top_groups: int = 1, scale: float = 1.0) -> TokenChoice:
     """DeepSeek-V3 routing (Liu et al. 2024, eqs. 13-16): top-k on `scores + bias`.
 
     scores: [T, E] sigmoid affinities; bias: [E] load-balancing bias (no gradient).
     The bias only decides which experts are chosen; the gates are the chosen *scores*
-    normalised to sum to 1 over the k chosen. With k = 1 that normalisation would make every gate
-    exactly 1 and cut the router off from the task gradient, so top-1 gates are the raw scores
-    (as Switch's are the raw probabilities).
+    normalised to sum to 1 over the k chosen, times `scale` (the released models'
+    `routed_scaling_factor`). With k = 1 that normalisation would make every gate exactly 1 and
+    cut the router off from the task gradient, so top-1 gates are the raw scores (as Switch's
+    are the raw probabilities), times `scale`.
+    Group-limited routing (DeepSeek-V3's node-limited routing as released, `n_group` /
+    `topk_group`): the E experts form `expert_groups` consecutive groups; a token picks its k
+    experts among the `top_groups` groups of highest `group_scores` only.
     """
-    _, expert_index = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), k)
+    biased = scores + jax.lax.stop_gradient(bias)
+    if expert_groups > 1:
+        allowed = jnp.repeat(top_group_mask(biased, expert_groups, top_groups),
+                             scores.shape[-1] // expert_groups, axis=-1)
+        biased = jnp.where(allowed, biased, -jnp.inf)
+    _, expert_index = jax.lax.top_k(biased, k)
     gate = jnp.take_along_axis(scores, expert_index, axis=-1)
     if k > 1:
         gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+    if scale != 1.0:
+        gate = gate * scale
     return TokenChoice(expert_index.astype(jnp.int32), gate, jnp.ones(expert_index.shape, bool))
+
+
+def group_scores(biased: Array, expert_groups: int) -> Array:
+    """[T, G_e] each expert group's score: the sum of its two highest biased scores
+    (DeepSeek-V3 as released; one score for groups of one expert). biased: [T, E]."""
+    grouped = biased.reshape(biased.shape[0], expert_groups, -1)
+    return jnp.sum(jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0], axis=-1)
+
+
+def top_group_mask(biased: Array, expert_groups: int, top_groups: int) -> Array:
+    """[T, G_e] bool: the `top_groups` groups of highest `group_scores` of each token."""
+    scores = group_scores(biased, expert_groups)
+    _, chosen = jax.lax.top_k(scores, top_groups)
+    return jnp.any(jax.nn.one_hot(chosen, expert_groups, dtype=bool), axis=-2)
 
 
 def random_second_expert(choice: TokenChoice, uniform: Array) -> TokenChoice:
@@ -424,7 +450,9 @@ def _sigmoid_bias(logits: Array, mask: Array, config: MoeConfig, *, num_groups: 
     scores = jax.nn.sigmoid(logits)
     bias = state["score_bias"] if "score_bias" in state else jnp.zeros((config.num_experts,),
                                                                        scores.dtype)
-    choice = route_sigmoid_bias(scores, bias, config.top_k)
+    choice = route_sigmoid_bias(scores, bias, config.top_k, expert_groups=config.expert_groups,
+                                top_groups=config.top_expert_groups,
+                                scale=config.routed_scaling_factor)
     return Decision(scores / jnp.sum(scores, axis=-1, keepdims=True), choice)
 
 

@@ -25,7 +25,7 @@ from moe_jax.models.sampling import SamplingConfig
 from moe_jax.train import checkpoint, evaluate
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "deepseek_v3")
 # float32 parity with transformers: the measured max |difference| of the logits is ~5e-6
 # (logits of magnitude ~5); 1e-4 leaves room for other BLAS summation orders.
 ATOL = 1e-4
@@ -85,6 +85,18 @@ def test_the_families_exercise_every_option():
     assert not models["olmoe"].moe.renormalize_gates
     assert not models["qwen2_moe"].moe.renormalize_gates
     assert _imported("qwen2").hf["tie_word_embeddings"]
+    deepseek = models.pop("deepseek_v3")
+    assert deepseek.model.latent_attention and deepseek.model.q_lora_rank == 16
+    assert deepseek.model.yarn_mscale_all_dim == 0.8 and deepseek.model.rope_interleave
+    assert deepseek.model.latent_norm_eps == 1e-6 and deepseek.model.norm_eps == 1e-5
+    assert deepseek.moe.router == "sigmoid_bias" and deepseek.moe.expert_groups == 4
+    assert deepseek.moe.top_expert_groups == 2 and deepseek.moe.routed_scaling_factor == 1.7
+    assert deepseek.moe.num_shared_experts == 2 and not deepseek.moe.shared_expert_gate
+    assert deepseek.model.sparse_layers == (1, 2)  # first_k_dense_replace=1
+    # the fixture's inputs make both the correction bias and the group limit change choices
+    expected = _expected("deepseek_v3")
+    assert expected["tokens_changed_by_bias"].any()
+    assert expected["tokens_changed_by_group_limit"].any()
     for family, e in models.items():
         assert e.model.rope_base == 50000.0 and e.model.norm_eps == 1e-5, family
         assert e.model.vocab_size == 300 and e.model.padded_vocab_size == 300, family

@@ -57,6 +57,10 @@ PUBLISHED = {
     "Qwen1.5-MoE-A2.7B": ("configs/published/qwen1_5_moe_a2_7b.py",
                           {"v5p:4x4x4": (16, 4), "v5e:16x16": (64, 4)}),
     "Qwen3-235B-A22B": ("configs/published/qwen3_235b_a22b.py", {"v5p:4x4x8": (16, 8)}),
+    # 671B parameters: float32 parameters, gradients and AdamW moments are 16 B each, 10.7 TB;
+    # v5p's 95 GB chips need 113 for that alone, so 256 chips (v5p:8x8x4, 24.3 TB) leave
+    # ~50 GB per chip for activations (remat full, one 4096-token sequence per chip).
+    "DeepSeek-V3": ("configs/published/deepseek_v3.py", {"v5p:8x8x4": (32, 8)}),
 }
 
 

@@ -25,7 +25,8 @@ routing group of T tokens: T = `group_size` or, when that is None (the whole bat
 against XLA's cost analysis.
 
 Parameters: total counts every parameter (padded vocabulary rows included; the sigmoid_bias
-router's `score_bias` is state, not a parameter). Active = total minus the experts a token
+router's `score_bias` is state, not a parameter; the multi-token-prediction modules of
+`mtp_depth` included, their FLOPs not). Active = total minus the experts a token
 does not use: k routed of E (expert choice: E*C/T on average; Soft MoE: all). Embedding
 parameters = token embedding + learned position table + untied output matrix.
 """
@@ -40,6 +41,7 @@ import ml_collections
 
 from moe_jax import cli, schema
 from moe_jax.config import MoeConfig
+from moe_jax.models import latent_attention
 from moe_jax.models.config import ModelConfig
 
 # Bytes per parameter of each weight precision (int8/int4: weight-only quantization, scales
@@ -129,6 +131,12 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
     attn_params += (n_q + 2 * n_kv) * h if model.qkv_bias else 0
     qk_norm_width = {"none": 0, "per_head": 2 * h, "projection": (n_q + n_kv) * h}[model.qk_norm]
     attn_params += qk_norm_width * (norm_params // d)
+    attn_matmul_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
+    score_flops = 4.0 * seq_len * n_q * h
+    if model.latent_attention:
+        attn_matmul_params = latent_attention.projection_params(model)
+        attn_params = attn_matmul_params + latent_attention.norm_params(model)
+        score_flops = latent_attention.score_flops_per_token(model, seq_len)
     dense_ffn_params = _ffn_matrices(model.activation) * d * model.d_ff
     expert_params = _ffn_matrices(moe.activation) * d * moe.d_ff
     router_cols = moe.num_experts * (moe.slots_per_expert if moe.router == "soft" else 1)
@@ -146,6 +154,12 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
              + model.num_layers * (attn_params + 2 * norm_params)
              + num_dense * dense_ffn_params + num_sparse * moe_params)
     active = total - num_sparse * (moe.num_experts - active_experts) * expert_params
+    if model.mtp_depth:  # DeepSeek-V3's MTP modules: 3 norms, [2d, d], a block like the last
+        last_sparse = (model.num_layers - 1) in model.sparse_layers
+        block = attn_params + 2 * norm_params + (moe_params if last_sparse else dense_ffn_params)
+        unused = (moe.num_experts - active_experts) * expert_params if last_sparse else 0
+        mtp = model.mtp_depth * (3 * norm_params + 2 * d * d + block)
+        total, active = total + mtp, active + mtp - model.mtp_depth * unused
 
     expert_flops = 2 * expert_params  # one expert row
     if moe.router == "soft":
@@ -155,9 +169,8 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
     else:
         dispatch = 0.0
     flops = {
-        "attention_projections": model.num_layers * 2.0 * (d * n_q * h + 2 * d * n_kv * h
-                                                           + n_q * h * d),
-        "attention_scores": model.num_layers * 4.0 * seq_len * n_q * h,
+        "attention_projections": model.num_layers * 2.0 * attn_matmul_params,
+        "attention_scores": model.num_layers * score_flops,
         "dense_ffn": num_dense * 2.0 * dense_ffn_params,
         "router": num_sparse * 2.0 * (d * router_cols + shared_gate),
         "experts_useful": num_sparse * (useful + moe.num_shared_experts) * expert_flops,

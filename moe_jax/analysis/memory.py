@@ -16,7 +16,9 @@ channel). Training state (mixed precision as `moe_jax.train` runs it): parameter
 gradients in `param_dtype` and two AdamW moments (Loshchilov & Hutter 2019, Alg. 2; optax
 keeps them in the parameter dtype), so 16 bytes per float32 parameter; activations are left
 out (they depend on the batch, the sequence and rematerialisation). KV cache: keys and values
-of every layer, 2 * layers * K * h numbers per token per sequence, in the activation dtype
+of every layer, 2 * layers * K * h numbers per token per sequence (multi-head latent
+attention: the latent and rotary key, layers * (c + r), with the grouped-query figure of the
+same heads beside it), in the activation dtype
 (`attention.cached_keys_values` also keeps a position and a flag per slot, 5 bytes per layer,
 left out).
 
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 
 from moe_jax import schema
 from moe_jax.analysis import flops
-from moe_jax.models import Transformer
+from moe_jax.models import Transformer, latent_attention
 from moe_jax.parallel import sharding
 
 PRECISIONS = flops.BYTES_PER_PARAM
@@ -60,6 +62,9 @@ class MemoryPlan:
       (parameters + gradients + AdamW moments), `params_per_device` (count), `kv_cache_per_token`
       (one token of one sequence's share on this device).
     kv_cache_per_token: bytes of one token's keys and values in one sequence (all layers).
+    attention_cache_per_token: what grouped-query attention with the model's heads would cache
+      per token (the same as kv_cache_per_token, except for multi-head latent attention, which
+      caches the latent instead; see `kv_cache_bytes_per_token`).
     """
 
     total_params: int
@@ -71,6 +76,7 @@ class MemoryPlan:
     max_seq_len: int
     axis_sizes: dict[str, int]
     per_device: dict[str, Any]
+    attention_cache_per_token: float = 0.0
 
 
 def _mesh_axes(logical: str | None, rules: sharding.Rules) -> tuple[str, ...]:
@@ -118,11 +124,23 @@ def _fsdp_size(axis_sizes: Mapping[str, int], rules: sharding.Rules) -> int:
     return 1 if named else axis_sizes.get(FSDP_AXIS, 1)
 
 
-def kv_cache_bytes_per_token(experiment: schema.Experiment, *, dtype: str | None = None) -> float:
-    """Keys and values of one token of one sequence, all layers: 2 * layers * K * h numbers."""
+def kv_cache_bytes_per_token(experiment: schema.Experiment, *, dtype: str | None = None,
+                             expanded: bool = False) -> float:
+    """Keys and values of one token of one sequence, all layers: 2 * layers * K * h numbers.
+
+    Multi-head latent attention caches the latent and the rotary key instead: layers * (c + r)
+    numbers (DeepSeek-V2 Table 1). expanded: the keys and values its H heads attend to, as
+    attention without the latent would cache them: layers * H * (n + r + v).
+    """
     model = experiment.model
     itemsize = jnp.dtype(dtype or model.dtype).itemsize
-    return 2.0 * model.num_layers * model.kv_heads * model.head_size * itemsize
+    if not model.latent_attention:
+        return 2.0 * model.num_layers * model.kv_heads * model.head_size * itemsize
+    if expanded:
+        width = model.qk_nope_head_dim + model.qk_rope_head_dim + model.v_head_dim
+        return float(model.num_layers * model.num_heads * width * itemsize)
+    return float(model.num_layers * itemsize * latent_attention.cache_numbers_per_token(
+        model.kv_lora_rank, model.qk_rope_head_dim))
 
 
 def plan(experiment: schema.Experiment | Any, axis_sizes: Mapping[str, int] | None = None, *,
@@ -153,7 +171,8 @@ def plan(experiment: schema.Experiment | Any, axis_sizes: Mapping[str, int] | No
     fsdp = _fsdp_size(axis_sizes, rules)
     local = -(-params_per_device(experiment, axis_sizes, rules) // fsdp)
     kv = kv_cache_bytes_per_token(experiment, dtype=kv_dtype)
-    kv_shards = math.prod(shards(("kv_heads",), axis_sizes, rules))
+    kv_shards = 1 if experiment.model.latent_attention else math.prod(
+        shards(("kv_heads",), axis_sizes, rules))  # the latent has no head axis
     batch_shards = math.prod(shards(("batch",), axis_sizes, rules))
     return MemoryPlan(
         total_params=count.total_params, active_params=count.active_params,
@@ -161,6 +180,8 @@ def plan(experiment: schema.Experiment | Any, axis_sizes: Mapping[str, int] | No
         active_weight_bytes={p: count.weight_bytes(p, active=True) for p in PRECISIONS},
         training_state_bytes=count.total_params * state_per_param,
         kv_cache_per_token=kv, max_seq_len=experiment.model.max_seq_len,
+        attention_cache_per_token=kv_cache_bytes_per_token(experiment, dtype=kv_dtype,
+                                                           expanded=True),
         axis_sizes=dict(axis_sizes),
         per_device={"params_per_device": local,
                     "weights": {p: local * b for p, b in PRECISIONS.items()},
@@ -187,8 +208,17 @@ def table_row(name: str, p: MemoryPlan) -> tuple[str, ...]:
     return (name, f"{flops.human(p.total_params)} / {flops.human(p.active_params)}",
             human_bytes(p.weight_bytes["bfloat16"]), human_bytes(p.active_weight_bytes["bfloat16"]),
             f"{human_bytes(p.weight_bytes['int8'])} / {human_bytes(p.weight_bytes['int4'])}",
-            human_bytes(p.training_state_bytes), human_bytes(p.kv_cache_per_token),
+            human_bytes(p.training_state_bytes), _cache_cell(p),
             f"{human_bytes(p.kv_cache_per_token * p.max_seq_len)} ({p.max_seq_len})")
+
+
+def _cache_cell(p: MemoryPlan) -> str:
+    """The cache per token; for latent attention, with the per-head keys and values that
+    multi-head / grouped-query attention of the same heads would cache beside it."""
+    if p.attention_cache_per_token == p.kv_cache_per_token:
+        return human_bytes(p.kv_cache_per_token)
+    return (f"{human_bytes(p.kv_cache_per_token)} latent (per-head K/V: "
+            f"{human_bytes(p.attention_cache_per_token)})")
 
 
 def format_per_device(p: MemoryPlan) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import schema
-from moe_jax.interop import hf_config, hf_weights
+from moe_jax import layers, schema
+from moe_jax.interop import hf_config, hf_deepseek, hf_weights
 from moe_jax.interop.hf_config import Family
 from moe_jax.models import Transformer
 
@@ -75,10 +76,24 @@ def load(directory: str) -> Imported:
     experiment = schema.parse_config(config)
     shapes = variable_shapes(experiment)
     table = hf_weights.tensors(family, experiment.model, experiment.moe)
-    params = hf_weights.read(directory, table, shapes["params"],
-                             tied=bool(hf.get("tie_word_embeddings")), where=where)
+    skip = hf_deepseek.mtp_prefixes(hf) if family.model_type == "deepseek_v3" else ()
+    if skip and any(name.startswith(skip) for name in hf_weights.tensor_files(directory)):
+        logging.warning("%s: the multi-token-prediction layers %s are not imported (moe_jax's "
+                        "MTP module, model.mtp_depth, starts from scratch).", directory, skip)
+    params = hf_weights.read(directory, table, {**shapes["params"], **shapes["model_state"]},
+                             tied=bool(hf.get("tie_word_embeddings")), where=where, skip=skip)
     model_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["model_state"])
+    if layers.STATE in params:  # read state (the router's score bias) over the zeros
+        model_state[layers.STATE] = _merge(model_state[layers.STATE], params.pop(layers.STATE))
     return Imported(config, {"params": params, "model_state": model_state}, family, hf)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict `base` with the leaves of `update` written over it."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) else value
+    return out
 
 
 def infer_family(experiment: Any) -> Family:
@@ -106,7 +121,7 @@ def save(directory: str, experiment: Any, variables: dict[str, Any], family: Fam
     """
     hf = hf_config.hf_config(experiment, family, base_hf)
     m = experiment.model
-    params = dict(variables["params"])
+    params = {**variables.get("model_state", {}), **variables["params"]}
     embedding = np.asarray(params["embedding"])[:m.vocab_size]
     params["embedding"] = embedding
     if m.tie_embeddings:

@@ -17,11 +17,14 @@ clipped qkv, output-projection or MLP biases, other activations) is refused with
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
 from moe_jax import schema
+from moe_jax.interop import hf_deepseek
+from moe_jax.interop.hf_keys import UnsupportedModelError, rope_parameters
 
 ARCHITECTURE_KEYS = ("model_type", "architectures")
 DEFAULT_TRAIN_SEQ_LEN = 2048  # converted configs train on at most this many tokens per row
@@ -55,6 +58,17 @@ class Family:
     shared: bool = False
     qwen_layers: bool = False
     must_be_false: tuple[str, ...] = ("attention_bias", "mlp_bias")
+    # DeepSeek-V3-style options: the router (`MoeConfig.router`); rope types accepted besides
+    # "default"; the shared experts' submodule; the config key of the number of leading dense
+    # blocks (every later block sparse); multi-head latent attention; `configure(config, hf,
+    # where)` and `describe(experiment) -> dict` map the family's own keys in and out.
+    router: str = "top_k"
+    rope_types: tuple[str, ...] = ("default",)
+    shared_prefix: str = "shared_expert"
+    first_dense_key: str | None = None
+    latent_attention: bool = False
+    configure: Callable[[ml_collections.ConfigDict, dict[str, Any], str], None] | None = None
+    describe: Callable[[Any], dict[str, Any]] | None = None
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -71,11 +85,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "LlamaForCausalLM", "Touvron et al. 2023, LLaMA", sparse=False),
     Family("qwen2", "Qwen2ForCausalLM", "Yang et al. 2024, Qwen2 Technical Report",
            sparse=False, qkv_bias=True),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM", "Liu et al. 2024, DeepSeek-V3 Technical "
+           "Report", experts_keys=("n_routed_experts",), router="sigmoid_bias",
+           rope_types=("yarn",), shared_prefix="shared_experts",
+           first_dense_key="first_k_dense_replace", latent_attention=True, shared=True,
+           configure=hf_deepseek.configure, describe=hf_deepseek.describe),
 )}
-
-
-class UnsupportedModelError(ValueError):
-    """A Hugging Face config moe_jax cannot represent exactly."""
 
 
 def supported() -> str:
@@ -100,15 +115,18 @@ def _get(hf: dict[str, Any], key: str, where: str, default: Any = dataclasses.MI
     return hf[key]
 
 
-def rope_theta(hf: dict[str, Any], where: str) -> float:
-    """`rope_theta` (transformers 4.x) or `rope_parameters.rope_theta` (5.x); any rope scaling
-    is refused (moe_jax implements the original RoPE only)."""
+def rope_theta(hf: dict[str, Any], where: str, allowed: tuple[str, ...] = ("default",)
+               ) -> float:
+    """`rope_theta` (transformers 4.x) or `rope_parameters.rope_theta` (5.x); rope scaling other
+    than `allowed` is refused (moe_jax implements the original RoPE, and YaRN for latent
+    attention)."""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
+    kind = rope_parameters(hf)["rope_type"]
+    if kind != "default" and kind not in allowed:
         raise UnsupportedModelError(f"{where}: rope scaling {kind!r} is not supported (only the "
-                                    "original RoPE, rope_type 'default').")
+                                    f"original RoPE, rope_type 'default'"
+                                    + (f", or {allowed}" if allowed != ("default",) else "")
+                                    + ").")
     return float(_get(params, "rope_theta", where) if "rope_theta" in params
                  else _get(hf, "rope_theta", where))
 
@@ -118,6 +136,8 @@ def sparse_layers(hf: dict[str, Any], family: Family, num_layers: int) -> tuple[
     decoder_sparse_step (transformers' Qwen2MoeDecoderLayer); other families: every block."""
     if not family.sparse:
         return ()
+    if family.first_dense_key is not None:
+        return tuple(range(int(hf.get(family.first_dense_key) or 0), num_layers))
     if not family.qwen_layers:
         return tuple(range(num_layers))
     step = hf.get("decoder_sparse_step") or 1
@@ -161,7 +181,8 @@ def experiment_config(hf: dict[str, Any], family: Family,
         num_kv_heads=_get(hf, "num_key_value_heads", where, heads),
         d_ff=_get(hf, "intermediate_size", where), activation="swiglu", norm="rmsnorm",
         norm_eps=float(_get(hf, "rms_norm_eps", where)), positions="rotary",
-        rope_base=rope_theta(hf, where), max_seq_len=_get(hf, "max_position_embeddings", where),
+        rope_base=rope_theta(hf, where, family.rope_types),
+        max_seq_len=_get(hf, "max_position_embeddings", where),
         tie_embeddings=False, qk_norm=family.qk_norm, dropout_rate=0.0, causal=True,
         qkv_bias=bool(family.qkv_bias if isinstance(family.qkv_bias, bool)
                       else _get(hf, family.qkv_bias, where, True))))
@@ -175,6 +196,8 @@ def experiment_config(hf: dict[str, Any], family: Family,
         _moe_section(config.moe, hf, family, len(layers), where)
     else:  # the dense FFN's shape, so `--config.model.moe_every=...` gives upcyclable experts
         config.moe.update(dict(activation="swiglu", d_ff=model.d_ff))
+    if family.configure is not None:
+        family.configure(config, hf, where)
     return schema.checked(config)
 
 
@@ -195,7 +218,7 @@ def _moe_section(moe: ml_collections.ConfigDict, hf: dict[str, Any], family: Fam
         # assignments (summing to k); ours sums per-layer losses whose f sums to 1.
         load_balance_coef=float(hf.get("router_aux_loss_coef") or 0.0) * top_k
         / max(num_sparse, 1)))
-    if family.shared:
+    if family.shared and family.configure is None:
         shared = _get(hf, "shared_expert_intermediate_size", where)
         if shared % width:
             raise UnsupportedModelError(
@@ -222,16 +245,26 @@ def check_exportable(experiment: Any, family: Family) -> None:
           f"its q/k/v projections {'always' if fixed else 'never'} have biases")
     _must(bool(m.sparse_layers) == family.sparse, family,
           "it is " + ("an MoE" if family.sparse else "a dense") + " architecture")
+    _must(not m.mtp_depth, family, "multi-token-prediction modules are not exported; set "
+          "model.mtp_depth=0 to write the main model without them")
+    _must(m.latent_attention == family.latent_attention, family, "its attention is "
+          + ("multi-head latent attention (model.kv_lora_rank set)" if family.latent_attention
+             else "grouped-query attention (model.kv_lora_rank=None)"))
+    _must(m.rope_scaling == "none" or m.rope_scaling in family.rope_types, family,
+          f"rope scaling {m.rope_scaling!r} is not one of its {family.rope_types}")
     if not family.sparse:
         return
-    _must(family.qwen_layers or len(m.sparse_layers) == m.num_layers, family,
-          "every block must be sparse")
-    _must(e.router == "top_k" and e.activation == "swiglu", family,
-          "its router is softmax top-k over SwiGLU experts")
+    first_sparse = m.sparse_layers[0]
+    _must(family.qwen_layers or m.sparse_layers == tuple(range(
+        first_sparse if family.first_dense_key else 0, m.num_layers)), family,
+          "every block must be sparse" + (" after the first dense ones"
+                                          if family.first_dense_key else ""))
+    _must(e.router == family.router and e.activation == "swiglu", family,
+          f"its router is {family.router!r} over SwiGLU experts")
     _must(family.renormalize is not True or e.renormalize_gates, family,
           "it always renormalises the top-k gates (moe.renormalize_gates=True)")
-    _must(bool(e.num_shared_experts) == family.shared
-          and e.shared_expert_gate == family.shared, family,
+    _must(family.configure is not None or (bool(e.num_shared_experts) == family.shared
+                                           and e.shared_expert_gate == family.shared), family,
           "it needs shared experts with their sigmoid gate (moe.num_shared_experts > 0, "
           "moe.shared_expert_gate=True)" if family.shared else
           "shared experts with their sigmoid gate go with qwen2_moe only")
@@ -270,6 +303,10 @@ def hf_config(experiment: Any, family: Family, base: dict[str, Any] | None = Non
         if family.qwen_layers:
             hf["decoder_sparse_step"] = 1
             hf["mlp_only_layers"] = [i for i in range(m.num_layers) if i not in m.sparse_layers]
-        if family.shared:
+        if family.first_dense_key is not None:
+            hf[family.first_dense_key] = m.sparse_layers[0]
+        if family.shared and family.describe is None:
             hf["shared_expert_intermediate_size"] = e.num_shared_experts * e.d_ff
+    if family.describe is not None:
+        hf.update(family.describe(experiment))
     return hf

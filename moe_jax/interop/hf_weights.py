@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from moe_jax.config import MoeConfig
 from moe_jax.interop.hf_config import Family, UnsupportedModelError
+from moe_jax.layers import STATE
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.transformer import MOE_NAME, block_name
 
@@ -98,8 +99,33 @@ def _attention(i: int, model: ModelConfig) -> list[Tensor]:
     return out
 
 
+def _latent_attention(i: int, model: ModelConfig) -> list[Tensor]:
+    """DeepSeek-V3's MLA tensors: q_a_proj / q_a_layernorm / q_b_proj (or q_proj),
+    kv_a_proj_with_mqa / kv_a_layernorm / kv_b_proj, o_proj (`models.latent_attention`)."""
+    d, heads, blk = model.d_model, model.num_heads, block_name(i)
+    q, c, r = model.q_lora_rank, model.kv_lora_rank, model.qk_rope_head_dim
+    n, v = model.qk_nope_head_dim, model.v_head_dim
+    prefix = f"model.layers.{i}.self_attn."
+
+    def tensor(ours: str, hf: str, shape: tuple[int, ...], transpose: bool = True) -> Tensor:
+        return Tensor((blk, "attention", *ours.split("/")), (f"{prefix}{hf}",), shape, transpose)
+
+    if q is None:
+        out = [tensor("query", "q_proj.weight", (heads * (n + r), d))]
+    else:
+        out = [tensor("query_down", "q_a_proj.weight", (q, d)),
+               tensor("query_norm/scale", "q_a_layernorm.weight", (q,), False),
+               tensor("query_up", "q_b_proj.weight", (heads * (n + r), q))]
+    return [*out, tensor("kv_down", "kv_a_proj_with_mqa.weight", (c + r, d)),
+            tensor("kv_norm/scale", "kv_a_layernorm.weight", (c,), False),
+            tensor("kv_up", "kv_b_proj.weight", (heads * (n + v), c)),
+            tensor("out", "o_proj.weight", (d, heads * v))]
+
+
 def tensors(family: Family, model: ModelConfig, moe: MoeConfig) -> list[Tensor]:
-    """Every parameter of the Transformer for (model, moe) and its HF tensors in `family`."""
+    """Every parameter of the Transformer for (model, moe) and its HF tensors in `family`;
+    the sigmoid_bias router's score bias (DeepSeek-V3's `e_score_correction_bias`) is model
+    state: its path starts with the collection `layers.STATE`."""
     d, vocab = model.d_model, model.vocab_size
     out = [Tensor(("embedding",), ("model.embed_tokens.weight",), (vocab, d), False),
            Tensor(("final_norm", "scale"), ("model.norm.weight",), (d,), False),
@@ -112,7 +138,7 @@ def tensors(family: Family, model: ModelConfig, moe: MoeConfig) -> list[Tensor]:
                        (d,), False),
                 Tensor((blk, "ffn_norm", "scale"), (f"{prefix}post_attention_layernorm.weight",),
                        (d,), False)]
-        out += _attention(i, model)
+        out += _latent_attention(i, model) if model.latent_attention else _attention(i, model)
         if i not in sparse:
             out += _ffn((blk, "ffn"), f"{prefix}mlp.", dense_names, d, model.d_ff)
             continue
@@ -121,9 +147,13 @@ def tensors(family: Family, model: ModelConfig, moe: MoeConfig) -> list[Tensor]:
                           (moe.num_experts, d), True))
         out += _ffn((blk, MOE_NAME, "experts"), mlp, family.expert_names, d, moe.d_ff,
                     moe.num_experts)
+        if moe.router == "sigmoid_bias":  # model state, not a parameter
+            out.append(Tensor((STATE, blk, MOE_NAME, "score_bias"),
+                              (f"{mlp}gate.e_score_correction_bias",), (moe.num_experts,),
+                              False))
         if moe.num_shared_experts:
-            out += _ffn((blk, MOE_NAME, "shared"), f"{mlp}shared_expert.", dense_names, d,
-                        moe.num_shared_experts * moe.d_ff)
+            out += _ffn((blk, MOE_NAME, "shared"), f"{mlp}{family.shared_prefix}.", dense_names,
+                        d, moe.num_shared_experts * moe.d_ff)
         if moe.shared_expert_gate:
             out.append(Tensor((blk, MOE_NAME, "shared", "output_gate"),
                               (f"{mlp}shared_expert_gate.weight",), (1, d), True))
@@ -162,11 +192,12 @@ def _tied(table: list[Tensor]) -> list[Tensor]:
 
 
 def read(directory: str, table: list[Tensor], shapes: dict[str, Any], *,
-         tied: bool = False, where: str = "") -> dict[str, Any]:
+         tied: bool = False, where: str = "", skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Our parameters (NumPy, float32) from the HF tensors of `directory`.
 
     shapes: the model's params tree of ShapeDtypeStructs (what each Tensor becomes).
     tied: tie_word_embeddings (the output matrix is the embedding's transpose).
+    skip: prefixes of tensor names that are not read (e.g. DeepSeek-V3's MTP layers).
     Raises CheckpointMismatchError naming every missing or extra tensor and every shape that
     disagrees with config.json.
     """
@@ -183,7 +214,8 @@ def read(directory: str, table: list[Tensor], shapes: dict[str, Any], *,
     expected = {name for t in table for name in t.names}
     if tied:  # some tied checkpoints also store the (identical) output matrix
         expected.add("lm_head.weight")
-    extra = sorted(n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES))
+    extra = sorted(n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+                   and not n.startswith(skip))
     if extra:
         problems.append(f"tensors the config does not use: {extra[:10]}"
                         + (f" and {len(extra) - 10} more" if len(extra) > 10 else ""))

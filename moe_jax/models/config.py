@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # the outputs of matmuls without batch dimensions (the projections and FFNs, not the attention
 # scores): `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`.
 REMAT_POLICIES = ("none", "full", "save_dots")
+ROPE_SCALINGS = ("none", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,35 @@ class ModelConfig:
     # Blocks before the repeating unit stay unrolled (`models.stack`).
     scan_layers: bool = False
     remat_policy: str = "none"  # see REMAT_POLICIES
+    # Multi-head latent attention (MLA; DeepSeek-V2, Liu et al. 2024, Sec. 2.1; DeepSeek-V3
+    # Sec. 2.1.1), on when kv_lora_rank is set (`models.latent_attention`): keys and values
+    # come from one kv_lora_rank-wide latent per token, queries through a q_lora_rank-wide one
+    # (None: a full-rank query projection); each head's query/key is qk_nope_head_dim dims
+    # without positions plus qk_rope_head_dim rotary dims whose key is shared by the heads;
+    # values have v_head_dim dims. The latents' RMSNorms use latent_norm_eps. num_kv_heads
+    # and head_dim do not apply.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    latent_norm_eps: float = 1e-6
+    # Rotary pairs (2i, 2i+1) instead of (i, i + h/2) (`positions.apply_rotary`).
+    rope_interleave: bool = False
+    # "yarn": YaRN rotary scaling (`positions.yarn_of`) with the yarn_* fields; MLA only.
+    rope_scaling: str = "none"
+    yarn_factor: float = 1.0
+    yarn_original_max_seq_len: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+    yarn_truncate: bool = True
+    # Multi-token prediction (DeepSeek-V3 Sec. 2.2, `models.multi_token`): mtp_depth sequential
+    # modules, module k predicting token i + 1 + k; their mean cross-entropy is added to the
+    # loss times mtp_loss_weight (lambda, eq. 25). 0: none.
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "vocab_multiple", "d_model", "num_layers", "num_heads", "d_ff",
@@ -108,6 +138,7 @@ class ModelConfig:
         fields.one_of(self, "remat_policy", REMAT_POLICIES)
         for name in ("tie_embeddings", "qkv_bias", "causal", "scan_layers"):
             fields.boolean(self, name)
+        self._check_latent_attention()
         if self.moe_layers is not None:
             layers = tuple(self.moe_layers)
             bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
@@ -115,6 +146,36 @@ class ModelConfig:
                 fields.fail(self, "moe_layers", f"must list distinct block indices in [0, "
                                 f"{self.num_layers}); offending entries: {bad or 'duplicates'}")
             object.__setattr__(self, "moe_layers", tuple(sorted(layers)))
+
+    def _check_latent_attention(self) -> None:
+        for name in ("q_lora_rank", "kv_lora_rank"):
+            fields.integer(self, name, minimum=1, optional=True)
+        for name in ("qk_nope_head_dim", "v_head_dim"):
+            fields.integer(self, name, minimum=1)
+        fields.integer(self, "qk_rope_head_dim", minimum=2)
+        fields.integer(self, "mtp_depth", minimum=0, fix="0 = no multi-token prediction")
+        fields.integer(self, "yarn_original_max_seq_len", minimum=1)
+        for name in ("latent_norm_eps", "yarn_factor", "yarn_beta_fast", "yarn_beta_slow"):
+            fields.number(self, name, above=0)
+        for name in ("yarn_mscale", "yarn_mscale_all_dim", "mtp_loss_weight"):
+            fields.number(self, name, at_least=0)
+        for name in ("rope_interleave", "yarn_truncate"):
+            fields.boolean(self, name)
+        fields.one_of(self, "rope_scaling", ROPE_SCALINGS)
+        if self.kv_lora_rank is not None and self.qk_rope_head_dim % 2:
+            fields.fail(self, "qk_rope_head_dim", "must be even for rotary positions",
+                        "use an even number")
+        if self.rope_scaling != "none" and self.kv_lora_rank is None:
+            fields.fail(self, "rope_scaling", "is implemented for multi-head latent attention "
+                        "only", "set kv_lora_rank or rope_scaling='none'")
+        if self.mtp_depth and not self.causal:
+            fields.fail(self, "mtp_depth", "predicts later tokens of a causal LM",
+                        "set causal=True or mtp_depth=0")
+
+    @property
+    def latent_attention(self) -> bool:
+        """Whether the blocks use multi-head latent attention (kv_lora_rank set)."""
+        return self.kv_lora_rank is not None
 
     @property
     def kv_heads(self) -> int:

@@ -32,9 +32,10 @@ from moe_jax import experts, routing
 from moe_jax import moe as moe_lib
 from moe_jax.config import MoeConfig
 from moe_jax.layers import ROUTING, MoeLayer
-from moe_jax.models import stack
+from moe_jax.models import latent_attention, stack
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
+from moe_jax.models.multi_token import MTP_LOGITS, MTP_NAME, MultiTokenPrediction
 from moe_jax.models.norms import Norm
 from moe_jax.models.positions import default_positions
 from moe_jax.models.stack import MOE_NAME, block_name
@@ -108,11 +109,14 @@ class Block(nn.Module):
         c = self.config
         dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
         dropout = nn.Dropout(c.dropout_rate, deterministic=not train)
-        attention = Attention(
-            num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
-            causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
-            qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
-            dtype=dtype, param_dtype=param_dtype, name="attention")
+        if c.latent_attention:
+            attention = latent_attention.from_config(c, "attention")
+        else:
+            attention = Attention(
+                num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
+                causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
+                qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
+                dtype=dtype, param_dtype=param_dtype, name="attention")
         h = Norm(c.norm, c.norm_eps, param_dtype, name="attention_norm")(x)
         x = x + dropout(attention(h, segment_ids, positions))
 
@@ -177,16 +181,25 @@ class Transformer(nn.Module):
         x, aux = stack.apply_blocks(Block, c, self.moe, self.moe_sharding, x, segment_ids,
                                     positions, train=train)
 
+        hidden = x
         x = Norm(c.norm, c.norm_eps, c.jnp_param_dtype, name="final_norm")(x)
         if c.tie_embeddings:
-            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(c.jnp_dtype),
-                                preferred_element_type=jnp.float32) * c.d_model**-0.5
+            def head(y: Array) -> Array:
+                return jnp.einsum("bld,vd->blv", y, embedding.astype(c.jnp_dtype),
+                                  preferred_element_type=jnp.float32)[
+                    ..., :c.vocab_size] * c.d_model**-0.5
         else:
             out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
             kernel = self.param("output", nn.with_logical_partitioning(
                 out_init, ("embed", "vocab")), (c.d_model, c.padded_vocab_size),
                 c.jnp_param_dtype)
-            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(c.jnp_dtype),
-                                preferred_element_type=jnp.float32)
-        return logits[..., :c.vocab_size], aux
+
+            def head(y: Array) -> Array:
+                return jnp.einsum("bld,dv->blv", y, kernel.astype(c.jnp_dtype),
+                                  preferred_element_type=jnp.float32)[..., :c.vocab_size]
+        if c.mtp_depth:  # DeepSeek-V3's multi-token prediction: logits [D, B, L, V]
+            aux = {**aux, MTP_LOGITS: MultiTokenPrediction(
+                c, self.moe, self.moe_sharding, Block, name=MTP_NAME)(
+                hidden, inputs, embedding, head, segment_ids, positions, train)}
+        return head(x), aux
 

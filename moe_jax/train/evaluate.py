@@ -92,6 +92,7 @@ def make_eval_step(model: nn.Module, model_config: ModelConfig, moe_config: MoeC
         (logits, aux), collections = model.apply(
             {"params": params, **model_state}, batch["inputs"], **model_inputs(batch),
             train=False, mutable=[layers.ROUTING])
+        aux, _ = objective.split_mtp(aux)  # evaluation reports the main model's loss
         _, metrics = objective.compute_loss(logits, batch, aux, moe_config)
         per_token = _per_token(logits, batch)
         r = jnp.sum(routed)

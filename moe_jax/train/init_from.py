@@ -17,6 +17,7 @@ import jax
 import optax
 
 from moe_jax.models import upcycling
+from moe_jax.models.multi_token import MTP_NAME
 from moe_jax.train import checkpoint
 from moe_jax.train.state import TrainState
 
@@ -30,6 +31,8 @@ def initial_variables(experiment: Any, fresh: TrainState) -> dict[str, Any]:
     source = checkpoint.read_weights(init.checkpoint)[0]
     what = (f"cannot start from {init.checkpoint}: its parameters do not match this run's "
             "model config")
+    source = with_fresh_mtp(source, jax.device_get({n: getattr(fresh, n)
+                                                     for n in checkpoint.VARIABLES}))
     if not init.upcycle:
         return {name: upcycling.copy_parameters(source[name], getattr(fresh, name), what)
                 for name in checkpoint.VARIABLES}
@@ -38,6 +41,20 @@ def initial_variables(experiment: Any, fresh: TrainState) -> dict[str, Any]:
                                key=key, noise=init.expert_noise,
                                reinit_fraction=init.reinit_fraction)
     return {"params": params, "model_state": jax.device_get(fresh.model_state)}
+
+
+def with_fresh_mtp(source: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """`source` {"params", "model_state"} with the fresh multi-token-prediction modules
+    (`ModelConfig.mtp_depth`) of `fresh` where the checkpoint has none: a converted model
+    fine-tunes with MTP modules that start from their random init."""
+    params = dict(source["params"])
+    if MTP_NAME in fresh["params"] and MTP_NAME not in params:
+        params[MTP_NAME] = fresh["params"][MTP_NAME]
+    model_state = {name: dict(collection) for name, collection in source["model_state"].items()}
+    for name, collection in fresh["model_state"].items():
+        if MTP_NAME in collection and MTP_NAME not in model_state.get(name, {}):
+            model_state.setdefault(name, {})[MTP_NAME] = collection[MTP_NAME]
+    return {**source, "params": params, "model_state": model_state}
 
 
 def initial_state(fresh: TrainState, experiment: Any, shardings: TrainState,

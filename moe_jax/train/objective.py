@@ -6,6 +6,7 @@ data pipeline gives it) or BERT-style masked LM ("masked_lm", the batch corrupte
     total = cross_entropy
             + load_balance_coef * sum over MoE layers of load_balancing_loss   (Switch eq. 4-6)
             + z_loss_coef       * sum over MoE layers of router_z_loss         (ST-MoE eq. 5)
+            + mtp_loss_weight   * multi-token-prediction loss (DeepSeek-V3 eq. 25; mtp_depth)
 
 Summing over layers (not averaging) follows Switch/ST-MoE and flaxformer: every sparse layer
 gets its own balancing pressure of weight `coef`, so adding layers does not dilute it.
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 
 from moe_jax import routing
 from moe_jax.config import MoeConfig
+from moe_jax.models import multi_token
 from moe_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -42,8 +44,29 @@ def token_nll(logits: Array, targets: Array) -> Array:
     return log_z - target_logit
 
 
+def split_mtp(aux: dict[str, Array]) -> tuple[dict[str, Array], Array | None]:
+    """(the MoE aux, the multi-token-prediction logits [D, B, L, V] or None) of a model's aux."""
+    aux = dict(aux)
+    return aux, aux.pop(multi_token.MTP_LOGITS, None)
+
+
+def mtp_loss(mtp_logits: Array, batch: Batch) -> Array:
+    """DeepSeek-V3's MTP loss before its weight (Sec. 2.2, eqs. 24-25): the mean over the D
+    modules of module k's weight-averaged cross-entropy on the targets k places later
+    (`multi_token.mtp_targets`). mtp_logits: [D, B, L, V]."""
+    segments = batch.get("segment_ids", jnp.ones_like(batch["targets"]))
+    losses = []
+    for k in range(1, mtp_logits.shape[0] + 1):
+        targets, weights = multi_token.mtp_targets(
+            batch["targets"], batch["weights"].astype(jnp.float32), segments, k)
+        nll = token_nll(mtp_logits[k - 1], targets)
+        losses.append(jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1e-8))
+    return jnp.mean(jnp.stack(losses))
+
+
 def compute_loss(logits: Array, batch: Batch, aux: dict[str, Array],
-                 moe: MoeConfig) -> tuple[Array, dict[str, Array]]:
+                 moe: MoeConfig, *, mtp_logits: Array | None = None,
+                 mtp_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
     """The training loss and its metrics for one batch.
 
     logits: [B, L, V] from `Transformer`; batch: dict with at least "targets" and "weights";
@@ -56,6 +79,8 @@ def compute_loss(logits: Array, batch: Batch, aux: dict[str, Array],
     "target_bytes" in the batch also bits_per_byte and num_bytes; with MoE layers also
     dropped_fraction and router_entropy (means over layers) and max_router_logit (max).
     Sums (nll_sum, num_tokens, num_bytes) let an evaluation loop aggregate exactly.
+    With `mtp_logits` (`split_mtp`), the loss adds mtp_loss_weight * `mtp_loss` (lambda of
+    DeepSeek-V3 eq. 25), reported as mtp_cross_entropy (before the weight).
     """
     weights = batch["weights"].astype(jnp.float32)
     nll = token_nll(logits, batch["targets"])
@@ -68,11 +93,15 @@ def compute_loss(logits: Array, batch: Batch, aux: dict[str, Array],
     lb = jnp.sum(aux["load_balancing_loss"]) if aux else zero
     z = jnp.sum(aux["router_z_loss"]) if aux else zero
     loss = cross_entropy + moe.load_balance_coef * lb + moe.z_loss_coef * z
+    extra = {}
+    if mtp_logits is not None:
+        extra["mtp_cross_entropy"] = mtp_loss(mtp_logits, batch)
+        loss = loss + mtp_loss_weight * extra["mtp_cross_entropy"]
 
     metrics = {
         "loss": loss, "cross_entropy": cross_entropy, "load_balancing_loss": lb,
         "router_z_loss": z, "accuracy": jnp.sum(correct * weights) / jnp.maximum(num_tokens, 1e-8),
-        "num_tokens": num_tokens, "nll_sum": nll_sum,
+        "num_tokens": num_tokens, "nll_sum": nll_sum, **extra,
     }
     if "target_bytes" in batch:
         num_bytes = jnp.sum(batch["target_bytes"].astype(jnp.float32) * weights)

@@ -158,7 +158,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         logits, aux = model.apply({"params": params, **model_state}, batch["inputs"],
                                   **model_inputs(batch), train=True,
                                   rngs={"dropout": k_dropout, "router": k_router})
-        loss, metrics = objective.compute_loss(logits, batch, aux, moe_config)
+        aux, mtp_logits = objective.split_mtp(aux)
+        loss, metrics = objective.compute_loss(logits, batch, aux, moe_config,
+                                               mtp_logits=mtp_logits,
+                                               mtp_loss_weight=model_config.mtp_loss_weight)
         metrics |= {f"layer/{name}": value for name, value in aux.items()}  # [M] or [M, E]
         return loss * weight, (metrics, aux)
 
