@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from experiments.library import checks
-from experiments.library.results import BENCHMARK_KEY, Results, tokens_per_expert_group
+from experiments.library.results import (
+    BENCHMARK_KEY,
+    TIME_BASIS_KEY,
+    Results,
+    tokens_per_expert_group,
+)
 from experiments.suites import switch_scaling
 
 FLOPS_PER_TOKEN = {"dense": 1e6, "dense_2x": 2e6, "dense_4x": 4e6, "switch_e16": 1e6}
@@ -72,3 +77,15 @@ def test_tokens_per_expert_group_is_t_k_over_e():
     assert tokens_per_expert_group({"config": "switch.py:e16", "overrides": {
         **overrides, "moe.top_k": 2}}) == 256
     assert tokens_per_expert_group({"config": "dense.py:tiny", "overrides": overrides}) is None
+
+
+def test_a_file_pre_registered_on_the_benchmark_waits_for_it():
+    fast = {**LOSSES, "switch_e16": [1.95, 1.95]}
+    results = _results(fast)
+    loop_basis = checks.speedup(results, "switch_e16", "dense", "time")
+    results.data[TIME_BASIS_KEY] = "benchmark"
+    waiting = checks.speedup(results, "switch_e16", "dense", "time")
+    assert waiting.verdict == "inconclusive" and "awaiting the throughput benchmark" in \
+        waiting.measured and loop_basis.measured in waiting.measured
+    results.set_throughput({"rows": [{"member": m, "tokens_per_s": 5.0} for m in fast]})
+    assert checks.speedup(results, "switch_e16", "dense", "time").measured == loop_basis.measured

@@ -43,6 +43,10 @@ FINISHED, DIVERGED, FAILED, MISSING = "finished", "diverged", "failed", "missing
 # idle machine, members interleaved: experiments/benchmarks/suite_throughput.py), set on the runs
 # by `Results.load` from `<scale>_throughput.json` beside the results file when there is one.
 BENCHMARK_KEY = "benchmark_tokens_per_second"
+# A results file whose "time_basis" is "benchmark" decides its time-basis claims only with the
+# controlled throughput benchmark beside it (`<scale>_throughput.json`), never with the loop's
+# tokens/s under load (set when the scale's pre-registration says so).
+TIME_BASIS_KEY = "time_basis"
 THROUGHPUT_SUFFIX = "_throughput.json"
 Run = dict[str, Any]
 
