@@ -12,12 +12,15 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax import fields, routing
+from moe_jax import experts, fields, routing
 from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMULS
 
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+# The experts' activations: the dense FFN's, and GPT-OSS's clamped SwiGLU
+# (`experts.clamped_swiglu`, with swiglu_alpha and swiglu_limit).
+EXPERT_ACTIVATIONS = (*ACTIVATIONS, "clamped_swiglu")
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = ("float32", "bfloat16", "float64", "float16")
 
@@ -89,6 +92,13 @@ class MoeConfig:
     expert_groups: int = 1
     top_expert_groups: int = 1
     routed_scaling_factor: float = 1.0
+    # GPT-OSS (gpt-oss model card, OpenAI 2025): a bias on the router logits, biases on the
+    # experts' projections (`experts` module docstring), and activation="clamped_swiglu" with
+    # its slope and clamp (`experts.clamped_swiglu`).
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "d_ff", "slots_per_expert"):
@@ -121,7 +131,11 @@ class MoeConfig:
         fields.one_of(self, "router", tuple(routing.ROUTERS))
         fields.one_of(self, "drop_priority", DROP_PRIORITIES)
         fields.one_of(self, "dispatch", DISPATCHES)
-        fields.one_of(self, "activation", ACTIVATIONS)
+        fields.one_of(self, "activation", EXPERT_ACTIVATIONS)
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            fields.number(self, name, above=0, fix="GPT-OSS uses alpha 1.702 and limit 7.0")
+        fields.boolean(self, "router_bias")
+        fields.boolean(self, "expert_bias")
         fields.one_of(self, "grouped_matmul", GROUPED_MATMULS)
         fields.one_of(self, "second_expert_policy", SECOND_EXPERT_POLICIES)
         fields.one_of(self, "router_dtype", ROUTER_DTYPES)
@@ -186,6 +200,14 @@ class MoeConfig:
         if not train and self.eval_router_temperature is not None:
             return self.eval_router_temperature
         return self.router_temperature
+
+    @property
+    def expert_activation(self) -> experts.Activation:
+        """The activation the expert functions take: the name, or for "clamped_swiglu" an
+        `experts.ClampedSwiglu` holding swiglu_alpha and swiglu_limit."""
+        if self.activation == "clamped_swiglu":
+            return experts.ClampedSwiglu(self.swiglu_alpha, self.swiglu_limit)
+        return self.activation
 
     @property
     def router_jnp_dtype(self) -> jnp.dtype:

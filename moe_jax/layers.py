@@ -27,6 +27,10 @@ ROUTING = "routing"
 # Logical axis names of every MoE parameter, by (group, name).
 LOGICAL_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("router", "kernel"): ("embed", None),
+    ("router", "bias"): (None,),
+    ("experts", "wi_bias"): ("expert", "mlp"),
+    ("experts", "wi_gate_bias"): ("expert", "mlp"),
+    ("experts", "wo_bias"): ("expert", "embed"),
     ("experts", "wi"): ("expert", "embed", "mlp"),
     ("experts", "wi_gate"): ("expert", "embed", "mlp"),
     ("experts", "wo"): ("expert", "mlp", "embed"),

@@ -74,18 +74,22 @@ LOCAL = Layout()
 def init_router(key: Array, config: MoeConfig, d_model: int,
                 dtype: jnp.dtype = jnp.float32) -> dict[str, Array]:
     """{"kernel": [d, E]} (Soft MoE: [d, E * slots_per_expert], the router's `num_logits`):
-    truncated normal, fan-in scaled by `init_scale`."""
+    truncated normal, fan-in scaled by `init_scale`; with `router_bias`, "bias" [E] zeros."""
     init = jax.nn.initializers.variance_scaling(config.init_scale, "fan_in", "truncated_normal")
     columns = routing.ROUTERS[config.router].num_logits(config)
-    return {"kernel": init(key, (d_model, columns), dtype)}
+    params = {"kernel": init(key, (d_model, columns), dtype)}
+    if config.router_bias:
+        params["bias"] = jnp.zeros((columns,), dtype)
+    return params
 
 
 def init_experts(key: Array, config: MoeConfig, d_model: int,
                  dtype: jnp.dtype = jnp.float32) -> experts.Params:
-    """{"wi": [E, d, f], "wo": [E, f, d]} (+ "wi_gate" [E, d, f] for swiglu)."""
+    """{"wi": [E, d, f], "wo": [E, f, d]} (+ "wi_gate" [E, d, f] for gated units; with
+    `expert_bias`, zero biases "wi_bias", "wi_gate_bias" [E, f] and "wo_bias" [E, d])."""
     c = config
-    return experts.init_ffn(key, d_model, c.d_ff, c.activation, scale=c.init_scale,
-                            batch=(c.num_experts,), dtype=dtype)
+    return experts.init_ffn(key, d_model, c.d_ff, c.expert_activation, scale=c.init_scale,
+                            batch=(c.num_experts,), dtype=dtype, bias=c.expert_bias)
 
 
 def init_shared(key: Array, config: MoeConfig, d_model: int,
@@ -94,11 +98,12 @@ def init_shared(key: Array, config: MoeConfig, d_model: int,
     `shared_expert_gate` their "output_gate" [d, 1] (truncated normal, fan-in scaled)."""
     c = config
     if not c.shared_expert_gate:
-        return experts.init_ffn(key, d_model, c.num_shared_experts * c.d_ff, c.activation,
-                                scale=c.init_scale, dtype=dtype)
+        return experts.init_ffn(key, d_model, c.num_shared_experts * c.d_ff,
+                                c.expert_activation, scale=c.init_scale, dtype=dtype)
     ffn_key, gate_key = jax.random.split(key)
     init = jax.nn.initializers.variance_scaling(c.init_scale, "fan_in", "truncated_normal")
-    return {**experts.init_ffn(ffn_key, d_model, c.num_shared_experts * c.d_ff, c.activation,
+    return {**experts.init_ffn(ffn_key, d_model, c.num_shared_experts * c.d_ff,
+                               c.expert_activation,
                                scale=c.init_scale, dtype=dtype),
             "output_gate": init(gate_key, (d_model, 1), dtype)}
 
@@ -158,13 +163,17 @@ def _check_input(params: Params, x: Array, config: MoeConfig, rng: Array | None,
 def router_logits(params: Params, x: Array, config: MoeConfig, *, train: bool,
                   rng: Array | None) -> Array:
     """[N, E] router logits in `router_dtype` (Switch Sec. 2.4 selective precision), with
-    multiplicative input jitter U[1 - eps, 1 + eps] in training (Switch Sec. 2.2)."""
+    multiplicative input jitter U[1 - eps, 1 + eps] in training (Switch Sec. 2.2), plus the
+    router's bias where it has one (GPT-OSS)."""
     dt = config.router_jnp_dtype
     x = x.astype(dt)
     if train and config.jitter_eps > 0:
         eps = config.jitter_eps
         x = x * jax.random.uniform(rng, x.shape, dt, 1.0 - eps, 1.0 + eps)
-    return x @ params["router"]["kernel"].astype(dt)
+    logits = x @ params["router"]["kernel"].astype(dt)
+    if "bias" in params["router"]:
+        logits = logits + params["router"]["bias"].astype(dt)
+    return logits
 
 
 def apply_with_routing(params: Params, x: Array, config: MoeConfig, *, train: bool = True,
@@ -234,7 +243,7 @@ def shared_experts(params: experts.Params, tokens: Array, config: MoeConfig,
                    layout: Layout = LOCAL) -> Array:
     """The always-active shared experts on tokens [N, d] -> [N, d] (DeepSeekMoE), scaled per
     token by sigmoid(x @ output_gate) with `shared_expert_gate` (Qwen2-MoE)."""
-    y = layout.model_sum(experts.ffn(params, tokens, config.activation))
+    y = layout.model_sum(experts.ffn(params, tokens, config.expert_activation))
     if config.shared_expert_gate:
         y = y * jax.nn.sigmoid(tokens @ params["output_gate"].astype(tokens.dtype))
     return y
@@ -245,11 +254,11 @@ def _run_experts(params: Params, tokens: Array, routed: routing.Routing, config:
     """Dispatch, experts (with expert dropout, if any) and combine: tokens [N, d] -> [N, d]
     (capacity and soft: [G, T, d])."""
     if config.dispatch == "dropless":
-        stage = layout.grouped_stage(params["experts"], config.activation,
+        stage = layout.grouped_stage(params["experts"], config.expert_activation,
                                      config.grouped_matmul, dropout)
         return dispatch.dropless_moe(tokens, routed.tokens.choice, stage, config.num_experts)
     grouped = layout.constrain_tokens(tokens.reshape(num_groups, -1, tokens.shape[-1]))
-    stage = layout.expert_stage(params["experts"], config.activation, dropout)
+    stage = layout.expert_stage(params["experts"], config.expert_activation, dropout)
     if routed.soft_weights is not None:
         return dispatch.soft_moe(grouped, *routed.soft_weights, stage, config.num_experts)
     return dispatch.capacity_moe(grouped, routed.slots, stage, config.dispatch)

@@ -1,5 +1,5 @@
-"""Multi-head attention with grouped-query heads, segment-aware masks, rotary positions and an
-optional QK-norm.
+"""Multi-head attention with grouped-query heads, segment-aware masks, rotary positions (with
+optional YaRN scaling), an optional QK-norm, sliding windows and attention sinks.
 
 Shape letters: B batch, L query length, S key length (= L, or the cache's slots when decoding),
 d model width, H query heads, K key/value heads (H = K * G), G query heads per key/value head,
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.models.norms import Norm
-from moe_jax.models.positions import apply_rotary
+from moe_jax.models.positions import Yarn, apply_rotary
 
 Array = jax.Array
 
@@ -27,17 +27,22 @@ Array = jax.Array
 CACHE = "cache"
 
 
-def attention_mask(segment_ids: Array, *, causal: bool) -> Array:
+def attention_mask(segment_ids: Array, *, causal: bool, window: int | None = None) -> Array:
     """[B, L, L] bool: query i may attend to key j.
 
     segment_ids: [B, L] int; packed rows hold several sequences, and a token attends only inside
     its own segment (padding, segment 0, attends only to padding, so no row is empty).
-    causal: additionally j <= i.
+    causal: additionally j <= i. window: additionally i - j < window, the query and the
+    window - 1 tokens before it (sliding-window attention, Child et al. 2019's local
+    attention; Mistral 7B, Jiang et al. 2023, Sec. 2; GPT-OSS model card, Sec. 2.1).
     """
     mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    length = segment_ids.shape[1]
     if causal:
-        length = segment_ids.shape[1]
         mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+    if window is not None:
+        distance = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+        mask = mask & (distance < window)[None]
     return mask
 
 
@@ -63,21 +68,39 @@ def cached_keys_values(cache: dict[str, Array], k: Array, v: Array, positions: A
             "filled": write(cache["filled"], jnp.ones_like(segment_ids, bool))}
 
 
-def cache_mask(query_positions: Array, cache: dict[str, Array]) -> Array:
+def cache_mask(query_positions: Array, cache: dict[str, Array],
+               window: int | None = None) -> Array:
     """[B, L, S] bool: the query at position p sees the filled slots holding positions q with
-    p - S < q <= p (causal, within the window of the cache's S slots).
+    p - S < q <= p (causal, within the window of the cache's S slots), and p - q < window
+    when a sliding window is given (as `attention_mask`).
 
     query_positions: [B, L]; cache: as `cached_keys_values` returns it.
     """
     p = query_positions[:, :, None]
     q = cache["positions"][:, None, :]
-    return cache["filled"][:, None, :] & (q <= p) & (p - q < cache["positions"].shape[1])
+    mask = cache["filled"][:, None, :] & (q <= p) & (p - q < cache["positions"].shape[1])
+    return mask if window is None else mask & (p - q < window)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def softmax_with_sink(logits: Array, sink: Array) -> Array:
+    """[..., S] attention probabilities with a sink: softmax over the S logits and one more
+    logit `sink` [...], whose column is then dropped, so a query may give part of its mass to
+    no key (exp(l_s) / (sum_s' exp(l_s') + exp(sink)); rows sum to less than 1). Learned
+    per-head sinks: GPT-OSS model card, Sec. 2.1 ("a learned bias in the denominator of the
+    softmax"); Xiao et al. 2023, StreamingLLM, Sec. 3.2, for the sink as a softmax outlet.
+    """
+    sink = sink[..., None]
+    top = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink))
+    exp = jnp.exp(logits - top)
+    return exp / (jnp.sum(exp, axis=-1, keepdims=True) + jnp.exp(sink - top))
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
+                          sinks: Array | None = None) -> Array:
     """softmax(q k^T / sqrt(h) + mask) v, with H = K * G query heads sharing K key/value heads.
 
-    q: [B, L, H, h]; k, v: [B, S, K, h]; mask: [B, L, S] bool. Returns [B, L, H, h].
+    q: [B, L, H, h]; k, v: [B, S, K, h]; mask: [B, L, S] bool; sinks: [H] logits of each
+    head's attention sink (`softmax_with_sink`), or None. Returns [B, L, H, h].
     Logits and softmax in float32. The full [L, S] score matrix is computed (masked entries
     included); `flops.count` counts it that way.
     """
@@ -87,8 +110,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     logits = jnp.einsum("blkgh,bskh->bkgls", q, k, preferred_element_type=jnp.float32)
     logits = logits * head_dim**-0.5
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(num_kv, -1)[:, :, None],
+                                logits.shape[1:-1])
+        probs = softmax_with_sink(logits, sink)
+    out = jnp.einsum("bkgls,bskh->blkgh", probs.astype(v.dtype), v)
     return out.reshape(batch, length, num_heads, head_dim)
 
 
@@ -104,6 +132,9 @@ class Attention(nn.Module):
     With the `CACHE` collection mutable (decoding, causal only), the keys and values go through
     the cache `CACHE`/{key, value, positions, filled} (see `cached_keys_values`); a call that
     finds no cache creates an empty one of S = L slots (how `decode.init_cache` sizes it).
+    GPT-OSS options: `window` (sliding-window attention, `attention_mask`), `sinks` (a learned
+    sink logit per head, param "sinks" [H] ("heads",), zeros at init; `softmax_with_sink`),
+    `out_bias` (param "out_bias" [d] ("embed",)), `yarn` (YaRN rotary scaling).
     """
 
     num_heads: int
@@ -116,6 +147,10 @@ class Attention(nn.Module):
     qk_norm: str = "none"
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
+    window: int | None = None
+    sinks: bool = False
+    out_bias: bool = False
+    yarn: Yarn | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -144,8 +179,8 @@ class Attention(nn.Module):
         if self.qk_norm != "none":
             q, k = self.normalize(q, "query_norm"), self.normalize(k, "key_norm")
         if self.use_rotary:
-            q = apply_rotary(q, positions, self.rope_base)
-            k = apply_rotary(k, positions, self.rope_base)
+            q = apply_rotary(q, positions, self.rope_base, yarn=self.yarn)
+            k = apply_rotary(k, positions, self.rope_base, yarn=self.yarn)
         if self.is_mutable_collection(CACHE) and not self.is_initializing():
             empty = {"key": k, "value": v, "positions": positions, "filled": segment_ids > 0}
             cache = {name: self.variable(CACHE, name, jnp.zeros_like, value)
@@ -154,16 +189,24 @@ class Attention(nn.Module):
                                          segment_ids)
             for name, value in updated.items():
                 cache[name].value = value
-            k, v, mask = updated["key"], updated["value"], cache_mask(positions, updated)
+            k, v = updated["key"], updated["value"]
+            mask = cache_mask(positions, updated, self.window)
         else:
-            mask = attention_mask(segment_ids, causal=self.causal)
-        out = dot_product_attention(q, k, v, mask)
+            mask = attention_mask(segment_ids, causal=self.causal, window=self.window)
+        sinks = self.param("sinks", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("heads",)), (self.num_heads,),
+            self.param_dtype) if self.sinks else None
+        out = dot_product_attention(q, k, v, mask, sinks)
         out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                     in_axis=(0, 1), out_axis=2)
         out_kernel = self.param("out", nn.with_logical_partitioning(
             out_init, ("heads", "kv", "embed")), (self.num_heads, self.head_dim, d_model),
             self.param_dtype)
-        return jnp.einsum("blnh,nhd->bld", out, out_kernel.astype(self.dtype))
+        y = jnp.einsum("blnh,nhd->bld", out, out_kernel.astype(self.dtype))
+        if self.out_bias:
+            y = y + self.param("out_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("embed",)), (d_model,), self.param_dtype).astype(self.dtype)
+        return y
 
     def normalize(self, x: Array, name: str) -> Array:
         """QK-norm of projected queries or keys [B, L, N, h] (see the class docstring)."""

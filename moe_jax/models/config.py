@@ -57,6 +57,16 @@ class ModelConfig:
     # (T5); at init a token's own logit is then ~sqrt(d), a copy-the-input bias training removes.
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen)
+    out_bias: bool = False  # a bias on the attention output projection (GPT-OSS)
+    # Sliding-window attention (Mistral 7B, Jiang et al. 2023, Sec. 2): in the blocks of
+    # `sliding_window_layers` (None: every block) a query attends to itself and the
+    # sliding_window - 1 tokens before it; the other blocks attend to the whole context.
+    # GPT-OSS alternates: blocks 0, 2, 4, ... windowed (128 tokens), the others full.
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] | None = None
+    # A learned sink logit per head in the attention softmax's denominator (GPT-OSS;
+    # `attention.softmax_with_sink`).
+    attention_sinks: bool = False
     # QK-norm (Henry et al. 2020; Dehghani et al. 2023, ViT-22B): q and k normalised (`norm`,
     # `norm_eps`) after the projections, before the rotary positions. "per_head": over each
     # head's h dims, one [h] scale shared by the heads (Qwen3, Yang et al. 2025, Sec. 2);
@@ -93,7 +103,7 @@ class ModelConfig:
     latent_norm_eps: float = 1e-6
     # Rotary pairs (2i, 2i+1) instead of (i, i + h/2) (`positions.apply_rotary`).
     rope_interleave: bool = False
-    # "yarn": YaRN rotary scaling (`positions.yarn_of`) with the yarn_* fields; MLA only.
+    # "yarn": YaRN rotary scaling (`positions.yarn_of`) with the yarn_* fields.
     rope_scaling: str = "none"
     yarn_factor: float = 1.0
     yarn_original_max_seq_len: int = 4096
@@ -136,9 +146,11 @@ class ModelConfig:
             fields.number(self, name, above=0)
         fields.number(self, "dropout_rate", at_least=0, below=1)
         fields.one_of(self, "remat_policy", REMAT_POLICIES)
-        for name in ("tie_embeddings", "qkv_bias", "causal", "scan_layers"):
+        for name in ("tie_embeddings", "qkv_bias", "out_bias", "attention_sinks", "causal",
+                     "scan_layers"):
             fields.boolean(self, name)
         self._check_latent_attention()
+        self._check_sliding_window()
         if self.moe_layers is not None:
             layers = tuple(self.moe_layers)
             bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
@@ -165,12 +177,43 @@ class ModelConfig:
         if self.kv_lora_rank is not None and self.qk_rope_head_dim % 2:
             fields.fail(self, "qk_rope_head_dim", "must be even for rotary positions",
                         "use an even number")
-        if self.rope_scaling != "none" and self.kv_lora_rank is None:
-            fields.fail(self, "rope_scaling", "is implemented for multi-head latent attention "
-                        "only", "set kv_lora_rank or rope_scaling='none'")
+        if self.rope_scaling != "none" and self.positions != "rotary":
+            fields.fail(self, "rope_scaling", "scales rotary positions",
+                        "set positions='rotary' or rope_scaling='none'")
         if self.mtp_depth and not self.causal:
             fields.fail(self, "mtp_depth", "predicts later tokens of a causal LM",
                         "set causal=True or mtp_depth=0")
+
+    def _check_sliding_window(self) -> None:
+        """GPT-OSS's attention options: the window, its blocks, sinks and the output bias."""
+        fields.integer(self, "sliding_window", minimum=1, optional=True,
+                       fix="None attends to the whole context")
+        for name in ("sliding_window", "attention_sinks", "out_bias"):
+            if getattr(self, name) not in (None, False) and self.latent_attention:
+                fields.fail(self, name, "is implemented for grouped-query attention, not "
+                            "multi-head latent attention", f"set kv_lora_rank=None or unset "
+                            f"{name}")
+        if self.sliding_window is not None and not self.causal:
+            fields.fail(self, "sliding_window", "is implemented for causal attention",
+                        "set causal=True or sliding_window=None")
+        layers = self.sliding_window_layers
+        if layers is None:
+            return
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad or len(set(layers)) != len(layers):
+            fields.fail(self, "sliding_window_layers", f"must list distinct block indices in "
+                        f"[0, {self.num_layers}); offending entries: {bad or 'duplicates'}")
+        if self.sliding_window is None:
+            fields.fail(self, "sliding_window_layers", "lists windowed blocks but "
+                        "sliding_window is None", "set sliding_window or "
+                        "sliding_window_layers=None")
+        object.__setattr__(self, "sliding_window_layers", tuple(sorted(layers)))
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (None: it attends to the whole context)."""
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
     @property
     def latent_attention(self) -> bool:

@@ -11,6 +11,10 @@ traced program holds s + p blocks instead of s + R p, which is what makes deep m
 fast. `convert_layout` moves variables (parameters, model state, optimizer statistics) between
 the two layouts.
 
+A block's kind is whether it is sparse, and (GPT-OSS) its attention window when the model's
+blocks differ in it (`block_kind`): the repeating unit repeats kinds, so GPT-OSS's 36 sparse
+blocks alternating windowed and full attention scan as 18 repeats of a unit of two.
+
 `ModelConfig.remat_policy` wraps each block in `nn.remat` (jax.checkpoint; Chen et al. 2016,
 "Training Deep Nets with Sublinear Memory Cost"): the backward pass recomputes what the policy
 does not save.
@@ -19,7 +23,7 @@ does not save.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -45,13 +49,34 @@ def block_name(layer: int) -> str:
     return f"block_{layer}"
 
 
+class BlockKind(NamedTuple):
+    """What distinguishes one block's module from another's: a sparse FFN, and the attention
+    window (None: the whole context)."""
+
+    sparse: bool
+    window: int | None
+
+
+def block_kind(config: ModelConfig, layer: int) -> bool | BlockKind:
+    """Block `layer`'s kind: its sparse flag when no block has a sliding window, else a
+    `BlockKind`."""
+    sparse = layer in config.sparse_layers
+    if config.sliding_window is None:
+        return sparse
+    return BlockKind(sparse, config.attention_window(layer))
+
+
+def _parts(kind: bool | BlockKind) -> BlockKind:
+    return kind if isinstance(kind, BlockKind) else BlockKind(kind, None)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanPlan:
-    """Blocks 0 .. prefix-1 unrolled, then `repeats` repeats of `unit` (its blocks' sparse
-    flags)."""
+    """Blocks 0 .. prefix-1 unrolled, then `repeats` repeats of `unit` (its blocks' kinds,
+    `block_kind`: sparse flags, or `BlockKind`s)."""
 
     prefix: int
-    unit: tuple[bool, ...]
+    unit: tuple[bool | BlockKind, ...]
     repeats: int
 
     @property
@@ -63,8 +88,7 @@ def scan_plan(config: ModelConfig) -> ScanPlan:
     """The split of the blocks with the fewest blocks to trace (prefix + period), the shortest
     prefix among those. When no unit repeats (sparse blocks without a regular tail), every
     block is unrolled: ScanPlan(num_layers, (), 0)."""
-    sparse = set(config.sparse_layers)
-    flags = [i in sparse for i in range(config.num_layers)]
+    flags = [block_kind(config, i) for i in range(config.num_layers)]
     n = len(flags)
     best: tuple[tuple[int, int], int, int] | None = None
     for s in range(n):
@@ -87,13 +111,14 @@ def _remat(block: type[nn.Module], policy: str, *, in_scan: bool) -> type[nn.Mod
                     static_argnums=(4,))
 
 
-def _run_blocks(block: type[nn.Module], blocks: list[tuple[str, bool]], config: ModelConfig,
-                moe: MoeConfig, moe_sharding: Any, x: Array, segment_ids: Array,
-                positions: Array, train: bool) -> tuple[Array, list[Aux]]:
-    """Applies the named blocks (name, sparse) in order; returns (x, each sparse block's aux)."""
+def _run_blocks(block: type[nn.Module], blocks: list[tuple[str, bool | BlockKind]],
+                config: ModelConfig, moe: MoeConfig, moe_sharding: Any, x: Array,
+                segment_ids: Array, positions: Array, train: bool) -> tuple[Array, list[Aux]]:
+    """Applies the named blocks (name, kind) in order; returns (x, each sparse block's aux)."""
     auxes = []
-    for name, sparse in blocks:
-        x, aux = block(config, moe if sparse else None, moe_sharding, name=name)(
+    for name, kind in blocks:
+        sparse, window = _parts(kind)
+        x, aux = block(config, moe if sparse else None, moe_sharding, window=window, name=name)(
             x, segment_ids, positions, train)
         if aux is not None:
             auxes.append(aux)
@@ -108,7 +133,7 @@ class _Unit(nn.Module):
     config: ModelConfig
     moe: MoeConfig
     moe_sharding: Any
-    unit: tuple[bool, ...]
+    unit: tuple[bool | BlockKind, ...]
     train: bool
 
     @nn.compact
@@ -140,12 +165,12 @@ def apply_blocks(block: type[nn.Module], config: ModelConfig, moe: MoeConfig, mo
     """Runs the blocks of `config` on x [B, L, d], unrolled or scanned, as submodules of the
     calling module (call it from its compact `__call__`). `block(config, moe or None,
     moe_sharding, name=...)` builds one block, called as (x, segment_ids, positions, train) ->
-    (x, aux or None). Returns (x, the sparse blocks' aux stacked [M, ...] in block order, {} for
-    a dense model)."""
-    sparse = set(config.sparse_layers)
+    (x, aux or None); a windowed block gets `window=` its attention window (`block_kind`).
+    Returns (x, the sparse blocks' aux stacked [M, ...] in block order, {} for a dense
+    model)."""
     cls = _remat(block, config.remat_policy, in_scan=config.scan_layers)
     plan = scan_plan(config) if config.scan_layers else ScanPlan(config.num_layers, (), 0)
-    unrolled = [(block_name(i), i in sparse) for i in range(plan.prefix)]
+    unrolled = [(block_name(i), block_kind(config, i)) for i in range(plan.prefix)]
     x, auxes = _run_blocks(cls, unrolled, config, moe, moe_sharding, x, segment_ids, positions,
                            train)
     scanned_aux: tuple[Aux, ...] = ()

@@ -37,7 +37,7 @@ from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.models.multi_token import MTP_LOGITS, MTP_NAME, MultiTokenPrediction
 from moe_jax.models.norms import Norm
-from moe_jax.models.positions import default_positions
+from moe_jax.models.positions import default_positions, yarn_of
 from moe_jax.models.stack import MOE_NAME, block_name
 
 Array = jax.Array
@@ -97,11 +97,14 @@ class DenseFfn(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer block; `moe` set = sparse FFN. Returns (x, aux or None)."""
+    """One pre-norm Transformer block; `moe` set = sparse FFN; `window` its sliding attention
+    window (`ModelConfig.attention_window`; None: the whole context). Returns (x, aux or
+    None)."""
 
     config: ModelConfig
     moe: MoeConfig | None = None
     moe_sharding: moe_lib.Layout | None = None
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array,
@@ -116,7 +119,8 @@ class Block(nn.Module):
                 num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
                 causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
                 qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
-                dtype=dtype, param_dtype=param_dtype, name="attention")
+                window=self.window, sinks=c.attention_sinks, out_bias=c.out_bias,
+                yarn=yarn_of(c), dtype=dtype, param_dtype=param_dtype, name="attention")
         h = Norm(c.norm, c.norm_eps, param_dtype, name="attention_norm")(x)
         x = x + dropout(attention(h, segment_ids, positions))
 

@@ -189,8 +189,14 @@ def expert_param_specs(params: dict[str, dict[str, Any]], sharding: MoeSharding
     """PartitionSpecs of one MoE layer's params for the explicit form (experts on the expert
     axis, hidden units on the model axis, router replicated)."""
     e, m = sharding.expert_axis, sharding.model_axis
+    if "wo_bias" in params.get("experts", {}) and sharding._uses_model_axis:
+        raise ValueError("expert biases (MoeConfig.expert_bias, GPT-OSS) with the experts' "
+                         f"hidden units split over the model axis {m!r}: the explicit form sums "
+                         "the partial outputs over that axis and would add the output bias once "
+                         "per shard; use form='gspmd' or a mesh without a model axis.")
     specs = {"wi": PartitionSpec(e, None, m), "wi_gate": PartitionSpec(e, None, m),
-             "wo": PartitionSpec(e, m, None)}
+             "wo": PartitionSpec(e, m, None), "wi_bias": PartitionSpec(e, m),
+             "wi_gate_bias": PartitionSpec(e, m), "wo_bias": PartitionSpec(e, None)}
     shared = {"wi": PartitionSpec(None, m), "wi_gate": PartitionSpec(None, m),
               "wo": PartitionSpec(m, None)}
     by_group = {"experts": specs, "shared": shared}
