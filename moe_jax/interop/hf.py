@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from moe_jax import layers, schema
-from moe_jax.interop import hf_config, hf_deepseek, hf_weights
+from moe_jax.interop import hf_config, hf_deepseek, hf_gpt_oss, hf_weights
 from moe_jax.interop.hf_config import Family
 from moe_jax.models import Transformer
 
@@ -81,7 +81,8 @@ def load(directory: str) -> Imported:
         logging.warning("%s: the multi-token-prediction layers %s are not imported (moe_jax's "
                         "MTP module, model.mtp_depth, starts from scratch).", directory, skip)
     params = hf_weights.read(directory, table, {**shapes["params"], **shapes["model_state"]},
-                             tied=bool(hf.get("tie_word_embeddings")), where=where, skip=skip)
+                             tied=bool(hf.get("tie_word_embeddings")), where=where, skip=skip,
+                             mxfp4=family.gpt_oss and hf_gpt_oss.is_mxfp4(hf))
     model_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["model_state"])
     if layers.STATE in params:  # read state (the router's score bias) over the zeros
         model_state[layers.STATE] = _merge(model_state[layers.STATE], params.pop(layers.STATE))

@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from moe_jax import schema
-from moe_jax.interop import hf_deepseek
+from moe_jax.interop import hf_deepseek, hf_gpt_oss
 from moe_jax.interop.hf_keys import UnsupportedModelError, rope_parameters
 
 ARCHITECTURE_KEYS = ("model_type", "architectures")
@@ -69,6 +69,12 @@ class Family:
     latent_attention: bool = False
     configure: Callable[[ml_collections.ConfigDict, dict[str, Any], str], None] | None = None
     describe: Callable[[Any], dict[str, Any]] | None = None
+    # GPT-OSS-style options: `moe_tensors(path, prefix, d, moe)` lists a sparse block's router
+    # and expert tensors (fused experts); `gpt_oss` marks the family that has attention sinks,
+    # sliding windows, an output-projection bias, router and expert biases and the clamped
+    # SwiGLU (the others refuse them on export); its sliding_window key is read by `configure`.
+    moe_tensors: Callable[..., list[Any]] | None = None
+    gpt_oss: bool = False
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -90,6 +96,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            rope_types=("yarn",), shared_prefix="shared_experts",
            first_dense_key="first_k_dense_replace", latent_attention=True, shared=True,
            configure=hf_deepseek.configure, describe=hf_deepseek.describe),
+    Family("gpt_oss", "GptOssForCausalLM", "OpenAI 2025, gpt-oss-120b & gpt-oss-20b Model Card",
+           experts_keys=("num_local_experts",), width_key="intermediate_size", renormalize=True,
+           qkv_bias="attention_bias", must_be_false=(), rope_types=("yarn",),
+           configure=hf_gpt_oss.configure, describe=hf_gpt_oss.describe,
+           moe_tensors=hf_gpt_oss.moe_tensors, gpt_oss=True),
 )}
 
 
@@ -156,7 +167,7 @@ def _check_supported(hf: dict[str, Any], family: Family, where: str) -> None:
     if hf.get("clip_qkv") is not None:
         raise UnsupportedModelError(f"{where}: clip_qkv={hf['clip_qkv']} is not supported.")
     window = hf.get("sliding_window")
-    if window and (hf.get("use_sliding_window", True)) and window < hf.get(
+    if not family.gpt_oss and window and hf.get("use_sliding_window", True) and window < hf.get(
             "max_position_embeddings", window + 1):
         raise UnsupportedModelError(f"{where}: sliding_window={window} is not supported "
                                     "(moe_jax attends to the whole sequence).")
@@ -252,6 +263,10 @@ def check_exportable(experiment: Any, family: Family) -> None:
              else "grouped-query attention (model.kv_lora_rank=None)"))
     _must(m.rope_scaling == "none" or m.rope_scaling in family.rope_types, family,
           f"rope scaling {m.rope_scaling!r} is not one of its {family.rope_types}")
+    _must(family.gpt_oss or not (m.attention_sinks or m.out_bias or m.sliding_window
+                                 or e.router_bias or e.expert_bias), family,
+          "attention sinks, sliding windows, output-projection, router and expert biases go "
+          "with gpt_oss only")
     if not family.sparse:
         return
     first_sparse = m.sparse_layers[0]
@@ -259,8 +274,9 @@ def check_exportable(experiment: Any, family: Family) -> None:
         first_sparse if family.first_dense_key else 0, m.num_layers)), family,
           "every block must be sparse" + (" after the first dense ones"
                                           if family.first_dense_key else ""))
-    _must(e.router == family.router and e.activation == "swiglu", family,
-          f"its router is {family.router!r} over SwiGLU experts")
+    activation = "clamped_swiglu" if family.gpt_oss else "swiglu"
+    _must(e.router == family.router and e.activation == activation, family,
+          f"its router is {family.router!r} over {activation} experts")
     _must(family.renormalize is not True or e.renormalize_gates, family,
           "it always renormalises the top-k gates (moe.renormalize_gates=True)")
     _must(family.configure is not None or (bool(e.num_shared_experts) == family.shared
@@ -279,6 +295,7 @@ def hf_config(experiment: Any, family: Family, base: dict[str, Any] | None = Non
     hf = dict(base or {})
     dtype = hf.get("dtype") or hf.get("torch_dtype") or m.param_dtype
     hf.pop("rope_scaling", None)
+    hf.pop("quantization_config", None)  # export writes float weights
     hf.update({
         "model_type": family.model_type, "architectures": [family.architecture],
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers,

@@ -25,17 +25,12 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax.interop.hf_keys import UnsupportedModelError, rope_parameters
+from moe_jax.interop.hf_keys import UnsupportedModelError, read_yarn, yarn_parameters
 
 # transformers' DeepseekV3RMSNorm default, used for q_a_layernorm and kv_a_layernorm.
 LATENT_NORM_EPS = 1e-6
 LATENT_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                "v_head_dim")
-# rope_parameters key -> ModelConfig field.
-YARN_KEYS = {"factor": "yarn_factor", "original_max_position_embeddings":
-             "yarn_original_max_seq_len", "beta_fast": "yarn_beta_fast",
-             "beta_slow": "yarn_beta_slow", "mscale": "yarn_mscale",
-             "mscale_all_dim": "yarn_mscale_all_dim"}
 
 
 def _error(where: str, problem: str) -> Exception:
@@ -64,13 +59,7 @@ def configure(config: ml_collections.ConfigDict, hf: dict[str, Any], where: str)
     model.update({key: hf.get(key) for key in LATENT_KEYS})
     model.update(dict(latent_norm_eps=LATENT_NORM_EPS, num_kv_heads=None, head_dim=None,
                       rope_interleave=bool(hf.get("rope_interleave", True))))
-    rope = rope_parameters(hf)
-    if rope["rope_type"] == "yarn":
-        model.rope_scaling = "yarn"
-        for key, field in YARN_KEYS.items():
-            if rope.get(key) is not None:
-                model[field] = type(model[field])(rope[key])
-        model.yarn_truncate = bool(rope.get("truncate", True))
+    read_yarn(model, hf)
     config.moe.update(dict(
         router="sigmoid_bias", num_shared_experts=int(hf.get("n_shared_experts") or 0),
         shared_expert_gate=False, expert_groups=int(hf.get("n_group") or 1),
@@ -87,13 +76,7 @@ def describe(experiment: Any) -> dict[str, Any]:
         raise UnsupportedModelError("this model cannot be written as deepseek_v3: its top-1 "
                                     "sigmoid_bias gates are the raw scores, deepseek_v3's are "
                                     "normalised to 1; use top_k >= 2.")
-    yarn = m.rope_scaling == "yarn"
-    rope: dict[str, Any] = {"rope_type": m.rope_scaling if yarn else "default",
-                            "rope_theta": m.rope_base}
-    if yarn:
-        rope.update({key: getattr(m, field) for key, field in YARN_KEYS.items()})
-        if not m.yarn_truncate:
-            rope["truncate"] = False
+    rope = yarn_parameters(m)
     return {**{key: getattr(m, key) for key in LATENT_KEYS},
             "qk_head_dim": m.qk_nope_head_dim + m.qk_rope_head_dim,
             "head_dim": m.qk_rope_head_dim, "rope_interleave": m.rope_interleave,

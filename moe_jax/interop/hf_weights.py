@@ -9,8 +9,12 @@ Layouts (HF `nn.Linear` weights are [out, in]): query [d, H, h] = q_proj.T resha
 [H, h, d] = o_proj.T reshaped; biases [H, h] = q_proj.bias reshaped; router [d, E] = gate.T;
 experts wi_gate / wi [E, d, f] = gate / up projections (w1 / w3 in Mixtral) transposed and
 stacked over experts, wo [E, f, d] = down (w2); the shared experts' output gate [d, 1] =
-shared_expert_gate.T. Every conversion is a transpose and a reshape, so export then import is
-the identity (bit-exact) and import then export reproduces the files' tensors.
+shared_expert_gate.T; GPT-OSS's fused experts (`hf_gpt_oss.moe_tensors`): wi_gate / wi the
+even / odd columns of gate_up_proj [E, d, 2f] (a `Tensor` with `columns`), wo = down_proj.
+Every conversion is a transpose, a reshape or a column slice, so export then import is the
+identity (bit-exact) and import then export reproduces the files' tensors. MXFP4 expert
+tensors (`X_blocks` and `X_scales`, the released GPT-OSS checkpoints) are dequantized on
+import (`read(..., mxfp4=True)`, `interop.mxfp4`); export writes float weights.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moe_jax.config import MoeConfig
+from moe_jax.interop import mxfp4 as mxfp4_lib
 from moe_jax.interop.hf_config import Family, UnsupportedModelError
 from moe_jax.layers import STATE
 from moe_jax.models.config import ModelConfig
@@ -47,20 +52,31 @@ class CheckpointMismatchError(ValueError):
 class Tensor:
     """One array of ours (`path` in the params tree) and the HF tensors it is made of: one
     name, or one per expert (stacked on our axis 0), each of `hf_shape`, transposed (an HF
-    [out, in] weight) or not, then reshaped to ours."""
+    [out, in] weight) or not, then reshaped to ours. `columns` (start, step): ours is only the
+    columns start::step of the HF tensor's last axis (GPT-OSS's interleaved gate and up
+    projections); the HF tensor is then the sum of its parts' `to_hf`."""
 
     path: tuple[str, ...]
     names: tuple[str, ...]
     hf_shape: tuple[int, ...]
     transpose: bool
+    columns: tuple[int, int] | None = None
 
     def to_ours(self, arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        if self.columns is not None:
+            start, step = self.columns
+            return arrays[0][..., start::step].reshape(shape)
         stacked = len(self.names) > 1
         per = shape[1:] if stacked else shape
         parts = [(a.T if self.transpose else a).reshape(per) for a in arrays]
         return np.stack(parts) if stacked else parts[0]
 
     def to_hf(self, array: np.ndarray) -> list[np.ndarray]:
+        if self.columns is not None:  # zeros outside our columns
+            start, step = self.columns
+            full = np.zeros(self.hf_shape, np.asarray(array).dtype)
+            full[..., start::step] = np.asarray(array).reshape(full[..., start::step].shape)
+            return [full]
         parts = list(array) if len(self.names) > 1 else [array]
         if not self.transpose:
             return [np.ascontiguousarray(p.reshape(self.hf_shape)) for p in parts]
@@ -96,6 +112,12 @@ def _attention(i: int, model: ModelConfig) -> list[Tensor]:
                               (f"{prefix}{hf}_norm.weight",), (width,), False))
     out.append(Tensor((blk, "attention", "out"), (f"{prefix}o_proj.weight",),
                       (d, model.num_heads * h), True))
+    if model.out_bias:
+        out.append(Tensor((blk, "attention", "out_bias"), (f"{prefix}o_proj.bias",), (d,),
+                          False))
+    if model.attention_sinks:
+        out.append(Tensor((blk, "attention", "sinks"), (f"{prefix}sinks",),
+                          (model.num_heads,), False))
     return out
 
 
@@ -143,6 +165,9 @@ def tensors(family: Family, model: ModelConfig, moe: MoeConfig) -> list[Tensor]:
             out += _ffn((blk, "ffn"), f"{prefix}mlp.", dense_names, d, model.d_ff)
             continue
         mlp = f"{prefix}{family.moe_prefix}."
+        if family.moe_tensors is not None:
+            out += family.moe_tensors((blk, MOE_NAME), mlp, d, moe)
+            continue
         out.append(Tensor((blk, MOE_NAME, "router", "kernel"), (f"{mlp}gate.weight",),
                           (moe.num_experts, d), True))
         out += _ffn((blk, MOE_NAME, "experts"), mlp, family.expert_names, d, moe.d_ff,
@@ -192,26 +217,38 @@ def _tied(table: list[Tensor]) -> list[Tensor]:
 
 
 def read(directory: str, table: list[Tensor], shapes: dict[str, Any], *,
-         tied: bool = False, where: str = "", skip: tuple[str, ...] = ()) -> dict[str, Any]:
+         tied: bool = False, where: str = "", skip: tuple[str, ...] = (),
+         mxfp4: bool = False) -> dict[str, Any]:
     """Our parameters (NumPy, float32) from the HF tensors of `directory`.
 
     shapes: the model's params tree of ShapeDtypeStructs (what each Tensor becomes).
     tied: tie_word_embeddings (the output matrix is the embedding's transpose).
     skip: prefixes of tensor names that are not read (e.g. DeepSeek-V3's MTP layers).
+    mxfp4: a tensor X stored as `X_blocks` and `X_scales` is read dequantized
+    (`mxfp4.unpack_expert`; GPT-OSS's quantization_config "mxfp4").
     Raises CheckpointMismatchError naming every missing or extra tensor and every shape that
     disagrees with config.json.
     """
     files = tensor_files(directory)
+    packed = mxfp4_lib.packed_names(files) if mxfp4 else {}
     table = _tied(table) if tied else table
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        if name in packed:
+            return mxfp4_lib.unpacked_shape(_shape_of(files[packed[name][0]], packed[name][0]))
+        return _shape_of(files[name], name)
+
     problems = []
     for t in table:
         for name in t.names:
-            if name not in files:
+            file = files.get(name) or (files[packed[name][0]] if name in packed else None)
+            if file is None:
                 problems.append(f"{name}: missing (config.json implies shape {list(t.hf_shape)})")
-            elif (found := _shape_of(files[name], name)) != t.hf_shape:
-                problems.append(f"{name}: shape {list(found)} in {os.path.basename(files[name])}"
+            elif (found := shape_of(name)) != t.hf_shape:
+                problems.append(f"{name}: shape {list(found)} in {os.path.basename(file)}"
                                 f", config.json implies {list(t.hf_shape)}")
     expected = {name for t in table for name in t.names}
+    expected |= {part for name in expected if name in packed for part in packed[name]}
     if tied:  # some tied checkpoints also store the (identical) output matrix
         expected.add("lm_head.weight")
     extra = sorted(n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)
@@ -227,9 +264,17 @@ def read(directory: str, table: list[Tensor], shapes: dict[str, Any], *,
     with contextlib.ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(file, framework="numpy"))
                    for file in set(files.values())}
+
+        def get(name: str) -> np.ndarray:
+            if name in files:
+                return handles[files[name]].get_tensor(name)
+            blocks, scales = packed[name]
+            return mxfp4_lib.unpack_expert(handles[files[blocks]].get_tensor(blocks),
+                                           handles[files[scales]].get_tensor(scales))
+
         for t in table:
             like = _at(shapes, t.path)
-            arrays = [handles[files[name]].get_tensor(name) for name in t.names]
+            arrays = [get(name) for name in t.names]
             _set(params, t.path, t.to_ours(arrays, tuple(like.shape)).astype(like.dtype))
     return params
 
@@ -244,6 +289,8 @@ def write(directory: str, params: dict[str, Any], table: list[Tensor], *, dtype:
         if tied and t.path == ("output",):
             continue
         for name, array in zip(t.names, t.to_hf(np.asarray(_at(params, t.path))), strict=True):
+            if t.columns is not None and name in tensors_out:  # the other columns' part
+                array = tensors_out[name] + array.astype(np_dtype)
             tensors_out[name] = array.astype(np_dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
