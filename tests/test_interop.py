@@ -25,7 +25,8 @@ from moe_jax.models.sampling import SamplingConfig
 from moe_jax.train import checkpoint, evaluate
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "deepseek_v3",
+            "gpt_oss")
 # float32 parity with transformers: the measured max |difference| of the logits is ~5e-6
 # (logits of magnitude ~5); 1e-4 leaves room for other BLAS summation orders.
 ATOL = 1e-4
@@ -97,6 +98,13 @@ def test_the_families_exercise_every_option():
     expected = _expected("deepseek_v3")
     assert expected["tokens_changed_by_bias"].any()
     assert expected["tokens_changed_by_group_limit"].any()
+    gpt_oss = models.pop("gpt_oss")
+    assert gpt_oss.model.attention_sinks and gpt_oss.model.qkv_bias and gpt_oss.model.out_bias
+    assert gpt_oss.model.sliding_window == 8 and gpt_oss.model.sliding_window_layers == (0,)
+    assert gpt_oss.model.rope_scaling == "yarn" and not gpt_oss.model.yarn_truncate
+    assert gpt_oss.moe.router_bias and gpt_oss.moe.expert_bias
+    assert gpt_oss.moe.activation == "clamped_swiglu" and gpt_oss.moe.swiglu_limit == 7.0
+    assert _expected("gpt_oss")["swiglu_clamped"].all()  # every clamp acts on the input
     for family, e in models.items():
         assert e.model.rope_base == 50000.0 and e.model.norm_eps == 1e-5, family
         assert e.model.vocab_size == 300 and e.model.padded_vocab_size == 300, family

@@ -26,7 +26,8 @@ against XLA's cost analysis.
 
 Parameters: total counts every parameter (padded vocabulary rows included; the sigmoid_bias
 router's `score_bias` is state, not a parameter; the multi-token-prediction modules of
-`mtp_depth` included, their FLOPs not). Active = total minus the experts a token
+`mtp_depth` included, their FLOPs not; biases and GPT-OSS's attention sinks included, their
+O(d) additions not in the FLOPs). Active = total minus the experts a token
 does not use: k routed of E (expert choice: E*C/T on average; Soft MoE: all). Embedding
 parameters = token embedding + learned position table + untied output matrix.
 """
@@ -91,7 +92,15 @@ class Count:
 
 
 def _ffn_matrices(activation: str) -> int:
-    return 3 if activation == "swiglu" else 2
+    return 3 if activation in ("swiglu", "clamped_swiglu") else 2
+
+
+def _expert_params(moe: MoeConfig, d: int) -> int:
+    """One expert's parameters: its matrices, and with `expert_bias` a bias per matrix
+    (wi and wi_gate: f each, wo: d)."""
+    matrices = _ffn_matrices(moe.activation)
+    bias = (matrices - 1) * moe.d_ff + d if moe.expert_bias else 0
+    return matrices * d * moe.d_ff + bias
 
 
 def _expert_slots_per_token(moe: MoeConfig, tokens_per_group: int,
@@ -129,6 +138,7 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
 
     attn_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
     attn_params += (n_q + 2 * n_kv) * h if model.qkv_bias else 0
+    attn_params += (d if model.out_bias else 0) + (n_q if model.attention_sinks else 0)
     qk_norm_width = {"none": 0, "per_head": 2 * h, "projection": (n_q + n_kv) * h}[model.qk_norm]
     attn_params += qk_norm_width * (norm_params // d)
     attn_matmul_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
@@ -138,11 +148,13 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
         attn_params = attn_matmul_params + latent_attention.norm_params(model)
         score_flops = latent_attention.score_flops_per_token(model, seq_len)
     dense_ffn_params = _ffn_matrices(model.activation) * d * model.d_ff
-    expert_params = _ffn_matrices(moe.activation) * d * moe.d_ff
+    expert_params = _expert_params(moe, d)
     router_cols = moe.num_experts * (moe.slots_per_expert if moe.router == "soft" else 1)
     shared_gate = d if moe.shared_expert_gate else 0  # Qwen2-MoE's [d, 1] output gate
-    moe_params = (d * router_cols + moe.num_experts * expert_params
-                  + moe.num_shared_experts * expert_params + shared_gate)
+    router_bias = router_cols if moe.router_bias else 0
+    moe_params = (d * router_cols + router_bias + moe.num_experts * expert_params
+                  + moe.num_shared_experts * _ffn_matrices(moe.activation) * d * moe.d_ff
+                  + shared_gate)
     computed, useful = _expert_slots_per_token(moe, t, train)
     active_experts = moe.num_experts if moe.router == "soft" else useful
 
@@ -161,7 +173,7 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
         mtp = model.mtp_depth * (3 * norm_params + 2 * d * d + block)
         total, active = total + mtp, active + mtp - model.mtp_depth * unused
 
-    expert_flops = 2 * expert_params  # one expert row
+    expert_flops = 2 * _ffn_matrices(moe.activation) * d * moe.d_ff  # one expert row
     if moe.router == "soft":
         dispatch = 4 * router_cols * d
     elif moe.dispatch == "einsum":

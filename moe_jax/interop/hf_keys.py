@@ -40,12 +40,15 @@ def read_yarn(model: Any, hf: dict[str, Any]) -> None:
 
 
 def yarn_parameters(model: Any) -> dict[str, Any]:
-    """config.json's rope_parameters of a ModelConfig (YaRN's keys when rope_scaling='yarn')."""
+    """config.json's rope_parameters of a ModelConfig (YaRN's keys when rope_scaling='yarn';
+    mscale and mscale_all_dim only when mscale_all_dim is set, since without it neither
+    transformers nor `positions.Yarn` reads mscale)."""
     yarn = model.rope_scaling == "yarn"
     rope: dict[str, Any] = {"rope_type": "yarn" if yarn else "default",
                             "rope_theta": model.rope_base}
     if yarn:
-        rope.update({key: getattr(model, field) for key, field in YARN_KEYS.items()})
+        rope.update({key: getattr(model, field) for key, field in YARN_KEYS.items()
+                     if model.yarn_mscale_all_dim or not key.startswith("mscale")})
         if not model.yarn_truncate:
             rope["truncate"] = False
     return rope
