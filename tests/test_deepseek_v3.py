@@ -107,9 +107,11 @@ def test_bad_deepseek_settings_are_named():
         MoeConfig(expert_groups=2)
     with pytest.raises(ConfigError, match="top_k=4 exceeds the 2 experts"):
         MoeConfig(router="sigmoid_bias", top_k=4, expert_groups=4, top_expert_groups=1)
-    with pytest.raises(ConfigError, match="rope_scaling='yarn' is implemented for multi-head "
-                       "latent attention only"):
-        ModelConfig(rope_scaling="yarn")
+    with pytest.raises(ConfigError, match="rope_scaling='yarn' scales rotary positions"):
+        ModelConfig(rope_scaling="yarn", positions="learned")
+    with pytest.raises(ConfigError, match=r"yarn_mscale_all_dim=0\.8 scales the softmax of "
+                       "multi-head latent attention"):
+        ModelConfig(rope_scaling="yarn", yarn_mscale_all_dim=0.8)
 
 
 @pytest.fixture(scope="module")

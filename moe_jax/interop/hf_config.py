@@ -250,6 +250,10 @@ def check_exportable(experiment: Any, family: Family) -> None:
     m, e = experiment.model, experiment.moe
     _must(m.activation == "swiglu" and m.norm == "rmsnorm" and m.positions == "rotary"
           and m.causal, family, "it needs a causal LM with SwiGLU, RMSNorm and rotary positions")
+    _must(family.gpt_oss or not (m.attention_sinks or m.out_bias or m.sliding_window
+                                 or e.router_bias or e.expert_bias), family,
+          "attention sinks, sliding windows, output-projection, router and expert biases go "
+          "with gpt_oss only")
     _must(m.qk_norm == family.qk_norm, family, f"model.qk_norm must be {family.qk_norm!r}")
     fixed = family.qkv_bias
     _must(isinstance(fixed, str) or m.qkv_bias == fixed, family,
@@ -263,10 +267,6 @@ def check_exportable(experiment: Any, family: Family) -> None:
              else "grouped-query attention (model.kv_lora_rank=None)"))
     _must(m.rope_scaling == "none" or m.rope_scaling in family.rope_types, family,
           f"rope scaling {m.rope_scaling!r} is not one of its {family.rope_types}")
-    _must(family.gpt_oss or not (m.attention_sinks or m.out_bias or m.sliding_window
-                                 or e.router_bias or e.expert_bias), family,
-          "attention sinks, sliding windows, output-projection, router and expert biases go "
-          "with gpt_oss only")
     if not family.sparse:
         return
     first_sparse = m.sparse_layers[0]

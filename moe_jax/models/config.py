@@ -180,6 +180,10 @@ class ModelConfig:
         if self.rope_scaling != "none" and self.positions != "rotary":
             fields.fail(self, "rope_scaling", "scales rotary positions",
                         "set positions='rotary' or rope_scaling='none'")
+        if self.yarn_mscale_all_dim and self.kv_lora_rank is None:
+            fields.fail(self, "yarn_mscale_all_dim", "scales the softmax of multi-head latent "
+                        "attention (DeepSeek-V2/V3) only", "set kv_lora_rank or "
+                        "yarn_mscale_all_dim=0")
         if self.mtp_depth and not self.causal:
             fields.fail(self, "mtp_depth", "predicts later tokens of a causal LM",
                         "set causal=True or mtp_depth=0")
