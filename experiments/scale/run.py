@@ -61,6 +61,15 @@ PUBLISHED = {
     # v5p's 95 GB chips need 113 for that alone, so 256 chips (v5p:8x8x4, 24.3 TB) leave
     # ~50 GB per chip for activations (remat full, one 4096-token sequence per chip).
     "DeepSeek-V3": ("configs/published/deepseek_v3.py", {"v5p:8x8x4": (32, 8)}),
+    # 116.8B parameters x 16 B (float32 parameters, gradients, AdamW moments) = 1.87 TB: 20 of
+    # v5p's 95 GB chips at least; on 128 (v5p:4x4x8) `moe_jax.analysis.memory` puts 16.5 GB of
+    # state per chip, leaving ~78 GB for two 4096-token sequences (remat full; their
+    # 201088-entry logits are 6.6 GB in float32).
+    "GPT-OSS-120B": ("configs/published/gpt_oss_120b.py", {"v5p:4x4x8": (16, 8)}),
+    # 20.9B x 16 B = 0.33 TB: 6.6 GB of state per v5p chip on 64, 2.1 GB per v5e chip (16 GB
+    # HBM) on 256 (one sequence each), by `moe_jax.analysis.memory`.
+    "GPT-OSS-20B": ("configs/published/gpt_oss_20b.py",
+                    {"v5p:4x4x4": (16, 4), "v5e:16x16": (32, 8)}),
 }
 
 
