@@ -54,8 +54,9 @@ Activation = str | ClampedSwiglu
 
 
 def clamped_swiglu(gate: Array, up: Array, alpha: float, limit: float) -> Array:
-    """GPT-OSS's gated unit (gpt-oss model card, OpenAI 2025, "Architecture"; the released
-    reference implementation): g = min(gate, limit), u = clip(up, -limit, limit),
+    """GPT-OSS's gated unit (gpt-oss model card, OpenAI 2025, Sec. 2: a gated SwiGLU with
+    clamping and a residual connection; the exact form as in OpenAI's released code and
+    transformers' GptOssExperts): g = min(gate, limit), u = clip(up, -limit, limit),
     g * sigmoid(alpha * g) * (u + 1). gate, up: [..., f] -> [..., f].
 
     g * sigmoid(1.702 g) is the sigmoid approximation of GELU (Hendrycks & Gimpel 2016,

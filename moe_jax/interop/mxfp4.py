@@ -4,8 +4,9 @@
 MXFP4 (OCP Microscaling Formats (MX) Specification v1.0, 2023): blocks of 32 values share one
 E8M0 scale (a uint8 biased exponent: 2 ** (scale - 127)); each value is an FP4 E2M1 code (1
 sign, 2 exponent, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives), two codes per
-byte, the low nibble first. The GPT-OSS checkpoints (gpt-oss model card, OpenAI 2025:
-"quantized the MoE weights to MXFP4") store an expert tensor X of layout [E, in, out] as
+byte, the low nibble first. The GPT-OSS checkpoints (the model card, OpenAI 2025, Sec. 2: the
+MoE weights, most of the parameters, are post-trained to MXFP4) store an expert tensor X of
+layout [E, in, out] as
 `X_blocks` [E, out, in / 32, 16] and `X_scales` [E, out, in / 32], both uint8: the transposed
 weight, quantized along its input dimension.
 

@@ -34,7 +34,7 @@ def attention_mask(segment_ids: Array, *, causal: bool, window: int | None = Non
     its own segment (padding, segment 0, attends only to padding, so no row is empty).
     causal: additionally j <= i. window: additionally i - j < window, the query and the
     window - 1 tokens before it (sliding-window attention, Child et al. 2019's local
-    attention; Mistral 7B, Jiang et al. 2023, Sec. 2; GPT-OSS model card, Sec. 2.1).
+    attention; Mistral 7B, Jiang et al. 2023, Sec. 2; gpt-oss model card, OpenAI 2025, Sec. 2).
     """
     mask = segment_ids[:, :, None] == segment_ids[:, None, :]
     length = segment_ids.shape[1]
@@ -86,8 +86,8 @@ def softmax_with_sink(logits: Array, sink: Array) -> Array:
     """[..., S] attention probabilities with a sink: softmax over the S logits and one more
     logit `sink` [...], whose column is then dropped, so a query may give part of its mass to
     no key (exp(l_s) / (sum_s' exp(l_s') + exp(sink)); rows sum to less than 1). Learned
-    per-head sinks: GPT-OSS model card, Sec. 2.1 ("a learned bias in the denominator of the
-    softmax"); Xiao et al. 2023, StreamingLLM, Sec. 3.2, for the sink as a softmax outlet.
+    per-head sinks, a learned term in the softmax's denominator: gpt-oss model card (OpenAI
+    2025), Sec. 2; Xiao et al. 2023 (StreamingLLM) for sinks as the softmax's outlet.
     """
     sink = sink[..., None]
     top = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink))
