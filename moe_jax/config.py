@@ -12,7 +12,7 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax import experts, fields, routing
+from moe_jax import fields, routing
 from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMULS
 
 DROP_PRIORITIES = ("rank", "batch_priority")
@@ -200,14 +200,6 @@ class MoeConfig:
         if not train and self.eval_router_temperature is not None:
             return self.eval_router_temperature
         return self.router_temperature
-
-    @property
-    def expert_activation(self) -> experts.Activation:
-        """The activation the expert functions take: the name, or for "clamped_swiglu" an
-        `experts.ClampedSwiglu` holding swiglu_alpha and swiglu_limit."""
-        if self.activation == "clamped_swiglu":
-            return experts.ClampedSwiglu(self.swiglu_alpha, self.swiglu_limit)
-        return self.activation
 
     @property
     def router_jnp_dtype(self) -> jnp.dtype:

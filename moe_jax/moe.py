@@ -71,6 +71,14 @@ class Layout:
 LOCAL = Layout()
 
 
+def expert_activation(config: MoeConfig) -> experts.Activation:
+    """The activation the expert functions take: `MoeConfig.activation`, or for
+    "clamped_swiglu" an `experts.ClampedSwiglu` holding swiglu_alpha and swiglu_limit."""
+    if config.activation == "clamped_swiglu":
+        return experts.ClampedSwiglu(config.swiglu_alpha, config.swiglu_limit)
+    return config.activation
+
+
 def init_router(key: Array, config: MoeConfig, d_model: int,
                 dtype: jnp.dtype = jnp.float32) -> dict[str, Array]:
     """{"kernel": [d, E]} (Soft MoE: [d, E * slots_per_expert], the router's `num_logits`):
@@ -88,7 +96,7 @@ def init_experts(key: Array, config: MoeConfig, d_model: int,
     """{"wi": [E, d, f], "wo": [E, f, d]} (+ "wi_gate" [E, d, f] for gated units; with
     `expert_bias`, zero biases "wi_bias", "wi_gate_bias" [E, f] and "wo_bias" [E, d])."""
     c = config
-    return experts.init_ffn(key, d_model, c.d_ff, c.expert_activation, scale=c.init_scale,
+    return experts.init_ffn(key, d_model, c.d_ff, expert_activation(c), scale=c.init_scale,
                             batch=(c.num_experts,), dtype=dtype, bias=c.expert_bias)
 
 
@@ -99,11 +107,11 @@ def init_shared(key: Array, config: MoeConfig, d_model: int,
     c = config
     if not c.shared_expert_gate:
         return experts.init_ffn(key, d_model, c.num_shared_experts * c.d_ff,
-                                c.expert_activation, scale=c.init_scale, dtype=dtype)
+                                expert_activation(c), scale=c.init_scale, dtype=dtype)
     ffn_key, gate_key = jax.random.split(key)
     init = jax.nn.initializers.variance_scaling(c.init_scale, "fan_in", "truncated_normal")
     return {**experts.init_ffn(ffn_key, d_model, c.num_shared_experts * c.d_ff,
-                               c.expert_activation,
+                               expert_activation(c),
                                scale=c.init_scale, dtype=dtype),
             "output_gate": init(gate_key, (d_model, 1), dtype)}
 
@@ -243,7 +251,7 @@ def shared_experts(params: experts.Params, tokens: Array, config: MoeConfig,
                    layout: Layout = LOCAL) -> Array:
     """The always-active shared experts on tokens [N, d] -> [N, d] (DeepSeekMoE), scaled per
     token by sigmoid(x @ output_gate) with `shared_expert_gate` (Qwen2-MoE)."""
-    y = layout.model_sum(experts.ffn(params, tokens, config.expert_activation))
+    y = layout.model_sum(experts.ffn(params, tokens, expert_activation(config)))
     if config.shared_expert_gate:
         y = y * jax.nn.sigmoid(tokens @ params["output_gate"].astype(tokens.dtype))
     return y
@@ -254,11 +262,11 @@ def _run_experts(params: Params, tokens: Array, routed: routing.Routing, config:
     """Dispatch, experts (with expert dropout, if any) and combine: tokens [N, d] -> [N, d]
     (capacity and soft: [G, T, d])."""
     if config.dispatch == "dropless":
-        stage = layout.grouped_stage(params["experts"], config.expert_activation,
+        stage = layout.grouped_stage(params["experts"], expert_activation(config),
                                      config.grouped_matmul, dropout)
         return dispatch.dropless_moe(tokens, routed.tokens.choice, stage, config.num_experts)
     grouped = layout.constrain_tokens(tokens.reshape(num_groups, -1, tokens.shape[-1]))
-    stage = layout.expert_stage(params["experts"], config.expert_activation, dropout)
+    stage = layout.expert_stage(params["experts"], expert_activation(config), dropout)
     if routed.soft_weights is not None:
         return dispatch.soft_moe(grouped, *routed.soft_weights, stage, config.num_experts)
     return dispatch.capacity_moe(grouped, routed.slots, stage, config.dispatch)

@@ -70,9 +70,10 @@ class Family:
     configure: Callable[[ml_collections.ConfigDict, dict[str, Any], str], None] | None = None
     describe: Callable[[Any], dict[str, Any]] | None = None
     # GPT-OSS-style options: `moe_tensors(path, prefix, d, moe)` lists a sparse block's router
-    # and expert tensors (fused experts); `gpt_oss` marks the family that has attention sinks,
-    # sliding windows, an output-projection bias, router and expert biases and the clamped
-    # SwiGLU (the others refuse them on export); its sliding_window key is read by `configure`.
+    # and expert tensors (fused experts) as `hf_weights.Tensor` fields; `gpt_oss` marks the
+    # family that has attention sinks, sliding windows, an output-projection bias, router and
+    # expert biases and the clamped SwiGLU (the others refuse them on export); its
+    # sliding_window key is read by `configure`.
     moe_tensors: Callable[..., list[Any]] | None = None
     gpt_oss: bool = False
 

@@ -106,24 +106,20 @@ def describe(experiment: Any) -> dict[str, Any]:
             "swiglu_limit": e.swiglu_limit}
 
 
-def moe_tensors(path: tuple[str, ...], prefix: str, d: int, moe: Any) -> list[Any]:
-    """The router and fused experts of one sparse block (`prefix` = "model.layers.i.mlp."):
-    `hf_weights.Tensor`s under our `path` (the block's MoE layer)."""
-    from moe_jax.interop.hf_weights import Tensor  # hf_weights imports the family table
-
+def moe_tensors(path: tuple[str, ...], prefix: str, d: int, moe: Any) -> list[tuple]:
+    """The router and fused experts of one sparse block (`prefix` = "model.layers.i.mlp.")
+    under our `path` (the block's MoE layer), as `hf_weights.Tensor` fields (path, names,
+    hf_shape, transpose, columns)."""
     e, f = moe.num_experts, moe.d_ff
     experts = f"{prefix}experts."
+    gate_up, gate_up_bias = f"{experts}gate_up_proj", f"{experts}gate_up_proj_bias"
     return [
-        Tensor((*path, "router", "kernel"), (f"{prefix}router.weight",), (e, d), True),
-        Tensor((*path, "router", "bias"), (f"{prefix}router.bias",), (e,), False),
-        Tensor((*path, "experts", "wi_gate"), (f"{experts}gate_up_proj",), (e, d, 2 * f),
-               False, columns=(0, 2)),
-        Tensor((*path, "experts", "wi"), (f"{experts}gate_up_proj",), (e, d, 2 * f), False,
-               columns=(1, 2)),
-        Tensor((*path, "experts", "wi_gate_bias"), (f"{experts}gate_up_proj_bias",),
-               (e, 2 * f), False, columns=(0, 2)),
-        Tensor((*path, "experts", "wi_bias"), (f"{experts}gate_up_proj_bias",), (e, 2 * f),
-               False, columns=(1, 2)),
-        Tensor((*path, "experts", "wo"), (f"{experts}down_proj",), (e, f, d), False),
-        Tensor((*path, "experts", "wo_bias"), (f"{experts}down_proj_bias",), (e, d), False),
+        ((*path, "router", "kernel"), (f"{prefix}router.weight",), (e, d), True, None),
+        ((*path, "router", "bias"), (f"{prefix}router.bias",), (e,), False, None),
+        ((*path, "experts", "wi_gate"), (gate_up,), (e, d, 2 * f), False, (0, 2)),
+        ((*path, "experts", "wi"), (gate_up,), (e, d, 2 * f), False, (1, 2)),
+        ((*path, "experts", "wi_gate_bias"), (gate_up_bias,), (e, 2 * f), False, (0, 2)),
+        ((*path, "experts", "wi_bias"), (gate_up_bias,), (e, 2 * f), False, (1, 2)),
+        ((*path, "experts", "wo"), (f"{experts}down_proj",), (e, f, d), False, None),
+        ((*path, "experts", "wo_bias"), (f"{experts}down_proj_bias",), (e, d), False, None),
     ]

@@ -166,7 +166,7 @@ def tensors(family: Family, model: ModelConfig, moe: MoeConfig) -> list[Tensor]:
             continue
         mlp = f"{prefix}{family.moe_prefix}."
         if family.moe_tensors is not None:
-            out += family.moe_tensors((blk, MOE_NAME), mlp, d, moe)
+            out += [Tensor(*fields) for fields in family.moe_tensors((blk, MOE_NAME), mlp, d, moe)]
             continue
         out.append(Tensor((blk, MOE_NAME, "router", "kernel"), (f"{mlp}gate.weight",),
                           (moe.num_experts, d), True))
