@@ -341,3 +341,32 @@ def test_the_routing_analysis_reads_an_imported_run(tmp_path, data_dir):
     assert analysis["layers"] == [0, 1] and analysis["tokens"] > 0
     shares = analysis["per_layer"]["1"]["domain_share"]
     assert np.isfinite(np.asarray(shares, float)).all()
+
+
+def test_biased_clamped_experts_give_the_same_output_with_every_dispatch():
+    config = MoeConfig(num_experts=4, top_k=2, d_ff=8, activation="clamped_swiglu",
+                       router_bias=True, expert_bias=True, renormalize_gates=True,
+                       dispatch="dropless", capacity_factor=4.0, eval_capacity_factor=4.0)
+    params = moe.init_params(jax.random.key(0), config, 16)
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(1), a.shape),
+                          params)  # non-zero biases
+    x = 3 * jax.random.normal(jax.random.key(2), (2, 6, 16))
+    y, _ = moe.apply(params, x, config, train=False)
+    for dispatch in ("gather", "einsum"):  # capacity 4x: nothing dropped
+        y_capacity, aux = moe.apply(params, x, config.replace(dispatch=dispatch), train=False)
+        assert float(aux["dropped_fraction"]) == 0
+        np.testing.assert_allclose(y_capacity, y, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_expert_parallelism_refuses_expert_biases_over_a_model_axis():
+    from moe_jax.parallel import expert_parallel, sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(expert=2, model=2), jax.devices()[:4])
+    config = MoeConfig(num_experts=4, top_k=2, d_ff=8, activation="clamped_swiglu",
+                       expert_bias=True)
+    params = moe.init_params(jax.random.key(0), config, 16)
+    explicit = expert_parallel.MoeSharding(mesh, form="explicit")
+    with pytest.raises(ValueError, match="would add the output bias once per shard"):
+        expert_parallel.expert_param_specs(params, explicit)
+    specs = expert_parallel.expert_param_specs(params, expert_parallel.MoeSharding(mesh))
+    assert specs["experts"]["wo_bias"] == jax.sharding.PartitionSpec("expert", None)

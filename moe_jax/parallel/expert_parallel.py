@@ -189,7 +189,8 @@ def expert_param_specs(params: dict[str, dict[str, Any]], sharding: MoeSharding
     """PartitionSpecs of one MoE layer's params for the explicit form (experts on the expert
     axis, hidden units on the model axis, router replicated)."""
     e, m = sharding.expert_axis, sharding.model_axis
-    if "wo_bias" in params.get("experts", {}) and sharding._uses_model_axis:
+    if ("wo_bias" in params.get("experts", {}) and sharding.form == "explicit"
+            and sharding._uses_model_axis):
         raise ValueError("expert biases (MoeConfig.expert_bias, GPT-OSS) with the experts' "
                          f"hidden units split over the model axis {m!r}: the explicit form sums "
                          "the partial outputs over that axis and would add the output bias once "
