@@ -11,7 +11,9 @@ inside the square root in float32; rotary positions on the half-split layout (ro
 `rope_theta`; router softmax in float32, top-k, then (`norm_topk_prob`, always for Mixtral) the
 k gates divided by their sum; SwiGLU experts `down(silu(gate(x)) * up(x))`; no capacity
 (dropless). An option moe_jax has no equivalent for (rope scaling, sliding windows in use,
-clipped qkv, output-projection or MLP biases, other activations) is refused with its key.
+clipped qkv, output-projection or MLP biases, other activations) is refused with its key,
+except where a family implements it (DeepSeek-V3's YaRN, `hf_deepseek`; GPT-OSS's YaRN,
+windows, sinks, biases and clamped SwiGLU, `hf_gpt_oss`).
 """
 
 from __future__ import annotations
