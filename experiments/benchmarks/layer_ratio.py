@@ -34,7 +34,8 @@ from absl import flags
 
 from experiments.benchmarks.layer import LayerShape, _inputs, vjp_loss
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
-from moe_jax import MoeConfig, cli, experts, moe
+from moe_jax import MoeConfig, experts, moe
+from moe_jax.utils import cli
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

@@ -33,7 +33,7 @@ from experiments.library.base import (
     rematched,
 )
 from experiments.library.results import METRICS, Results
-from moe_jax import cli
+from moe_jax.utils import cli
 
 EXPERTS = (2, 4, 8, 16, 32, 64)
 SPARSE = tuple(f"switch_e{e}" for e in EXPERTS)
