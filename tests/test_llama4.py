@@ -20,7 +20,7 @@ from moe_jax import dispatch, interop, moe, routing, schema
 from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
 from moe_jax.fields import ConfigError
-from moe_jax.interop import hf_llama4
+from moe_jax.interop import conversion, hf_llama4
 from moe_jax.models import Transformer, decode, stack
 from moe_jax.models.attention import attention_mask, cache_mask, temperature_scale
 from moe_jax.models.config import AttentionKind, ModelConfig
@@ -260,3 +260,25 @@ def test_decoding_with_chunks_and_nope_blocks_equals_the_full_forward_pass():
         np.testing.assert_allclose(logits, full[rows, state.lengths - 1], atol=1e-4)
         logits, state, routed = step(model, variables, state, ids[rows, state.lengths])
     assert [r.choice.expert_index.shape for r in routed] == [(2, 1), (2, 1)]
+
+
+def test_the_routing_analysis_reads_an_imported_run(tmp_path, data_dir):
+    """`experiments.analyses.routing_stats` routes validation batches through a converted
+    Llama 4 run (the sigmoid_top_k router's choices, per MoE block)."""
+    from experiments.analyses import routing_stats
+
+    out = str(tmp_path / "converted")
+    assert conversion.import_hf(FIXTURE, out)["family"] == "llama4_text"
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["data"].update(name="embedded_tiny", data_dir=data_dir, eval_batches=1)
+    config["train"].update(seq_len=32, batch_size=2)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    analysis = routing_stats.route_batches(out, max_batches=1)
+    assert analysis["layers"] == [1, 3] and analysis["num_experts"] == 4
+    assert analysis["tokens"] == 64
+    for layer in ("1", "3"):  # routing entropies (nats) of 4 experts
+        assert 0 < analysis["per_layer"][layer]["entropy"] <= math.log(4) + 1e-6
+        assert 0 < analysis["per_layer"][layer]["marginal_entropy"] <= math.log(4) + 1e-6
