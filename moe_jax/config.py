@@ -12,8 +12,9 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax import fields, routing
+from moe_jax import routing
 from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMULS
+from moe_jax.utils import fields
 
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")

@@ -29,7 +29,7 @@ from typing import Any
 
 from absl import flags
 
-from moe_jax import cli
+from moe_jax.utils import cli
 
 HERE = pathlib.Path(__file__).parent
 RESULTS = HERE / "results.jsonl"

@@ -39,10 +39,11 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax import cli, schema
+from moe_jax import schema
 from moe_jax.config import MoeConfig
 from moe_jax.models import latent_attention
 from moe_jax.models.config import ModelConfig
+from moe_jax.utils import cli
 
 # Bytes per parameter of each weight precision (int8/int4: weight-only quantization, scales
 # not counted); `moe_jax.analysis.memory` plans training state, KV cache and per-device bytes

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from moe_jax import fields
 from moe_jax.config import ACTIVATIONS, MoeConfig
+from moe_jax.utils import fields
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rotary", "learned")
