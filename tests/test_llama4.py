@@ -19,13 +19,13 @@ import pytest
 from moe_jax import dispatch, interop, moe, routing, schema
 from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
-from moe_jax.fields import ConfigError
 from moe_jax.interop import conversion, hf_llama4
 from moe_jax.models import Transformer, decode, stack
 from moe_jax.models.attention import attention_mask, cache_mask, temperature_scale
 from moe_jax.models.config import AttentionKind, ModelConfig
 from moe_jax.models.norms import rms_norm
 from moe_jax.models.positions import apply_rotary
+from moe_jax.utils.fields import ConfigError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama4_text")
 
