@@ -19,7 +19,7 @@ import pytest
 from moe_jax import dispatch, interop, moe, routing, schema
 from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
-from moe_jax.interop import conversion, hf_llama4
+from moe_jax.interop import conversion, hf_llama4, hf_weights
 from moe_jax.models import Transformer, decode, stack
 from moe_jax.models.attention import attention_mask, cache_mask, temperature_scale
 from moe_jax.models.config import AttentionKind, ModelConfig
@@ -181,6 +181,19 @@ def test_bad_llama4_settings_are_named():
         ModelConfig(num_layers=2, nope_layers=(1,), kv_lora_rank=8)
     with pytest.raises(ConfigError, match=r"gate_inputs.*does not let tokens choose"):
         MoeConfig(router="expert_choice", gate_inputs=True)
+
+
+def test_fused_gate_up_tensor_splits_into_halves_and_sums_back():
+    fused = np.arange(8.0).reshape(1, 2, 4)  # [E=1, d=2, 2f=4]: gate columns 0-1, up 2-3
+    gate, up = (hf_weights.Tensor(("w",), ("gate_up_proj",), (1, 2, 4), False, part=(i, 2))
+                for i in (0, 1))
+    np.testing.assert_array_equal(gate.to_ours([fused], (1, 2, 2)), [[[0, 1], [4, 5]]])
+    np.testing.assert_array_equal(up.to_ours([fused], (1, 2, 2)), [[[2, 3], [6, 7]]])
+    # each half is written as the whole tensor, zero outside its columns; they sum to it
+    (written,) = gate.to_hf(np.asarray([[[0.0, 1], [4, 5]]]))
+    np.testing.assert_array_equal(written, [[[0, 1, 0, 0], [4, 5, 0, 0]]])
+    np.testing.assert_array_equal(written + up.to_hf(np.asarray([[[2.0, 3], [6, 7]]]))[0],
+                                  fused)
 
 
 def test_transformers_defaults_for_missing_keys():
