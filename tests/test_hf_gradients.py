@@ -21,8 +21,9 @@ from moe_jax.interop import hf_weights
 from moe_jax.models import Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "deepseek_v3")
-FAST = ("mixtral", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "deepseek_v3",
+            "llama4_text")
+FAST = ("mixtral", "deepseek_v3", "llama4_text")
 # transformers' float32 gradients are within ~3e-6 of its float64 ones (gradients.json).
 RTOL = 1e-4
 

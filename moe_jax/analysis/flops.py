@@ -130,7 +130,8 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
 
     attn_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
     attn_params += (n_q + 2 * n_kv) * h if model.qkv_bias else 0
-    qk_norm_width = {"none": 0, "per_head": 2 * h, "projection": (n_q + n_kv) * h}[model.qk_norm]
+    qk_norm_width = {"none": 0, "weightless": 0, "per_head": 2 * h,
+                     "projection": (n_q + n_kv) * h}[model.qk_norm]
     attn_params += qk_norm_width * (norm_params // d)
     attn_matmul_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
     score_flops = 4.0 * seq_len * n_q * h

@@ -8,7 +8,8 @@ written with the `safetensors` package (NumPy API, bfloat16 through ml_dtypes).
 Layouts (HF `nn.Linear` weights are [out, in]): query [d, H, h] = q_proj.T reshaped; out
 [H, h, d] = o_proj.T reshaped; biases [H, h] = q_proj.bias reshaped; router [d, E] = gate.T;
 experts wi_gate / wi [E, d, f] = gate / up projections (w1 / w3 in Mixtral) transposed and
-stacked over experts, wo [E, f, d] = down (w2); the shared experts' output gate [d, 1] =
+stacked over experts, wo [E, f, d] = down (w2), or (Llama 4) the halves of one gate_up_proj
+[E, d, 2f] and down_proj [E, f, d] as they are; the shared experts' output gate [d, 1] =
 shared_expert_gate.T. Every conversion is a transpose and a reshape, so export then import is
 the identity (bit-exact) and import then export reproduces the files' tensors.
 """
@@ -53,8 +54,19 @@ class Tensor:
     names: tuple[str, ...]
     hf_shape: tuple[int, ...]
     transpose: bool
+    # (i, n): ours is the i-th of n equal blocks of the HF tensor's last axis (Llama 4's fused
+    # gate_up_proj: gate, then up); `to_hf` gives the whole tensor, zero outside the block, and
+    # the blocks of one tensor sum to it.
+    part: tuple[int, int] | None = None
+
+    def _block(self) -> slice:
+        i, n = self.part
+        width = self.hf_shape[-1] // n
+        return slice(i * width, (i + 1) * width)
 
     def to_ours(self, arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        if self.part is not None:
+            arrays = [a[..., self._block()] for a in arrays]
         stacked = len(self.names) > 1
         per = shape[1:] if stacked else shape
         parts = [(a.T if self.transpose else a).reshape(per) for a in arrays]
@@ -62,9 +74,19 @@ class Tensor:
 
     def to_hf(self, array: np.ndarray) -> list[np.ndarray]:
         parts = list(array) if len(self.names) > 1 else [array]
-        if not self.transpose:
-            return [np.ascontiguousarray(p.reshape(self.hf_shape)) for p in parts]
-        return [np.ascontiguousarray(p.reshape(self.hf_shape[::-1]).T) for p in parts]
+        shape = self.hf_shape
+        if self.part is not None:
+            shape = (*shape[:-1], shape[-1] // self.part[1])
+        if self.transpose:
+            out = [p.reshape(shape[::-1]).T for p in parts]
+        else:
+            out = [p.reshape(shape) for p in parts]
+        if self.part is not None:
+            whole = [np.zeros(self.hf_shape, p.dtype) for p in out]
+            for w, p in zip(whole, out, strict=True):
+                w[..., self._block()] = p
+            out = whole
+        return [np.ascontiguousarray(p) for p in out]
 
 
 def _ffn(path: tuple[str, ...], prefix: str, names: tuple[str, str, str], d: int, f: int,
@@ -79,6 +101,16 @@ def _ffn(path: tuple[str, ...], prefix: str, names: tuple[str, str, str], d: int
     return out
 
 
+def _fused_experts(path: tuple[str, ...], prefix: str, d: int, f: int, experts: int
+                   ) -> list[Tensor]:
+    """Llama 4's experts: gate_up_proj [E, d, 2f] (x @ W; gate, then up) and down_proj
+    [E, f, d], stored as ours are, without a transpose."""
+    fused = f"{prefix}experts.gate_up_proj"
+    return [Tensor((*path, "wi_gate"), (fused,), (experts, d, 2 * f), False, part=(0, 2)),
+            Tensor((*path, "wi"), (fused,), (experts, d, 2 * f), False, part=(1, 2)),
+            Tensor((*path, "wo"), (f"{prefix}experts.down_proj",), (experts, f, d), False)]
+
+
 def _attention(i: int, model: ModelConfig) -> list[Tensor]:
     d, h, blk = model.d_model, model.head_size, block_name(i)
     prefix = f"model.layers.{i}.self_attn."
@@ -90,7 +122,7 @@ def _attention(i: int, model: ModelConfig) -> list[Tensor]:
         if model.qkv_bias:
             out.append(Tensor((blk, "attention", f"{ours}_bias"), (f"{prefix}{hf}_proj.bias",),
                               (n * h,), False))
-        if model.qk_norm != "none" and ours != "value":
+        if model.qk_norm not in ("none", "weightless") and ours != "value":
             width = h if model.qk_norm == "per_head" else n * h
             out.append(Tensor((blk, "attention", f"{ours}_norm", "scale"),
                               (f"{prefix}{hf}_norm.weight",), (width,), False))
@@ -140,13 +172,17 @@ def tensors(family: Family, model: ModelConfig, moe: MoeConfig) -> list[Tensor]:
                        (d,), False)]
         out += _latent_attention(i, model) if model.latent_attention else _attention(i, model)
         if i not in sparse:
-            out += _ffn((blk, "ffn"), f"{prefix}mlp.", dense_names, d, model.d_ff)
+            out += _ffn((blk, "ffn"), f"{prefix}{family.dense_prefix}.", dense_names, d,
+                        model.d_ff)
             continue
         mlp = f"{prefix}{family.moe_prefix}."
-        out.append(Tensor((blk, MOE_NAME, "router", "kernel"), (f"{mlp}gate.weight",),
-                          (moe.num_experts, d), True))
-        out += _ffn((blk, MOE_NAME, "experts"), mlp, family.expert_names, d, moe.d_ff,
-                    moe.num_experts)
+        out.append(Tensor((blk, MOE_NAME, "router", "kernel"),
+                          (f"{mlp}{family.router_name}.weight",), (moe.num_experts, d), True))
+        if family.fused_experts:
+            out += _fused_experts((blk, MOE_NAME, "experts"), mlp, d, moe.d_ff, moe.num_experts)
+        else:
+            out += _ffn((blk, MOE_NAME, "experts"), mlp, family.expert_names, d, moe.d_ff,
+                        moe.num_experts)
         if moe.router == "sigmoid_bias":  # model state, not a parameter
             out.append(Tensor((STATE, blk, MOE_NAME, "score_bias"),
                               (f"{mlp}gate.e_score_correction_bias",), (moe.num_experts,),
@@ -244,6 +280,8 @@ def write(directory: str, params: dict[str, Any], table: list[Tensor], *, dtype:
         if tied and t.path == ("output",):
             continue
         for name, array in zip(t.names, t.to_hf(np.asarray(_at(params, t.path))), strict=True):
+            if name in tensors_out:  # the blocks of a fused tensor (`Tensor.part`)
+                array = tensors_out[name] + array
             tensors_out[name] = array.astype(np_dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

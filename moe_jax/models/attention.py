@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.models.norms import Norm
+from moe_jax.models.norms import Norm, rms_norm
 from moe_jax.models.positions import apply_rotary
 
 Array = jax.Array
@@ -27,18 +27,42 @@ Array = jax.Array
 CACHE = "cache"
 
 
-def attention_mask(segment_ids: Array, *, causal: bool) -> Array:
+def same_chunk(query_positions: Array, key_positions: Array, chunk: int | None) -> Array:
+    """[B, L, S] bool: the query and the key lie in the same chunk of `chunk` positions
+    (position // chunk equal; Llama 4's chunked attention); all True when chunk is None.
+
+    query_positions: [B, L]; key_positions: [B, S] int.
+    """
+    if chunk is None:
+        return jnp.ones((*query_positions.shape, key_positions.shape[1]), bool)
+    return query_positions[:, :, None] // chunk == key_positions[:, None, :] // chunk
+
+
+def attention_mask(segment_ids: Array, *, causal: bool, positions: Array | None = None,
+                   chunk: int | None = None) -> Array:
     """[B, L, L] bool: query i may attend to key j.
 
     segment_ids: [B, L] int; packed rows hold several sequences, and a token attends only inside
     its own segment (padding, segment 0, attends only to padding, so no row is empty).
-    causal: additionally j <= i.
+    causal: additionally j <= i. chunk: additionally i and j in the same chunk of `positions`
+    ([B, L]; `same_chunk`).
     """
     mask = segment_ids[:, :, None] == segment_ids[:, None, :]
     if causal:
         length = segment_ids.shape[1]
         mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+    if chunk is not None:
+        mask = mask & same_chunk(positions, positions, chunk)
     return mask
+
+
+def temperature_scale(positions: Array, floor_scale: float, scale: float) -> Array:
+    """[B, L] float32 multiplier of the queries of a NoPE block at `positions` [B, L]:
+    log(floor((p + 1) / floor_scale) + 1) * scale + 1 (Llama 4's attention temperature tuning,
+    after Nakanishi 2025, "Scalable-Softmax Is Superior for Attention": logits that grow with
+    the log of the context length; 1 for p + 1 < floor_scale)."""
+    p = positions.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((p + 1.0) / floor_scale)) * scale + 1.0
 
 
 def cached_keys_values(cache: dict[str, Array], k: Array, v: Array, positions: Array,
@@ -63,15 +87,18 @@ def cached_keys_values(cache: dict[str, Array], k: Array, v: Array, positions: A
             "filled": write(cache["filled"], jnp.ones_like(segment_ids, bool))}
 
 
-def cache_mask(query_positions: Array, cache: dict[str, Array]) -> Array:
+def cache_mask(query_positions: Array, cache: dict[str, Array], chunk: int | None = None
+               ) -> Array:
     """[B, L, S] bool: the query at position p sees the filled slots holding positions q with
-    p - S < q <= p (causal, within the window of the cache's S slots).
+    p - S < q <= p (causal, within the window of the cache's S slots), and with `chunk` only
+    those of its own chunk (`same_chunk`).
 
     query_positions: [B, L]; cache: as `cached_keys_values` returns it.
     """
     p = query_positions[:, :, None]
     q = cache["positions"][:, None, :]
-    return cache["filled"][:, None, :] & (q <= p) & (p - q < cache["positions"].shape[1])
+    mask = cache["filled"][:, None, :] & (q <= p) & (p - q < cache["positions"].shape[1])
+    return mask & same_chunk(query_positions, cache["positions"], chunk)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -100,7 +127,12 @@ class Attention(nn.Module):
     [H, h] / [K, h]. Kernels: truncated normal with variance 1/fan_in.
     `qk_norm` (`ModelConfig.qk_norm`) normalises q and k after the projections, before the
     rotary positions: "per_head" over each head's h dims (query_norm/key_norm scale [h], shared
-    by the heads), "projection" over the whole projection (scale [H*h] and [K*h]).
+    by the heads), "projection" over the whole projection (scale [H*h] and [K*h]),
+    "weightless" over each head's h dims without a scale (Llama 4 normalises after the
+    rotation; a rotation keeps the RMS, so the order does not matter).
+    `rope_interleave` rotates pairs (2i, 2i + 1) (`positions.apply_rotary`); `chunk` limits
+    attention to the query's chunk of positions (`same_chunk`); `temperature` (floor_scale,
+    scale) multiplies the queries by `temperature_scale` (Llama 4's NoPE blocks).
     With the `CACHE` collection mutable (decoding, causal only), the keys and values go through
     the cache `CACHE`/{key, value, positions, filled} (see `cached_keys_values`); a call that
     finds no cache creates an empty one of S = L slots (how `decode.init_cache` sizes it).
@@ -116,6 +148,9 @@ class Attention(nn.Module):
     qk_norm: str = "none"
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
+    rope_interleave: bool = False
+    chunk: int | None = None
+    temperature: tuple[float, float] | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -144,8 +179,11 @@ class Attention(nn.Module):
         if self.qk_norm != "none":
             q, k = self.normalize(q, "query_norm"), self.normalize(k, "key_norm")
         if self.use_rotary:
-            q = apply_rotary(q, positions, self.rope_base)
-            k = apply_rotary(k, positions, self.rope_base)
+            q = apply_rotary(q, positions, self.rope_base, interleaved=self.rope_interleave)
+            k = apply_rotary(k, positions, self.rope_base, interleaved=self.rope_interleave)
+        if self.temperature is not None:
+            scale = temperature_scale(positions, *self.temperature)[:, :, None, None]
+            q = (q.astype(jnp.float32) * scale).astype(q.dtype)
         if self.is_mutable_collection(CACHE) and not self.is_initializing():
             empty = {"key": k, "value": v, "positions": positions, "filled": segment_ids > 0}
             cache = {name: self.variable(CACHE, name, jnp.zeros_like, value)
@@ -154,9 +192,11 @@ class Attention(nn.Module):
                                          segment_ids)
             for name, value in updated.items():
                 cache[name].value = value
-            k, v, mask = updated["key"], updated["value"], cache_mask(positions, updated)
+            k, v = updated["key"], updated["value"]
+            mask = cache_mask(positions, updated, self.chunk)
         else:
-            mask = attention_mask(segment_ids, causal=self.causal)
+            mask = attention_mask(segment_ids, causal=self.causal, positions=positions,
+                                  chunk=self.chunk)
         out = dot_product_attention(q, k, v, mask)
         out_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                     in_axis=(0, 1), out_axis=2)
@@ -167,6 +207,8 @@ class Attention(nn.Module):
 
     def normalize(self, x: Array, name: str) -> Array:
         """QK-norm of projected queries or keys [B, L, N, h] (see the class docstring)."""
+        if self.qk_norm == "weightless":
+            return rms_norm(x, jnp.ones((), jnp.float32), self.norm_eps)
         norm = Norm(self.norm, self.norm_eps, self.param_dtype, axis=None, name=name)
         if self.qk_norm == "per_head":
             return norm(x)

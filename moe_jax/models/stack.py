@@ -61,15 +61,17 @@ class ScanPlan:
 
 def scan_plan(config: ModelConfig) -> ScanPlan:
     """The split of the blocks with the fewest blocks to trace (prefix + period), the shortest
-    prefix among those. When no unit repeats (sparse blocks without a regular tail), every
-    block is unrolled: ScanPlan(num_layers, (), 0)."""
+    prefix among those; every repeat has the same sparse flags and attention kinds
+    (`ModelConfig.attention_kind`: NoPE, chunked). When no unit repeats (sparse blocks without
+    a regular tail), every block is unrolled: ScanPlan(num_layers, (), 0)."""
     sparse = set(config.sparse_layers)
     flags = [i in sparse for i in range(config.num_layers)]
+    kinds = [(i in sparse, config.attention_kind(i)) for i in range(config.num_layers)]
     n = len(flags)
     best: tuple[tuple[int, int], int, int] | None = None
     for s in range(n):
         for p in range(1, n - s + 1):
-            if (n - s) % p == 0 and all(flags[i] == flags[s + (i - s) % p] for i in range(s, n)):
+            if (n - s) % p == 0 and all(kinds[i] == kinds[s + (i - s) % p] for i in range(s, n)):
                 if best is None or (s + p, s) < best[0]:
                     best = ((s + p, s), s, p)
                 break
@@ -87,13 +89,14 @@ def _remat(block: type[nn.Module], policy: str, *, in_scan: bool) -> type[nn.Mod
                     static_argnums=(4,))
 
 
-def _run_blocks(block: type[nn.Module], blocks: list[tuple[str, bool]], config: ModelConfig,
-                moe: MoeConfig, moe_sharding: Any, x: Array, segment_ids: Array,
-                positions: Array, train: bool) -> tuple[Array, list[Aux]]:
-    """Applies the named blocks (name, sparse) in order; returns (x, each sparse block's aux)."""
+def _run_blocks(block: type[nn.Module], blocks: list[tuple[str, bool, int]],
+                config: ModelConfig, moe: MoeConfig, moe_sharding: Any, x: Array,
+                segment_ids: Array, positions: Array, train: bool) -> tuple[Array, list[Aux]]:
+    """Applies the named blocks (name, sparse, layer index) in order; returns (x, each sparse
+    block's aux)."""
     auxes = []
-    for name, sparse in blocks:
-        x, aux = block(config, moe if sparse else None, moe_sharding, name=name)(
+    for name, sparse, layer in blocks:
+        x, aux = block(config, moe if sparse else None, moe_sharding, layer, name=name)(
             x, segment_ids, positions, train)
         if aux is not None:
             auxes.append(aux)
@@ -110,11 +113,13 @@ class _Unit(nn.Module):
     moe_sharding: Any
     unit: tuple[bool, ...]
     train: bool
+    first_layer: int = 0  # the block index of the unit's first member in the first repeat
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array
                  ) -> tuple[Array, tuple[Aux, ...]]:
-        members = [(block_name(j), sparse) for j, sparse in enumerate(self.unit)]
+        members = [(block_name(j), sparse, self.first_layer + j)
+                   for j, sparse in enumerate(self.unit)]
         x, auxes = _run_blocks(self.block, members, self.config, self.moe, self.moe_sharding,
                                x, segment_ids, positions, self.train)
         return x, tuple(auxes)
@@ -145,7 +150,7 @@ def apply_blocks(block: type[nn.Module], config: ModelConfig, moe: MoeConfig, mo
     sparse = set(config.sparse_layers)
     cls = _remat(block, config.remat_policy, in_scan=config.scan_layers)
     plan = scan_plan(config) if config.scan_layers else ScanPlan(config.num_layers, (), 0)
-    unrolled = [(block_name(i), i in sparse) for i in range(plan.prefix)]
+    unrolled = [(block_name(i), i in sparse, i) for i in range(plan.prefix)]
     x, auxes = _run_blocks(cls, unrolled, config, moe, moe_sharding, x, segment_ids, positions,
                            train)
     scanned_aux: tuple[Aux, ...] = ()
@@ -153,7 +158,7 @@ def apply_blocks(block: type[nn.Module], config: ModelConfig, moe: MoeConfig, mo
         scan = nn.scan(_Unit, variable_axes={True: 0}, split_rngs={True: True},
                        in_axes=(nn.broadcast, nn.broadcast), length=plan.repeats,
                        metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
-        x, scanned_aux = scan(cls, config, moe, moe_sharding, plan.unit, train,
+        x, scanned_aux = scan(cls, config, moe, moe_sharding, plan.unit, train, plan.prefix,
                               name=SCAN_NAME)(x, segment_ids, positions)
     return x, _stack_aux(auxes, scanned_aux)
 
