@@ -22,7 +22,7 @@ from absl import flags
 from experiments import suites
 from experiments.analyses import report
 from experiments.library.results import Results
-from moe_jax import cli
+from moe_jax.utils import cli
 
 
 def define_flags(values: flags.FlagValues) -> None:

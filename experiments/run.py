@@ -27,7 +27,7 @@ from absl import flags
 
 from experiments import suites
 from experiments.runner import slurm, sweep
-from moe_jax import cli, storage
+from moe_jax.utils import cli, storage
 
 
 def define_flags(values: flags.FlagValues) -> None:

@@ -12,8 +12,9 @@ import math
 
 import jax.numpy as jnp
 
-from moe_jax import fields, routing
+from moe_jax import routing
 from moe_jax.kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMULS
+from moe_jax.utils import fields
 
 DROP_PRIORITIES = ("rank", "batch_priority")
 DISPATCHES = ("einsum", "gather", "dropless")
@@ -99,6 +100,9 @@ class MoeConfig:
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # The gate scales the token before its expert, expert(g x), instead of the expert's output,
+    # g expert(x) (Llama 4 as released, `Llama4TextMoe`); token-choice routers only.
+    gate_inputs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "d_ff", "slots_per_expert"):
@@ -142,12 +146,17 @@ class MoeConfig:
         fields.boolean(self, "renormalize_gates")
         fields.boolean(self, "allow_non_causal")
         fields.boolean(self, "shared_expert_gate")
+        fields.boolean(self, "gate_inputs")
         if self.second_expert_policy == "random" and (self.router != "top_k" or self.top_k != 2):
             fields.fail(self, "second_expert_policy",
                             "is GShard's top-2 rule and needs router='top_k' and top_k=2 (got "
                             f"router={self.router!r}, top_k={self.top_k})",
                             "set second_expert_policy='all' or use top-2 routing")
         router = routing.ROUTERS[self.router]
+        if self.gate_inputs and not router.token_choice:
+            fields.fail(self, "gate_inputs", f"scales each token's input to its chosen experts, "
+                        f"and router={self.router!r} does not let tokens choose",
+                        "use a token-choice router or gate_inputs=False")
         if router.dispatches is not None and self.dispatch not in router.dispatches:
             allowed = " or ".join(map(repr, router.dispatches))
             fields.fail(self, "dispatch", f"does not apply to router={self.router!r}: "

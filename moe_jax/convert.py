@@ -7,7 +7,7 @@ Import reads a Hugging Face directory of a supported family (`interop.FAMILIES`)
 initial checkpoint and config.json to OUT, from which `moe_jax.main` fine-tunes; export writes
 RUN's newest checkpoint as a Hugging Face directory (`interop.conversion` says what each
 writes). Nothing in OUT or DIR is overwritten without --overwrite. Each directory may be a gs://
-URL (`moe_jax.storage`).
+URL (`moe_jax.utils.storage`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from moe_jax import interop, storage
+from moe_jax import interop
 from moe_jax.interop import conversion
 from moe_jax.train import checkpoint
+from moe_jax.utils import storage
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

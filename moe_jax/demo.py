@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from moe_jax import MoeConfig, cli, moe
+from moe_jax import MoeConfig, moe
+from moe_jax.utils import cli
 
 
 def define_flags(values: flags.FlagValues) -> None:

@@ -13,6 +13,7 @@ the routed rows (MegaBlocks, Gale et al. 2022): no capacity, nothing dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -69,14 +70,21 @@ CAPACITY_STRATEGIES: dict[str, tuple[Callable[..., Array], Callable[..., Array]]
 ExpertStage = Callable[[Array], Array]
 
 
-def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: str) -> Array:
+def capacity_moe(x: Array, slots: Slots, expert_stage: ExpertStage, strategy: str,
+                 gate_inputs: bool = False) -> Array:
     """Dispatch, run every expert on its buffer, combine.
 
     x: [G, T, d] tokens in G routing groups; slots: Slots with [G, E, C] tables.
+    gate_inputs: each slot's gate scales its token before the expert and the output is
+    combined with weight 1 (Llama 4), instead of scaling the output.
     Returns [G, T, d].
     """
     dispatch, combine = CAPACITY_STRATEGIES[strategy]
     buffers = map_groups(dispatch, x, slots)  # [G, E, C, d]
+    if gate_inputs:
+        buffers = buffers * slots.gate.astype(buffers.dtype)[..., None]
+        slots = dataclasses.replace(slots, gate=(slots.token < x.shape[1]).astype(
+            slots.gate.dtype))
     return map_groups(functools.partial(combine, num_tokens=x.shape[1]), expert_stage(buffers),
                       slots)
 
@@ -87,12 +95,13 @@ GroupedStage = Callable[[Array, Array], Array]
 
 
 def dropless_moe(x: Array, choice: TokenChoice, grouped_stage: GroupedStage,
-                 num_experts: int) -> Array:
+                 num_experts: int, gate_inputs: bool = False) -> Array:
     """Every kept assignment computed, none padded (MegaBlocks dropless).
 
     x: [T, d]; choice: TokenChoice with [T, K] fields (no capacity; `keep` False choices are
     skipped). Sorts the T*K assignments by expert, runs the experts on them with
-    `grouped_stage`, scatters back.
+    `grouped_stage`, scatters back. gate_inputs: the gate scales each row before its expert
+    (Llama 4) instead of the expert's output.
     """
     k = choice.expert_index.shape[1]
     # Discarded choices get expert id E: sorted last and outside every group.
@@ -100,8 +109,12 @@ def dropless_moe(x: Array, choice: TokenChoice, grouped_stage: GroupedStage,
     order = jnp.argsort(expert, stable=True)
     token = order // k
     group_sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)
-    out = grouped_stage(x[token], group_sizes)  # [T*K, d]
     gate = jnp.where(choice.keep, choice.gate, 0).reshape(-1)[order]
+    rows = x[token]
+    if gate_inputs:
+        rows = rows * gate.astype(rows.dtype)[:, None]
+        gate = jnp.where(choice.keep, 1, 0).reshape(-1)[order]
+    out = grouped_stage(rows, group_sizes)  # [T*K, d]
     weighted = out * gate.astype(out.dtype)[:, None]
     return jnp.zeros_like(x).at[token].add(weighted)
 

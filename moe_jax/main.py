@@ -6,7 +6,7 @@
 
 `--config` takes `file.py[:member]` (relative paths are also looked up in configs/) and any
 `--config.<section>.<field>=value` override; `--workdir` (default runs/<config name>; a local
-path or gs://bucket/path, `moe_jax.storage`) holds the checkpoints, metrics and summary.json,
+path or gs://bucket/path, `moe_jax.utils.storage`) holds the checkpoints, metrics and summary.json,
 and a rerun with the same workdir resumes.
 
 On a mesh: `--config.mesh.data=-1` (all devices, data parallel), `--config.mesh.expert=8
@@ -31,9 +31,10 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from moe_jax import cli, schema, storage
+from moe_jax import schema
 from moe_jax.analysis import flops
 from moe_jax.parallel import distributed
+from moe_jax.utils import cli, storage
 
 DEFAULT_RUNS_DIR = "runs"
 MAIN_JOB = (("dense", "dense.py:tiny"), ("switch", "switch.py:e8"))

@@ -264,9 +264,11 @@ def _run_experts(params: Params, tokens: Array, routed: routing.Routing, config:
     if config.dispatch == "dropless":
         stage = layout.grouped_stage(params["experts"], expert_activation(config),
                                      config.grouped_matmul, dropout)
-        return dispatch.dropless_moe(tokens, routed.tokens.choice, stage, config.num_experts)
+        return dispatch.dropless_moe(tokens, routed.tokens.choice, stage, config.num_experts,
+                                     config.gate_inputs)
     grouped = layout.constrain_tokens(tokens.reshape(num_groups, -1, tokens.shape[-1]))
     stage = layout.expert_stage(params["experts"], expert_activation(config), dropout)
     if routed.soft_weights is not None:
         return dispatch.soft_moe(grouped, *routed.soft_weights, stage, config.num_experts)
-    return dispatch.capacity_moe(grouped, routed.slots, stage, config.dispatch)
+    return dispatch.capacity_moe(grouped, routed.slots, stage, config.dispatch,
+                                 config.gate_inputs)

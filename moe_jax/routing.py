@@ -295,6 +295,15 @@ def route_sigmoid_bias(scores: Array, bias: Array, k: int, *, expert_groups: int
     return TokenChoice(expert_index.astype(jnp.int32), gate, jnp.ones(expert_index.shape, bool))
 
 
+def route_sigmoid_top_k(logits: Array, k: int) -> TokenChoice:
+    """Llama 4 routing (the released models' Llama4Router): top-k on the logits [T, E]; each
+    chosen expert's gate is the sigmoid of its own logit, not normalised over experts or over
+    the k chosen."""
+    logit, expert_index = jax.lax.top_k(logits, k)
+    return TokenChoice(expert_index.astype(jnp.int32), jax.nn.sigmoid(logit),
+                       jnp.ones(expert_index.shape, bool))
+
+
 def group_scores(biased: Array, expert_groups: int) -> Array:
     """[T, G_e] each expert group's score: the sum of its two highest biased scores
     (DeepSeek-V3 as released; one score for groups of one expert). biased: [T, E]."""
@@ -456,6 +465,13 @@ def _sigmoid_bias(logits: Array, mask: Array, config: MoeConfig, *, num_groups: 
     return Decision(scores / jnp.sum(scores, axis=-1, keepdims=True), choice)
 
 
+def _sigmoid_top_k(logits: Array, mask: Array, config: MoeConfig, *, num_groups: int,
+                   train: bool, state: State, rng: Array | None) -> Decision:
+    """Llama 4 (`route_sigmoid_top_k`); the distribution (balance loss, entropy) is the softmax
+    of the logits."""
+    return Decision(jax.nn.softmax(logits, axis=-1), route_sigmoid_top_k(logits, config.top_k))
+
+
 def _expert_choice(logits: Array, mask: Array, config: MoeConfig, *, num_groups: int,
                    train: bool, state: State, rng: Array | None) -> Decision:
     """Expert choice (`route_expert_choice`) in each group, capacity at most the group."""
@@ -524,4 +540,5 @@ ROUTERS: dict[str, Router] = {
                    num_logits=lambda c: c.num_experts * c.slots_per_expert),
     "sigmoid_bias": Router(_sigmoid_bias, init_state=_score_bias,
                            update_state=_move_score_bias),
+    "sigmoid_top_k": Router(_sigmoid_top_k),
 }

@@ -32,12 +32,12 @@ import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
-from moe_jax import storage
 from moe_jax.config import MoeConfig
 from moe_jax.data.config import DataConfig
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.parallel.sharding import MeshConfig
 from moe_jax.train.config import InitConfig, MonitorConfig, TrainConfig
+from moe_jax.utils import storage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ import jupytext
 import nbformat
 from absl import flags
 
-from moe_jax import cli
+from moe_jax.utils import cli
 
 GITHUB_REPO = "OWNER/moe_jax"  # set at publication: the GitHub "owner/name" of the repository
 BRANCH = "main"

@@ -30,7 +30,7 @@ from typing import Any
 
 from absl import flags
 
-from moe_jax import cli
+from moe_jax.utils import cli
 
 _local = threading.local()  # the ifGenerationMatch of the request being handled
 

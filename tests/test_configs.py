@@ -7,12 +7,13 @@ import dataclasses
 import ml_collections
 import pytest
 
-from moe_jax import MoeConfig, fields, schema
+from moe_jax import MoeConfig, schema
 from moe_jax.data import DataConfig
 from moe_jax.models import ModelConfig
 from moe_jax.parallel.sharding import MeshConfig
 from moe_jax.train import objective
 from moe_jax.train.config import TrainConfig
+from moe_jax.utils import fields
 
 
 def test_sections_mirror_the_dataclass_defaults():

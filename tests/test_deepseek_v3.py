@@ -19,12 +19,12 @@ from safetensors.numpy import save_file
 from moe_jax import interop, routing, schema
 from moe_jax.analysis import flops, memory
 from moe_jax.config import MoeConfig
-from moe_jax.fields import ConfigError
 from moe_jax.interop import conversion, hf_weights
 from moe_jax.models import decode, latent_attention
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.positions import Yarn, apply_rotary
 from moe_jax.train import checkpoint
+from moe_jax.utils.fields import ConfigError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "deepseek_v3")
 

@@ -36,7 +36,7 @@ import gcs_emulator
 from google.cloud import storage as gcs
 from test_train import CHECKPOINT_EVERY, STEPS, TINY, _interrupt_train_iterator
 
-from moe_jax import schema, storage
+from moe_jax import schema
 from moe_jax.interop import conversion
 from moe_jax.models import Transformer
 from moe_jax.train import checkpoint, init_from, lock, loop, optim, routing_report
@@ -44,6 +44,7 @@ from moe_jax.train.lock import WorkdirLock, WorkdirLockedError
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.restore import restore_run
 from moe_jax.train.state import init_train_state
+from moe_jax.utils import storage
 
 BUCKET = "moe-jax-test"
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")

@@ -19,7 +19,6 @@ from safetensors import safe_open
 from moe_jax import experts, interop, layers, moe, routing, schema
 from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
-from moe_jax.fields import ConfigError
 from moe_jax.interop import hf_weights, mxfp4
 from moe_jax.models import Transformer, decode, stack
 from moe_jax.models.attention import (
@@ -30,6 +29,7 @@ from moe_jax.models.attention import (
 )
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.positions import Yarn
+from moe_jax.utils.fields import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FIXTURE = os.path.join(FIXTURES, "gpt_oss")
@@ -83,11 +83,12 @@ def test_windowed_and_full_blocks_alternate_and_scan_as_a_unit_of_two():
     config = ModelConfig(num_layers=4, moe_every=1, sliding_window=3,
                          sliding_window_layers=(2, 0))
     assert config.sliding_window_layers == (0, 2)
-    assert [config.attention_window(i) for i in range(4)] == [3, None, 3, None]
-    plan = stack.scan_plan(config)
-    assert plan == stack.ScanPlan(0, (stack.BlockKind(True, 3), stack.BlockKind(True, None)), 2)
+    assert [config.attention_kind(i).window for i in range(4)] == [3, None, 3, None]
+    # every block sparse, but the unit is two blocks: windowed, then full
+    assert stack.scan_plan(config) == stack.ScanPlan(0, (True, True), 2)
     every = ModelConfig(num_layers=4, sliding_window=5)  # every block windowed
-    assert [every.attention_window(i) for i in range(4)] == [5] * 4
+    assert [every.attention_kind(i).window for i in range(4)] == [5] * 4
+    assert stack.scan_plan(every) == stack.ScanPlan(0, (False,), 4)
 
 
 def test_clamped_swiglu():
@@ -207,8 +208,8 @@ def test_mxfp4_dequantizes_as_transformers_does():
 
 
 def test_interleaved_columns_read_and_write():
-    even = hf_weights.Tensor(("g",), ("x",), (2, 4), False, columns=(0, 2))
-    odd = hf_weights.Tensor(("u",), ("x",), (2, 4), False, columns=(1, 2))
+    even = hf_weights.Tensor(("g",), ("x",), (2, 4), False, part=(0, 2), interleaved=True)
+    odd = hf_weights.Tensor(("u",), ("x",), (2, 4), False, part=(1, 2), interleaved=True)
     x = np.arange(8.0).reshape(2, 4)
     np.testing.assert_array_equal(even.to_ours([x], (2, 2)), [[0, 2], [4, 6]])
     np.testing.assert_array_equal(odd.to_ours([x], (2, 2)), [[1, 3], [5, 7]])

@@ -22,8 +22,8 @@ from moe_jax.models import Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "deepseek_v3",
-            "gpt_oss")
-FAST = ("mixtral", "deepseek_v3")
+            "llama4_text", "gpt_oss")
+FAST = ("mixtral", "deepseek_v3", "llama4_text", "gpt_oss")
 # transformers' float32 gradients are within ~3e-6 of its float64 ones (gradients.json).
 RTOL = 1e-4
 

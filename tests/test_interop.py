@@ -26,7 +26,7 @@ from moe_jax.train import checkpoint, evaluate
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "deepseek_v3",
-            "gpt_oss")
+            "llama4_text", "gpt_oss")
 # float32 parity with transformers: the measured max |difference| of the logits is ~5e-6
 # (logits of magnitude ~5); 1e-4 leaves room for other BLAS summation orders.
 ATOL = 1e-4
@@ -98,6 +98,13 @@ def test_the_families_exercise_every_option():
     expected = _expected("deepseek_v3")
     assert expected["tokens_changed_by_bias"].any()
     assert expected["tokens_changed_by_group_limit"].any()
+    llama4 = models.pop("llama4_text")
+    assert llama4.model.nope_layers == (1, 2) and llama4.model.chunked_layers == (0, 3)
+    assert llama4.model.attention_chunk == 8 and llama4.model.attn_temperature_floor == 8
+    assert llama4.model.qk_norm == "weightless" and llama4.model.rope_interleave
+    assert llama4.model.sparse_layers == (1, 3) and llama4.model.d_ff == 40
+    assert llama4.moe.router == "sigmoid_top_k" and llama4.moe.gate_inputs
+    assert llama4.moe.num_shared_experts == 1 and llama4.moe.d_ff == 16
     gpt_oss = models.pop("gpt_oss")
     assert gpt_oss.model.attention_sinks and gpt_oss.model.qkv_bias and gpt_oss.model.out_bias
     assert gpt_oss.model.sliding_window == 8 and gpt_oss.model.sliding_window_layers == (0,)

@@ -38,10 +38,11 @@ from experiments.suites.routing_drift import (
     TEMPERATURES,
     VARIANTS,
 )
-from moe_jax import cli, schema
+from moe_jax import schema
 from moe_jax.train import monitor, profiles, reevaluate
 from moe_jax.train.loop import CONFIG_FILE, SUMMARY_FILE, train_and_evaluate
 from moe_jax.train.metrics import write_json
+from moe_jax.utils import cli
 
 FINETUNE_DIR = "finetune"
 ANALYSIS_FILE = "analysis.json"

@@ -22,7 +22,7 @@ from experiments import suites
 from experiments.library import stats
 from experiments.library.base import SCALES, Suite
 from experiments.library.results import DIVERGED, FAILED, FINISHED, METRICS, MISSING, Results
-from moe_jax.cli import markdown_table
+from moe_jax.utils.cli import markdown_table
 
 BASE_COLUMNS = ("eval_loss",)
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from moe_jax import cli
+from moe_jax.utils import cli
 
 BYTE_CLASSES = ("letter", "digit", "space", "punct", "non-ascii", "control", "special")
 NUM_SPECIAL_TOKENS = 3  # byte tokenizer: pad 0, bos 1, eos 2, byte b -> b + 3

@@ -39,7 +39,7 @@ from typing import Any
 
 from absl import flags
 
-from moe_jax import cli
+from moe_jax.utils import cli
 
 VARIANTS = ("row_blocks", "blas_threads", "blas_threads_timeout4", "one_thread", "blocked")
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -19,7 +19,7 @@ from typing import Any
 from absl import flags
 
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
-from moe_jax import cli
+from moe_jax.utils import cli
 
 CONFIGS = ("configs/dense.py:base", "configs/switch.py:base_e128")
 SETTINGS = {"train.batch_size": 8, "model.dtype": "bfloat16"}

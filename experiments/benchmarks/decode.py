@@ -51,10 +51,10 @@ from absl import flags
 from experiments.benchmarks import layer
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import command_line, machine_info, measure, measured_line
-from moe_jax import cli
 from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
 from moe_jax.models import ModelConfig, decode, quantize
+from moe_jax.utils import cli
 
 CACHE_SLOTS = 16
 ROUNDS, STEPS, WARMUP = 2, 3, 1

@@ -17,8 +17,9 @@ from absl import flags
 from jax.sharding import NamedSharding
 
 from experiments.benchmarks.timing import machine_info, measure
-from moe_jax import MoeConfig, cli, moe
+from moe_jax import MoeConfig, moe
 from moe_jax.parallel import expert_parallel, sharding
+from moe_jax.utils import cli
 
 
 def time_forms(mesh_shape: tuple[int, int, int], *, tokens_per_device: int = 1024,

@@ -2,7 +2,7 @@
 
     python -m experiments.benchmarks.layer_ratio                          # top-1, E = 8 and 64
     python -m experiments.benchmarks.layer_ratio --experts=8,64 --rounds=9
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m experiments.benchmarks.layer_ratio
+    LD_PRELOAD=libtcmalloc_minimal.so.4 python -m experiments.benchmarks.layer_ratio  # tcmalloc
 
 The dense FFN (d_model 512, d_ff 2048, 8192 tokens, gelu) and each MoE layer (top-1 of E experts
 of width d_ff, capacity factor 1.0, the default dispatch) are compiled first; then every round
@@ -15,7 +15,10 @@ load that drifts between rounds cancels. On a shared machine CPU time is the ste
 wall-clock time also counts the time other processes held the cores.
 
 Results go to `results/layer-ratio-<platform>-<date>.{json,md}` (or `--out`), with the machine,
-date, commit, command, the load average before and after, and GLIBC_TUNABLES as set.
+date, commit, command, the malloc in use (glibc unless tcmalloc or jemalloc is preloaded), the
+load average before and after, and GLIBC_TUNABLES as set. glibc hands every large buffer back to
+the kernel when it is freed, so each call faults the pages of its large buffers in again (E=64's
+expert gradients are 537 MB); tcmalloc (Debian's libtcmalloc-minimal4) keeps them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from absl import flags
 
 from experiments.benchmarks.layer import LayerShape, _inputs, vjp_loss
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
-from moe_jax import MoeConfig, cli, experts, moe
+from moe_jax import MoeConfig, experts, moe
+from moe_jax.utils import cli
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

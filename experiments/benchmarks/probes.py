@@ -19,8 +19,8 @@ import numpy as np
 
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import machine_info, measured_line
-from moe_jax import cli
 from moe_jax.kernels import grouped_matmul as gm
+from moe_jax.utils import cli
 
 
 def _time_all(cases: dict, rounds: int = 5) -> dict[str, float]:

@@ -21,7 +21,7 @@ import os
 
 from absl import flags
 
-from moe_jax import cli
+from moe_jax.utils import cli
 
 if "--xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

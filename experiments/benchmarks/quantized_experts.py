@@ -22,11 +22,11 @@ from absl import flags
 
 from experiments.benchmarks.run import RESULTS
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
-from moe_jax import cli
 from moe_jax.models import Transformer, quantize
 from moe_jax.train import evaluate
 from moe_jax.train import inputs as train_inputs
 from moe_jax.train.restore import restore_run
+from moe_jax.utils import cli
 
 
 def expert_bytes(params, model_config) -> int:

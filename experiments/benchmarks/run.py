@@ -26,7 +26,7 @@ from absl import flags
 
 from experiments.benchmarks import layer, train
 from experiments.benchmarks.timing import command_line, machine_info, measured_line
-from moe_jax import cli
+from moe_jax.utils import cli
 
 SUITES = ("ceiling", "layer", "dropless", "growth", "train", "expert_parallel")
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -37,9 +37,10 @@ from experiments.benchmarks.train import synthetic_batch
 from experiments.library import base
 from experiments.library.results import THROUGHPUT_SUFFIX
 from experiments.runner.steps import results_path
-from moe_jax import cli, schema
+from moe_jax import schema
 from moe_jax.analysis import flops
 from moe_jax.train import jitted, placement
+from moe_jax.utils import cli
 
 
 def define_flags(values: flags.FlagValues) -> None:

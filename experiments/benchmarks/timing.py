@@ -88,6 +88,22 @@ def measure(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
                   (cost or {}).get("flops"), statistics.median(cpu_times))
 
 
+ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc"}
+
+
+def memory_allocator() -> str:
+    """The malloc this process runs on: "tcmalloc" or "jemalloc" when one is preloaded
+    (`LD_PRELOAD=...`, seen in /proc/self/maps), else "glibc". It matters on CPU: glibc returns
+    large freed buffers to the kernel, so every call of a step faults the pages of its large
+    buffers in again; tcmalloc keeps them."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    return next((name for name, lib in ALLOCATORS.items() if lib in maps), "glibc")
+
+
 def machine_info() -> dict[str, Any]:
     """Where and when a figure was measured."""
     device = jax.devices()[0]
@@ -100,6 +116,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "load_average_1m": os.getloadavg()[0],
+        "allocator": memory_allocator(),
     }
 
 
@@ -114,5 +131,5 @@ def measured_line(machine: dict[str, Any], command: str) -> str:
     m = machine
     kind = m["device_kind"] if m["platform"] != "cpu" else m["cpu"]
     return (f"Measured {m['date']} on {m['platform']} ({kind}, {m['cpu_count']} cores), "
-            f"jax {m['jax']}, commit {m['commit']}, load average "
-            f"{m['load_average_1m']:.2f} at the end; command `{command}`.")
+            f"jax {m['jax']}, malloc {m.get('allocator', 'glibc')}, commit {m['commit']}, "
+            f"load average {m['load_average_1m']:.2f} at the end; command `{command}`.")

@@ -45,8 +45,8 @@ from experiments.library import results as results_lib
 from experiments.library.base import RunSpec, Suite
 from experiments.runner import run_dir, steps
 from experiments.runner import slurm_status as status
-from moe_jax import fields
 from moe_jax.train.metrics import write_json
+from moe_jax.utils import fields
 
 EXECUTORS = ("slurm", "local")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")

@@ -17,8 +17,8 @@ import pathlib
 from typing import Any
 
 from experiments.scale import run
-from moe_jax import cli
 from moe_jax.analysis import dryrun_report
+from moe_jax.utils import cli
 
 HERE = pathlib.Path(__file__).parent
 TABLE = HERE / "expert_parallel.md"

@@ -16,7 +16,7 @@ import pathlib
 from typing import Any
 
 from experiments.scale import run
-from moe_jax import cli
+from moe_jax.utils import cli
 
 HERE = pathlib.Path(__file__).parent
 TABLE = HERE / "maxtext_comparison.md"

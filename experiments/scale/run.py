@@ -29,7 +29,7 @@ from typing import Any
 
 from absl import flags
 
-from moe_jax import cli
+from moe_jax.utils import cli
 
 HERE = pathlib.Path(__file__).parent
 RESULTS = HERE / "results.jsonl"
@@ -61,6 +61,11 @@ PUBLISHED = {
     # v5p's 95 GB chips need 113 for that alone, so 256 chips (v5p:8x8x4, 24.3 TB) leave
     # ~50 GB per chip for activations (remat full, one 4096-token sequence per chip).
     "DeepSeek-V3": ("configs/published/deepseek_v3.py", {"v5p:8x8x4": (32, 8)}),
+    # Llama 4: 16 B per parameter of training state; Scout's 109B (1.7 TB) on v5p:4x4x4 (64
+    # chips, 6.1 TB) leaves ~68 GB per chip, Maverick's 400B (6.4 TB) on v5p:4x4x8 (128
+    # chips, 12.2 TB) ~45 GB; expert axis 4 and 8 divide their 16 and 128 experts.
+    "Llama-4-Scout": ("configs/published/llama4_scout.py", {"v5p:4x4x4": (16, 4)}),
+    "Llama-4-Maverick": ("configs/published/llama4_maverick.py", {"v5p:4x4x8": (16, 8)}),
     # 116.8B parameters x 16 B (float32 parameters, gradients, AdamW moments) = 1.87 TB: 20 of
     # v5p's 95 GB chips at least; on 128 (v5p:4x4x8) `moe_jax.analysis.memory` puts 16.5 GB of
     # state per chip, leaving ~78 GB for two 4096-token sequences (remat full; their

@@ -33,7 +33,7 @@ from experiments.library.base import (
     rematched,
 )
 from experiments.library.results import METRICS, Results
-from moe_jax import cli
+from moe_jax.utils import cli
 
 EXPERTS = (2, 4, 8, 16, 32, 64)
 SPARSE = tuple(f"switch_e{e}" for e in EXPERTS)
@@ -56,8 +56,11 @@ CPU_MEMBERS = ("dense", "switch_e4", "switch_e16", "switch_e64", "dense_4x")
 # The mini scale: the whole dense ladder, E = 4, 16, 64 as published (capacity factor 1.25), and
 # two controls for the small-routing-group confound: E=64 dropless (nothing dropped whatever
 # the group) and top-2 at E=16 (twice the assignments per expert and group, FLOP-matched).
+# Post hoc (experiments/README.md, "Follow-up"): dropless E=64 at Switch's 0.1x initialisation,
+# and dropless E=16; compared with dense_4x, not claims.
 MINI_MEMBERS = ("dense", "dense_2x", "dense_4x", "switch_e4", "switch_e16", "switch_e64",
-                "switch_e64_dropless", "switch_top2_e16")
+                "switch_e64_dropless", "switch_top2_e16", "switch_e64_dropless_init01",
+                "switch_e16_dropless")
 SCALE_MEMBERS = {"cpu": CPU_MEMBERS, "mini": MINI_MEMBERS}
 
 
@@ -81,6 +84,11 @@ def members(scale: str) -> tuple[Member, ...]:
                           {"moe.dispatch": "dropless"}, {"experts": 64, "flops_x": 1}))
         out.append(rematched("switch_top2_e16", family("switch.py", scale, "e16"), top_k=2,
                              tags={"experts": 16, "flops_x": 1}))
+        out.append(Member("switch_e64_dropless_init01", family("switch.py", scale, "e64"),
+                          {"moe.dispatch": "dropless", "moe.init_scale": 0.1},
+                          {"experts": 64, "flops_x": 1}))
+        out.append(Member("switch_e16_dropless", family("switch.py", scale, "e16"),
+                          {"moe.dispatch": "dropless"}, {"experts": 16, "flops_x": 1}))
         order = SCALE_MEMBERS[scale]
         return tuple(sorted((m for m in out if m.name in order),
                             key=lambda m: order.index(m.name)))

@@ -29,11 +29,11 @@ from typing import Any
 
 import jax
 
-from moe_jax import cli
 from moe_jax.analysis import communication, compiled_hlo, flops
 from moe_jax.analysis import topology as topology_lib
 from moe_jax.analysis.topology import GIB
 from moe_jax.parallel import sharding
+from moe_jax.utils import cli
 
 # XLA:TPU's refusals of a program over the HBM: "... Used 20.50G of 15.48G hbm. ..." (all
 # buffers), or "... required for HLO temporaries (54.18G) exceeds available HBM (15.75G)."

@@ -40,10 +40,11 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax import cli, schema
+from moe_jax import schema
 from moe_jax.config import MoeConfig
 from moe_jax.models import latent_attention
 from moe_jax.models.config import ModelConfig
+from moe_jax.utils import cli
 
 # Bytes per parameter of each weight precision (int8/int4: weight-only quantization, scales
 # not counted); `moe_jax.analysis.memory` plans training state, KV cache and per-device bytes
@@ -139,7 +140,8 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
     attn_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
     attn_params += (n_q + 2 * n_kv) * h if model.qkv_bias else 0
     attn_params += (d if model.out_bias else 0) + (n_q if model.attention_sinks else 0)
-    qk_norm_width = {"none": 0, "per_head": 2 * h, "projection": (n_q + n_kv) * h}[model.qk_norm]
+    qk_norm_width = {"none": 0, "weightless": 0, "per_head": 2 * h,
+                     "projection": (n_q + n_kv) * h}[model.qk_norm]
     attn_params += qk_norm_width * (norm_params // d)
     attn_matmul_params = d * n_q * h + 2 * d * n_kv * h + n_q * h * d
     score_flops = 4.0 * seq_len * n_q * h

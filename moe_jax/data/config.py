@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 
-from moe_jax import fields
+from moe_jax.utils import fields
 
 # Built-in corpus (moe_jax.data.corpus) names -> TFDS builder config. "embedded_tiny" is a
 # ~100 KB variant for tests and smoke runs; "embedded" is the ~6 MB corpus; "embedded_large" the

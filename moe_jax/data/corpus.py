@@ -45,8 +45,8 @@ from typing import NamedTuple
 import tensorflow_datasets as tfds
 from absl import flags
 
-from moe_jax import cli
 from moe_jax.data.config import EMBEDDED_DOMAINS
+from moe_jax.utils import cli
 
 DOMAINS = EMBEDDED_DOMAINS
 VALIDATION_PERCENT = 5

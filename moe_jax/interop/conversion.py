@@ -16,7 +16,7 @@ Qwen3-MoE, OLMoE, dense Llama and Qwen2) and writes to OUT:
 directory) as config.json + safetensors in DIR, in the family RUN was converted from (found in
 RUN/hf/ or in the directories its init.checkpoint chain names), or `family`, or the first family
 that can represent the model. Nothing in OUT or DIR is overwritten without `overwrite`. Each
-directory may be a gs:// URL (`moe_jax.storage`); safetensors are read and written through a
+directory may be a gs:// URL (`moe_jax.utils.storage`); safetensors are read and written through a
 local copy.
 """
 
@@ -27,8 +27,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from moe_jax import interop, schema, storage
+from moe_jax import interop, schema
 from moe_jax.train import checkpoint
+from moe_jax.utils import storage
 
 HF_RECORD = "hf"  # OUT/hf/: the source config.json and tokenizer files
 CONFIG_FILE = "config.json"

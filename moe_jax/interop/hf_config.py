@@ -25,7 +25,7 @@ from typing import Any
 import ml_collections
 
 from moe_jax import schema
-from moe_jax.interop import hf_deepseek, hf_gpt_oss
+from moe_jax.interop import hf_deepseek, hf_gpt_oss, hf_llama4
 from moe_jax.interop.hf_keys import UnsupportedModelError, rope_parameters
 
 ARCHITECTURE_KEYS = ("model_type", "architectures")
@@ -56,7 +56,7 @@ class Family:
     width_key: str = "moe_intermediate_size"
     renormalize: bool | str = "norm_topk_prob"
     qkv_bias: bool | str = False
-    qk_norm: str = "none"
+    qk_norm: str | tuple[str, ...] = "none"
     shared: bool = False
     qwen_layers: bool = False
     must_be_false: tuple[str, ...] = ("attention_bias", "mlp_bias")
@@ -71,12 +71,21 @@ class Family:
     latent_attention: bool = False
     configure: Callable[[ml_collections.ConfigDict, dict[str, Any], str], None] | None = None
     describe: Callable[[Any], dict[str, Any]] | None = None
-    # GPT-OSS-style options: `moe_tensors(path, prefix, d, moe)` lists a sparse block's router
-    # and expert tensors (fused experts) as `hf_weights.Tensor` fields; `gpt_oss` marks the
-    # family that has attention sinks, sliding windows, an output-projection bias, router and
-    # expert biases and the clamped SwiGLU (the others refuse them on export); its
-    # sliding_window key is read by `configure`.
-    moe_tensors: Callable[..., list[Any]] | None = None
+    # Llama 4-style options: the dense FFN's submodule; the router's name in the MoE
+    # submodule; experts fused in gate_up_proj / down_proj tensors; the config key listing the
+    # sparse blocks (any set of blocks); gates scaling the expert inputs (`MoeConfig.
+    # gate_inputs`); per-block attention (NoPE, chunked, temperature tuning, interleaved rotary).
+    dense_prefix: str = "mlp"
+    router_name: str = "gate"
+    fused_experts: bool = False
+    layers_key: str | None = None
+    gate_inputs: bool = False
+    block_attention: bool = False
+    # GPT-OSS-style options: gate and up interleaved in the fused gate_up_proj (even / odd
+    # columns); `gpt_oss` marks the family with attention sinks, sliding windows, an
+    # output-projection bias, router and expert biases and the clamped SwiGLU (the others
+    # refuse them on export); its sliding_window key is read by `configure`.
+    interleaved_gate_up: bool = False
     gpt_oss: bool = False
 
 
@@ -99,11 +108,17 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            rope_types=("yarn",), shared_prefix="shared_experts",
            first_dense_key="first_k_dense_replace", latent_attention=True, shared=True,
            configure=hf_deepseek.configure, describe=hf_deepseek.describe),
+    Family("llama4_text", "Llama4ForCausalLM", "Meta 2025, Llama 4 model card; transformers' "
+           "Llama4TextModel", experts_keys=("num_local_experts",), width_key="intermediate_size",
+           renormalize=False, qk_norm=("weightless", "none"), shared=True,
+           moe_prefix="feed_forward", dense_prefix="feed_forward", router_name="router",
+           fused_experts=True, layers_key="moe_layers", gate_inputs=True, block_attention=True,
+           router="sigmoid_top_k", configure=hf_llama4.configure, describe=hf_llama4.describe),
     Family("gpt_oss", "GptOssForCausalLM", "OpenAI 2025, gpt-oss-120b & gpt-oss-20b Model Card",
            experts_keys=("num_local_experts",), width_key="intermediate_size", renormalize=True,
            qkv_bias="attention_bias", must_be_false=(), rope_types=("yarn",),
-           configure=hf_gpt_oss.configure, describe=hf_gpt_oss.describe,
-           moe_tensors=hf_gpt_oss.moe_tensors, gpt_oss=True),
+           router_name="router", fused_experts=True, interleaved_gate_up=True, gpt_oss=True,
+           configure=hf_gpt_oss.configure, describe=hf_gpt_oss.describe),
 )}
 
 
@@ -150,6 +165,8 @@ def sparse_layers(hf: dict[str, Any], family: Family, num_layers: int) -> tuple[
     decoder_sparse_step (transformers' Qwen2MoeDecoderLayer); other families: every block."""
     if not family.sparse:
         return ()
+    if family.layers_key is not None:
+        return hf_llama4.moe_layers(hf, num_layers)
     if family.first_dense_key is not None:
         return tuple(range(int(hf.get(family.first_dense_key) or 0), num_layers))
     if not family.qwen_layers:
@@ -197,7 +214,7 @@ def experiment_config(hf: dict[str, Any], family: Family,
         norm_eps=float(_get(hf, "rms_norm_eps", where)), positions="rotary",
         rope_base=rope_theta(hf, where, family.rope_types),
         max_seq_len=_get(hf, "max_position_embeddings", where),
-        tie_embeddings=False, qk_norm=family.qk_norm, dropout_rate=0.0, causal=True,
+        tie_embeddings=False, qk_norm=_qk_norms(family)[0], dropout_rate=0.0, causal=True,
         qkv_bias=bool(family.qkv_bias if isinstance(family.qkv_bias, bool)
                       else _get(hf, family.qkv_bias, where, True))))
     if head_dim is not None and head_dim * heads != d_model:
@@ -242,6 +259,10 @@ def _moe_section(moe: ml_collections.ConfigDict, hf: dict[str, Any], family: Fam
         moe.update(dict(num_shared_experts=shared // width, shared_expert_gate=True))
 
 
+def _qk_norms(family: Family) -> tuple[str, ...]:
+    return family.qk_norm if isinstance(family.qk_norm, tuple) else (family.qk_norm,)
+
+
 def _must(condition: bool, family: Family, problem: str) -> None:
     if not condition:
         raise UnsupportedModelError(f"this model cannot be written as {family.model_type} "
@@ -257,7 +278,12 @@ def check_exportable(experiment: Any, family: Family) -> None:
                                  or e.router_bias or e.expert_bias), family,
           "attention sinks, sliding windows, output-projection, router and expert biases go "
           "with gpt_oss only")
-    _must(m.qk_norm == family.qk_norm, family, f"model.qk_norm must be {family.qk_norm!r}")
+    _must(m.qk_norm in _qk_norms(family), family,
+          f"model.qk_norm must be one of {_qk_norms(family)}")
+    _must(family.block_attention or not (m.nope_layers or m.chunked_layers or (
+        m.rope_interleave and not m.latent_attention)), family, "NoPE blocks, chunked "
+          "attention and interleaved rotary pairs outside latent attention go with llama4_text "
+          "only (model.nope_layers, model.chunked_layers, model.rope_interleave)")
     fixed = family.qkv_bias
     _must(isinstance(fixed, str) or m.qkv_bias == fixed, family,
           f"its q/k/v projections {'always' if fixed else 'never'} have biases")
@@ -273,13 +299,17 @@ def check_exportable(experiment: Any, family: Family) -> None:
     if not family.sparse:
         return
     first_sparse = m.sparse_layers[0]
-    _must(family.qwen_layers or m.sparse_layers == tuple(range(
+    any_layers = family.qwen_layers or family.layers_key is not None
+    _must(any_layers or m.sparse_layers == tuple(range(
         first_sparse if family.first_dense_key else 0, m.num_layers)), family,
           "every block must be sparse" + (" after the first dense ones"
                                           if family.first_dense_key else ""))
     activation = "clamped_swiglu" if family.gpt_oss else "swiglu"
     _must(e.router == family.router and e.activation == activation, family,
           f"its router is {family.router!r} over {activation} experts")
+    _must(e.gate_inputs == family.gate_inputs, family, "its gates scale the experts' "
+          + ("inputs (moe.gate_inputs=True)" if family.gate_inputs
+             else "outputs (moe.gate_inputs=False)"))
     _must(family.renormalize is not True or e.renormalize_gates, family,
           "it always renormalises the top-k gates (moe.renormalize_gates=True)")
     _must(family.configure is not None or (bool(e.num_shared_experts) == family.shared

@@ -98,28 +98,9 @@ def describe(experiment: Any) -> dict[str, Any]:
           "its gates are the softmax over the top-k logits (moe.renormalize_gates=True) and it "
           "has no shared experts")
     _must(not m.yarn_mscale_all_dim and m.yarn_mscale == 1.0, "its YaRN has no mscale split")
-    windowed = [m.attention_window(i) is not None for i in range(m.num_layers)]
+    windowed = [m.attention_kind(i).window is not None for i in range(m.num_layers)]
     return {"attention_bias": m.qkv_bias,
             "layer_types": [LAYER_TYPES[0] if w else LAYER_TYPES[1] for w in windowed],
             "sliding_window": m.sliding_window, "rope_parameters": yarn_parameters(m),
             "num_local_experts": e.num_experts, "swiglu_alpha": e.swiglu_alpha,
             "swiglu_limit": e.swiglu_limit}
-
-
-def moe_tensors(path: tuple[str, ...], prefix: str, d: int, moe: Any) -> list[tuple]:
-    """The router and fused experts of one sparse block (`prefix` = "model.layers.i.mlp.")
-    under our `path` (the block's MoE layer), as `hf_weights.Tensor` fields (path, names,
-    hf_shape, transpose, columns)."""
-    e, f = moe.num_experts, moe.d_ff
-    experts = f"{prefix}experts."
-    gate_up, gate_up_bias = f"{experts}gate_up_proj", f"{experts}gate_up_proj_bias"
-    return [
-        ((*path, "router", "kernel"), (f"{prefix}router.weight",), (e, d), True, None),
-        ((*path, "router", "bias"), (f"{prefix}router.bias",), (e,), False, None),
-        ((*path, "experts", "wi_gate"), (gate_up,), (e, d, 2 * f), False, (0, 2)),
-        ((*path, "experts", "wi"), (gate_up,), (e, d, 2 * f), False, (1, 2)),
-        ((*path, "experts", "wi_gate_bias"), (gate_up_bias,), (e, 2 * f), False, (0, 2)),
-        ((*path, "experts", "wi_bias"), (gate_up_bias,), (e, 2 * f), False, (1, 2)),
-        ((*path, "experts", "wo"), (f"{experts}down_proj",), (e, f, d), False, None),
-        ((*path, "experts", "wo_bias"), (f"{experts}down_proj_bias",), (e, d), False, None),
-    ]

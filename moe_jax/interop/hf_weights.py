@@ -8,13 +8,14 @@ written with the `safetensors` package (NumPy API, bfloat16 through ml_dtypes).
 Layouts (HF `nn.Linear` weights are [out, in]): query [d, H, h] = q_proj.T reshaped; out
 [H, h, d] = o_proj.T reshaped; biases [H, h] = q_proj.bias reshaped; router [d, E] = gate.T;
 experts wi_gate / wi [E, d, f] = gate / up projections (w1 / w3 in Mixtral) transposed and
-stacked over experts, wo [E, f, d] = down (w2); the shared experts' output gate [d, 1] =
-shared_expert_gate.T; GPT-OSS's fused experts (`hf_gpt_oss.moe_tensors`): wi_gate / wi the
-even / odd columns of gate_up_proj [E, d, 2f] (a `Tensor` with `columns`), wo = down_proj.
-Every conversion is a transpose, a reshape or a column slice, so export then import is the
-identity (bit-exact) and import then export reproduces the files' tensors. MXFP4 expert
-tensors (`X_blocks` and `X_scales`, the released GPT-OSS checkpoints) are dequantized on
-import (`read(..., mxfp4=True)`, `interop.mxfp4`); export writes float weights.
+stacked over experts, wo [E, f, d] = down (w2), or (Llama 4) the halves of one gate_up_proj
+[E, d, 2f] and down_proj [E, f, d] as they are (GPT-OSS: its even and odd columns, and the
+biases gate_up_proj_bias [E, 2f] and down_proj_bias [E, d] alike); the shared experts' output
+gate [d, 1] = shared_expert_gate.T. Every conversion is a transpose, a reshape or a column
+selection, so export then import is the identity (bit-exact) and import then export
+reproduces the files' tensors. MXFP4 expert tensors (`X_blocks` and `X_scales`, the released
+GPT-OSS checkpoints) are dequantized on import (`read(..., mxfp4=True)`, `interop.mxfp4`);
+export writes float weights.
 """
 
 from __future__ import annotations
@@ -52,35 +53,49 @@ class CheckpointMismatchError(ValueError):
 class Tensor:
     """One array of ours (`path` in the params tree) and the HF tensors it is made of: one
     name, or one per expert (stacked on our axis 0), each of `hf_shape`, transposed (an HF
-    [out, in] weight) or not, then reshaped to ours. `columns` (start, step): ours is only the
-    columns start::step of the HF tensor's last axis (GPT-OSS's interleaved gate and up
-    projections); the HF tensor is then the sum of its parts' `to_hf`."""
+    [out, in] weight) or not, then reshaped to ours."""
 
     path: tuple[str, ...]
     names: tuple[str, ...]
     hf_shape: tuple[int, ...]
     transpose: bool
-    columns: tuple[int, int] | None = None
+    # (i, n): ours is the i-th of n equal blocks of the HF tensor's last axis (Llama 4's fused
+    # gate_up_proj: gate, then up); `to_hf` gives the whole tensor, zero outside the block, and
+    # the blocks of one tensor sum to it. `interleaved`: the block is the columns i::n instead
+    # (GPT-OSS's gate_up_proj: gate the even columns, up the odd ones).
+    part: tuple[int, int] | None = None
+    interleaved: bool = False
+
+    def _block(self) -> slice:
+        i, n = self.part
+        if self.interleaved:
+            return slice(i, None, n)
+        width = self.hf_shape[-1] // n
+        return slice(i * width, (i + 1) * width)
 
     def to_ours(self, arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-        if self.columns is not None:
-            start, step = self.columns
-            return arrays[0][..., start::step].reshape(shape)
+        if self.part is not None:
+            arrays = [a[..., self._block()] for a in arrays]
         stacked = len(self.names) > 1
         per = shape[1:] if stacked else shape
         parts = [(a.T if self.transpose else a).reshape(per) for a in arrays]
         return np.stack(parts) if stacked else parts[0]
 
     def to_hf(self, array: np.ndarray) -> list[np.ndarray]:
-        if self.columns is not None:  # zeros outside our columns
-            start, step = self.columns
-            full = np.zeros(self.hf_shape, np.asarray(array).dtype)
-            full[..., start::step] = np.asarray(array).reshape(full[..., start::step].shape)
-            return [full]
         parts = list(array) if len(self.names) > 1 else [array]
-        if not self.transpose:
-            return [np.ascontiguousarray(p.reshape(self.hf_shape)) for p in parts]
-        return [np.ascontiguousarray(p.reshape(self.hf_shape[::-1]).T) for p in parts]
+        shape = self.hf_shape
+        if self.part is not None:
+            shape = (*shape[:-1], shape[-1] // self.part[1])
+        if self.transpose:
+            out = [p.reshape(shape[::-1]).T for p in parts]
+        else:
+            out = [p.reshape(shape) for p in parts]
+        if self.part is not None:
+            whole = [np.zeros(self.hf_shape, p.dtype) for p in out]
+            for w, p in zip(whole, out, strict=True):
+                w[..., self._block()] = p
+            out = whole
+        return [np.ascontiguousarray(p) for p in out]
 
 
 def _ffn(path: tuple[str, ...], prefix: str, names: tuple[str, str, str], d: int, f: int,
@@ -95,6 +110,24 @@ def _ffn(path: tuple[str, ...], prefix: str, names: tuple[str, str, str], d: int
     return out
 
 
+def _fused_experts(path: tuple[str, ...], prefix: str, d: int, f: int, experts: int, *,
+                   interleaved: bool = False, bias: bool = False) -> list[Tensor]:
+    """Llama 4's and GPT-OSS's experts: gate_up_proj [E, d, 2f] (x @ W; gate, then up, or with
+    `interleaved` gate the even columns and up the odd ones) and down_proj [E, f, d], stored
+    as ours are, without a transpose; with `bias`, gate_up_proj_bias [E, 2f] (split alike)
+    and down_proj_bias [E, d]."""
+    fused, down = f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"
+    out = []
+    for suffix, shape, down_shape in (("", (experts, d, 2 * f), (experts, f, d)),
+                                      ("_bias", (experts, 2 * f), (experts, d)))[:1 + bias]:
+        out += [Tensor((*path, f"wi_gate{suffix}"), (fused + suffix,), shape, False,
+                       part=(0, 2), interleaved=interleaved),
+                Tensor((*path, f"wi{suffix}"), (fused + suffix,), shape, False, part=(1, 2),
+                       interleaved=interleaved),
+                Tensor((*path, f"wo{suffix}"), (down + suffix,), down_shape, False)]
+    return out
+
+
 def _attention(i: int, model: ModelConfig) -> list[Tensor]:
     d, h, blk = model.d_model, model.head_size, block_name(i)
     prefix = f"model.layers.{i}.self_attn."
@@ -106,7 +139,7 @@ def _attention(i: int, model: ModelConfig) -> list[Tensor]:
         if model.qkv_bias:
             out.append(Tensor((blk, "attention", f"{ours}_bias"), (f"{prefix}{hf}_proj.bias",),
                               (n * h,), False))
-        if model.qk_norm != "none" and ours != "value":
+        if model.qk_norm not in ("none", "weightless") and ours != "value":
             width = h if model.qk_norm == "per_head" else n * h
             out.append(Tensor((blk, "attention", f"{ours}_norm", "scale"),
                               (f"{prefix}{hf}_norm.weight",), (width,), False))
@@ -162,16 +195,21 @@ def tensors(family: Family, model: ModelConfig, moe: MoeConfig) -> list[Tensor]:
                        (d,), False)]
         out += _latent_attention(i, model) if model.latent_attention else _attention(i, model)
         if i not in sparse:
-            out += _ffn((blk, "ffn"), f"{prefix}mlp.", dense_names, d, model.d_ff)
+            out += _ffn((blk, "ffn"), f"{prefix}{family.dense_prefix}.", dense_names, d,
+                        model.d_ff)
             continue
         mlp = f"{prefix}{family.moe_prefix}."
-        if family.moe_tensors is not None:
-            out += [Tensor(*fields) for fields in family.moe_tensors((blk, MOE_NAME), mlp, d, moe)]
-            continue
-        out.append(Tensor((blk, MOE_NAME, "router", "kernel"), (f"{mlp}gate.weight",),
-                          (moe.num_experts, d), True))
-        out += _ffn((blk, MOE_NAME, "experts"), mlp, family.expert_names, d, moe.d_ff,
-                    moe.num_experts)
+        out.append(Tensor((blk, MOE_NAME, "router", "kernel"),
+                          (f"{mlp}{family.router_name}.weight",), (moe.num_experts, d), True))
+        if moe.router_bias:
+            out.append(Tensor((blk, MOE_NAME, "router", "bias"),
+                              (f"{mlp}{family.router_name}.bias",), (moe.num_experts,), False))
+        if family.fused_experts:
+            out += _fused_experts((blk, MOE_NAME, "experts"), mlp, d, moe.d_ff, moe.num_experts,
+                                  interleaved=family.interleaved_gate_up, bias=moe.expert_bias)
+        else:
+            out += _ffn((blk, MOE_NAME, "experts"), mlp, family.expert_names, d, moe.d_ff,
+                        moe.num_experts)
         if moe.router == "sigmoid_bias":  # model state, not a parameter
             out.append(Tensor((STATE, blk, MOE_NAME, "score_bias"),
                               (f"{mlp}gate.e_score_correction_bias",), (moe.num_experts,),
@@ -289,8 +327,8 @@ def write(directory: str, params: dict[str, Any], table: list[Tensor], *, dtype:
         if tied and t.path == ("output",):
             continue
         for name, array in zip(t.names, t.to_hf(np.asarray(_at(params, t.path))), strict=True):
-            if t.columns is not None and name in tensors_out:  # the other columns' part
-                array = tensors_out[name] + array.astype(np_dtype)
+            if name in tensors_out:  # the blocks of a fused tensor (`Tensor.part`)
+                array = tensors_out[name] + array
             tensors_out[name] = array.astype(np_dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

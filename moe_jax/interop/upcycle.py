@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from moe_jax import interop, schema, storage
+from moe_jax import interop, schema
 from moe_jax.interop import conversion
 from moe_jax.models import Transformer, upcycling
 from moe_jax.train import checkpoint, init_from
+from moe_jax.utils import storage
 
 
 def read_dense(source: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.models.norms import Norm
+from moe_jax.models.norms import Norm, rms_norm
 from moe_jax.models.positions import Yarn, apply_rotary
 
 Array = jax.Array
@@ -27,23 +27,47 @@ Array = jax.Array
 CACHE = "cache"
 
 
-def attention_mask(segment_ids: Array, *, causal: bool, window: int | None = None) -> Array:
+def same_chunk(query_positions: Array, key_positions: Array, chunk: int | None) -> Array:
+    """[B, L, S] bool: the query and the key lie in the same chunk of `chunk` positions
+    (position // chunk equal; Llama 4's chunked attention); all True when chunk is None.
+
+    query_positions: [B, L]; key_positions: [B, S] int.
+    """
+    if chunk is None:
+        return jnp.ones((*query_positions.shape, key_positions.shape[1]), bool)
+    return query_positions[:, :, None] // chunk == key_positions[:, None, :] // chunk
+
+
+def attention_mask(segment_ids: Array, *, causal: bool, positions: Array | None = None,
+                   chunk: int | None = None, window: int | None = None) -> Array:
     """[B, L, L] bool: query i may attend to key j.
 
     segment_ids: [B, L] int; packed rows hold several sequences, and a token attends only inside
     its own segment (padding, segment 0, attends only to padding, so no row is empty).
-    causal: additionally j <= i. window: additionally i - j < window, the query and the
-    window - 1 tokens before it (sliding-window attention, Child et al. 2019's local
-    attention; Mistral 7B, Jiang et al. 2023, Sec. 2; gpt-oss model card, OpenAI 2025, Sec. 2).
+    causal: additionally j <= i. chunk: additionally i and j in the same chunk of `positions`
+    ([B, L]; `same_chunk`). window: additionally i - j < window, the query and the window - 1
+    tokens before it (sliding-window attention: Mistral 7B, Jiang et al. 2023, Sec. 2; the
+    gpt-oss model card, OpenAI 2025, Sec. 2).
     """
     mask = segment_ids[:, :, None] == segment_ids[:, None, :]
     length = segment_ids.shape[1]
     if causal:
         mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+    if chunk is not None:
+        mask = mask & same_chunk(positions, positions, chunk)
     if window is not None:
         distance = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
         mask = mask & (distance < window)[None]
     return mask
+
+
+def temperature_scale(positions: Array, floor_scale: float, scale: float) -> Array:
+    """[B, L] float32 multiplier of the queries of a NoPE block at `positions` [B, L]:
+    log(floor((p + 1) / floor_scale) + 1) * scale + 1 (Llama 4's attention temperature tuning,
+    after Nakanishi 2025, "Scalable-Softmax Is Superior for Attention": logits that grow with
+    the log of the context length; 1 for p + 1 < floor_scale)."""
+    p = positions.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((p + 1.0) / floor_scale)) * scale + 1.0
 
 
 def cached_keys_values(cache: dict[str, Array], k: Array, v: Array, positions: Array,
@@ -68,17 +92,19 @@ def cached_keys_values(cache: dict[str, Array], k: Array, v: Array, positions: A
             "filled": write(cache["filled"], jnp.ones_like(segment_ids, bool))}
 
 
-def cache_mask(query_positions: Array, cache: dict[str, Array],
+def cache_mask(query_positions: Array, cache: dict[str, Array], chunk: int | None = None,
                window: int | None = None) -> Array:
     """[B, L, S] bool: the query at position p sees the filled slots holding positions q with
-    p - S < q <= p (causal, within the window of the cache's S slots), and p - q < window
-    when a sliding window is given (as `attention_mask`).
+    p - S < q <= p (causal, within the window of the cache's S slots), with `chunk` only
+    those of its own chunk (`same_chunk`), with `window` only those with p - q < window (as
+    `attention_mask`).
 
     query_positions: [B, L]; cache: as `cached_keys_values` returns it.
     """
     p = query_positions[:, :, None]
     q = cache["positions"][:, None, :]
     mask = cache["filled"][:, None, :] & (q <= p) & (p - q < cache["positions"].shape[1])
+    mask = mask & same_chunk(query_positions, cache["positions"], chunk)
     return mask if window is None else mask & (p - q < window)
 
 
@@ -128,13 +154,18 @@ class Attention(nn.Module):
     [H, h] / [K, h]. Kernels: truncated normal with variance 1/fan_in.
     `qk_norm` (`ModelConfig.qk_norm`) normalises q and k after the projections, before the
     rotary positions: "per_head" over each head's h dims (query_norm/key_norm scale [h], shared
-    by the heads), "projection" over the whole projection (scale [H*h] and [K*h]).
-    With the `CACHE` collection mutable (decoding, causal only), the keys and values go through
-    the cache `CACHE`/{key, value, positions, filled} (see `cached_keys_values`); a call that
-    finds no cache creates an empty one of S = L slots (how `decode.init_cache` sizes it).
+    by the heads), "projection" over the whole projection (scale [H*h] and [K*h]),
+    "weightless" over each head's h dims without a scale (Llama 4 normalises after the
+    rotation; a rotation keeps the RMS, so the order does not matter).
+    `rope_interleave` rotates pairs (2i, 2i + 1) (`positions.apply_rotary`); `chunk` limits
+    attention to the query's chunk of positions (`same_chunk`); `temperature` (floor_scale,
+    scale) multiplies the queries by `temperature_scale` (Llama 4's NoPE blocks).
     GPT-OSS options: `window` (sliding-window attention, `attention_mask`), `sinks` (a learned
     sink logit per head, param "sinks" [H] ("heads",), zeros at init; `softmax_with_sink`),
     `out_bias` (param "out_bias" [d] ("embed",)), `yarn` (YaRN rotary scaling).
+    With the `CACHE` collection mutable (decoding, causal only), the keys and values go through
+    the cache `CACHE`/{key, value, positions, filled} (see `cached_keys_values`); a call that
+    finds no cache creates an empty one of S = L slots (how `decode.init_cache` sizes it).
     """
 
     num_heads: int
@@ -147,6 +178,9 @@ class Attention(nn.Module):
     qk_norm: str = "none"
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
+    rope_interleave: bool = False
+    chunk: int | None = None
+    temperature: tuple[float, float] | None = None
     window: int | None = None
     sinks: bool = False
     out_bias: bool = False
@@ -179,8 +213,13 @@ class Attention(nn.Module):
         if self.qk_norm != "none":
             q, k = self.normalize(q, "query_norm"), self.normalize(k, "key_norm")
         if self.use_rotary:
-            q = apply_rotary(q, positions, self.rope_base, yarn=self.yarn)
-            k = apply_rotary(k, positions, self.rope_base, yarn=self.yarn)
+            q = apply_rotary(q, positions, self.rope_base, yarn=self.yarn,
+                             interleaved=self.rope_interleave)
+            k = apply_rotary(k, positions, self.rope_base, yarn=self.yarn,
+                             interleaved=self.rope_interleave)
+        if self.temperature is not None:
+            scale = temperature_scale(positions, *self.temperature)[:, :, None, None]
+            q = (q.astype(jnp.float32) * scale).astype(q.dtype)
         if self.is_mutable_collection(CACHE) and not self.is_initializing():
             empty = {"key": k, "value": v, "positions": positions, "filled": segment_ids > 0}
             cache = {name: self.variable(CACHE, name, jnp.zeros_like, value)
@@ -190,9 +229,10 @@ class Attention(nn.Module):
             for name, value in updated.items():
                 cache[name].value = value
             k, v = updated["key"], updated["value"]
-            mask = cache_mask(positions, updated, self.window)
+            mask = cache_mask(positions, updated, self.chunk, self.window)
         else:
-            mask = attention_mask(segment_ids, causal=self.causal, window=self.window)
+            mask = attention_mask(segment_ids, causal=self.causal, positions=positions,
+                                  chunk=self.chunk, window=self.window)
         sinks = self.param("sinks", nn.with_logical_partitioning(
             nn.initializers.zeros, ("heads",)), (self.num_heads,),
             self.param_dtype) if self.sinks else None
@@ -210,6 +250,8 @@ class Attention(nn.Module):
 
     def normalize(self, x: Array, name: str) -> Array:
         """QK-norm of projected queries or keys [B, L, N, h] (see the class docstring)."""
+        if self.qk_norm == "weightless":
+            return rms_norm(x, jnp.ones((), jnp.float32), self.norm_eps)
         norm = Norm(self.norm, self.norm_eps, self.param_dtype, axis=None, name=name)
         if self.qk_norm == "per_head":
             return norm(x)

@@ -8,15 +8,16 @@ carries both sections and `--config.moe.num_experts=16` is valid on every config
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from moe_jax import fields
 from moe_jax.config import ACTIVATIONS, MoeConfig
+from moe_jax.utils import fields
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rotary", "learned")
-QK_NORMS = ("none", "per_head", "projection")
+QK_NORMS = ("none", "per_head", "projection", "weightless")
 DTYPES = ("float32", "bfloat16", "float16")
 # Rematerialisation of each block in the backward pass (`models.stack`): "none" keeps every
 # activation; "full" keeps only each block's input and recomputes the rest; "save_dots" keeps
@@ -24,6 +25,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 # scores): `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`.
 REMAT_POLICIES = ("none", "full", "save_dots")
 ROPE_SCALINGS = ("none", "yarn")
+
+
+class AttentionKind(NamedTuple):
+    """What one block's attention does (`ModelConfig.attention_kind`): rotary positions or
+    none (NoPE), chunked (the chunk length) or not (None), NoPE temperature tuning, its
+    QK-norm (`ModelConfig.qk_norm`, "none" where it does not apply), and its sliding window
+    (GPT-OSS; None: the whole context)."""
+
+    rotary: bool
+    chunk: int | None
+    temperature: bool
+    qk_norm: str
+    window: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +85,8 @@ class ModelConfig:
     # `norm_eps`) after the projections, before the rotary positions. "per_head": over each
     # head's h dims, one [h] scale shared by the heads (Qwen3, Yang et al. 2025, Sec. 2);
     # "projection": over the whole projection, scales [H*h] and [K*h] (OLMoE, Muennighoff et
-    # al. 2024, as released).
+    # al. 2024, as released); "weightless": each head's h dims divided by their RMS, no scale,
+    # in the blocks with rotary positions only (Llama 4 as released, `use_qk_norm`).
     qk_norm: str = "none"
     dropout_rate: float = 0.0  # on the embeddings and on each residual branch
     causal: bool = True  # False: bidirectional encoder (masked-LM objective)
@@ -117,6 +132,17 @@ class ModelConfig:
     # loss times mtp_loss_weight (lambda, eq. 25). 0: none.
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
+    # Per-block attention (Llama 4 as released; `attention_kind`): `nope_layers` have no
+    # positions at all (NoPE, Kazemnejad et al. 2023); `chunked_layers` attend only to the
+    # earlier tokens of their own chunk of `attention_chunk` positions (chunk = position //
+    # attention_chunk). With `attn_temperature_floor` set, the NoPE blocks multiply each query
+    # at position p by log(floor((p + 1) / floor) + 1) * attn_temperature_scale + 1
+    # (`attention.temperature_scale`; Nakanishi 2025, "Scalable-Softmax").
+    nope_layers: tuple[int, ...] = ()
+    chunked_layers: tuple[int, ...] = ()
+    attention_chunk: int | None = None
+    attn_temperature_floor: float | None = None
+    attn_temperature_scale: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "vocab_multiple", "d_model", "num_layers", "num_heads", "d_ff",
@@ -152,12 +178,54 @@ class ModelConfig:
         self._check_latent_attention()
         self._check_sliding_window()
         if self.moe_layers is not None:
-            layers = tuple(self.moe_layers)
-            bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
-            if bad or len(set(layers)) != len(layers):
-                fields.fail(self, "moe_layers", f"must list distinct block indices in [0, "
-                                f"{self.num_layers}); offending entries: {bad or 'duplicates'}")
-            object.__setattr__(self, "moe_layers", tuple(sorted(layers)))
+            self._check_layers("moe_layers")
+        self._check_block_attention()
+
+    def _check_layers(self, name: str) -> None:
+        layers = tuple(getattr(self, name))
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad or len(set(layers)) != len(layers):
+            fields.fail(self, name, f"must list distinct block indices in [0, "
+                        f"{self.num_layers}); offending entries: {bad or 'duplicates'}")
+        object.__setattr__(self, name, tuple(sorted(layers)))
+
+    def _check_block_attention(self) -> None:
+        for name in ("nope_layers", "chunked_layers"):
+            self._check_layers(name)
+        fields.integer(self, "attention_chunk", minimum=1, optional=True)
+        if self.chunked_layers and self.attention_chunk is None:
+            fields.fail(self, "chunked_layers", "need a chunk length", "set attention_chunk",
+                        value=self.chunked_layers)
+        if self.attn_temperature_floor is not None:
+            fields.number(self, "attn_temperature_floor", above=0,
+                          fix="None turns temperature tuning off")
+            if not self.nope_layers:
+                fields.fail(self, "attn_temperature_floor", "tunes the temperature of NoPE "
+                            "blocks only, and nope_layers is empty",
+                            "list the NoPE blocks in nope_layers or set it to None")
+        fields.number(self, "attn_temperature_scale", at_least=0)
+        uses = self.nope_layers or self.chunked_layers or self.qk_norm == "weightless"
+        if uses and self.latent_attention:
+            fields.fail(self, "nope_layers", "and chunked_layers (and qk_norm='weightless') "
+                        "are implemented for grouped-query attention only",
+                        "set kv_lora_rank=None or leave them empty", value=self.nope_layers)
+        if self.nope_layers and self.positions != "rotary":
+            fields.fail(self, "nope_layers", "leave out the rotary positions of some blocks, "
+                        f"but positions={self.positions!r}", "set positions='rotary'",
+                        value=self.nope_layers)
+
+    def attention_kind(self, layer: int | None) -> AttentionKind:
+        """The attention of block `layer` (None, or an index outside the stack such as a
+        multi-token-prediction module's: the default, rotary and unchunked)."""
+        inside = layer is not None and 0 <= layer < self.num_layers
+        rotary = self.positions == "rotary" and not (inside and layer in self.nope_layers)
+        chunk = self.attention_chunk if inside and layer in self.chunked_layers else None
+        tuned = self.attn_temperature_floor is not None and inside and layer in self.nope_layers
+        windowed = inside and (self.sliding_window_layers is None
+                               or layer in self.sliding_window_layers)
+        return AttentionKind(rotary=rotary, chunk=chunk, temperature=tuned,
+                             qk_norm=self.qk_norm if rotary or self.qk_norm != "weightless"
+                             else "none", window=self.sliding_window if windowed else None)
 
     def _check_latent_attention(self) -> None:
         for name in ("q_lora_rank", "kv_lora_rank"):
@@ -200,24 +268,13 @@ class ModelConfig:
         if self.sliding_window is not None and not self.causal:
             fields.fail(self, "sliding_window", "is implemented for causal attention",
                         "set causal=True or sliding_window=None")
-        layers = self.sliding_window_layers
-        if layers is None:
+        if self.sliding_window_layers is None:
             return
-        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
-        if bad or len(set(layers)) != len(layers):
-            fields.fail(self, "sliding_window_layers", f"must list distinct block indices in "
-                        f"[0, {self.num_layers}); offending entries: {bad or 'duplicates'}")
+        self._check_layers("sliding_window_layers")
         if self.sliding_window is None:
             fields.fail(self, "sliding_window_layers", "lists windowed blocks but "
                         "sliding_window is None", "set sliding_window or "
                         "sliding_window_layers=None")
-        object.__setattr__(self, "sliding_window_layers", tuple(sorted(layers)))
-
-    def attention_window(self, layer: int) -> int | None:
-        """The sliding window of block `layer` (None: it attends to the whole context)."""
-        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
-            return self.sliding_window
-        return None
 
     @property
     def latent_attention(self) -> bool:

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moe_jax import fields
+from moe_jax.utils import fields
 
 Array = jax.Array
 

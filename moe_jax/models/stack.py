@@ -11,10 +11,6 @@ traced program holds s + p blocks instead of s + R p, which is what makes deep m
 fast. `convert_layout` moves variables (parameters, model state, optimizer statistics) between
 the two layouts.
 
-A block's kind is whether it is sparse, and (GPT-OSS) its attention window when the model's
-blocks differ in it (`block_kind`): the repeating unit repeats kinds, so GPT-OSS's 36 sparse
-blocks alternating windowed and full attention scan as 18 repeats of a unit of two.
-
 `ModelConfig.remat_policy` wraps each block in `nn.remat` (jax.checkpoint; Chen et al. 2016,
 "Training Deep Nets with Sublinear Memory Cost"): the backward pass recomputes what the policy
 does not save.
@@ -23,7 +19,7 @@ does not save.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,34 +45,13 @@ def block_name(layer: int) -> str:
     return f"block_{layer}"
 
 
-class BlockKind(NamedTuple):
-    """What distinguishes one block's module from another's: a sparse FFN, and the attention
-    window (None: the whole context)."""
-
-    sparse: bool
-    window: int | None
-
-
-def block_kind(config: ModelConfig, layer: int) -> bool | BlockKind:
-    """Block `layer`'s kind: its sparse flag when no block has a sliding window, else a
-    `BlockKind`."""
-    sparse = layer in config.sparse_layers
-    if config.sliding_window is None:
-        return sparse
-    return BlockKind(sparse, config.attention_window(layer))
-
-
-def _parts(kind: bool | BlockKind) -> BlockKind:
-    return kind if isinstance(kind, BlockKind) else BlockKind(kind, None)
-
-
 @dataclasses.dataclass(frozen=True)
 class ScanPlan:
-    """Blocks 0 .. prefix-1 unrolled, then `repeats` repeats of `unit` (its blocks' kinds,
-    `block_kind`: sparse flags, or `BlockKind`s)."""
+    """Blocks 0 .. prefix-1 unrolled, then `repeats` repeats of `unit` (its blocks' sparse
+    flags)."""
 
     prefix: int
-    unit: tuple[bool | BlockKind, ...]
+    unit: tuple[bool, ...]
     repeats: int
 
     @property
@@ -86,14 +61,17 @@ class ScanPlan:
 
 def scan_plan(config: ModelConfig) -> ScanPlan:
     """The split of the blocks with the fewest blocks to trace (prefix + period), the shortest
-    prefix among those. When no unit repeats (sparse blocks without a regular tail), every
-    block is unrolled: ScanPlan(num_layers, (), 0)."""
-    flags = [block_kind(config, i) for i in range(config.num_layers)]
+    prefix among those; every repeat has the same sparse flags and attention kinds
+    (`ModelConfig.attention_kind`: NoPE, chunked). When no unit repeats (sparse blocks without
+    a regular tail), every block is unrolled: ScanPlan(num_layers, (), 0)."""
+    sparse = set(config.sparse_layers)
+    flags = [i in sparse for i in range(config.num_layers)]
+    kinds = [(i in sparse, config.attention_kind(i)) for i in range(config.num_layers)]
     n = len(flags)
     best: tuple[tuple[int, int], int, int] | None = None
     for s in range(n):
         for p in range(1, n - s + 1):
-            if (n - s) % p == 0 and all(flags[i] == flags[s + (i - s) % p] for i in range(s, n)):
+            if (n - s) % p == 0 and all(kinds[i] == kinds[s + (i - s) % p] for i in range(s, n)):
                 if best is None or (s + p, s) < best[0]:
                     best = ((s + p, s), s, p)
                 break
@@ -111,14 +89,14 @@ def _remat(block: type[nn.Module], policy: str, *, in_scan: bool) -> type[nn.Mod
                     static_argnums=(4,))
 
 
-def _run_blocks(block: type[nn.Module], blocks: list[tuple[str, bool | BlockKind]],
+def _run_blocks(block: type[nn.Module], blocks: list[tuple[str, bool, int]],
                 config: ModelConfig, moe: MoeConfig, moe_sharding: Any, x: Array,
                 segment_ids: Array, positions: Array, train: bool) -> tuple[Array, list[Aux]]:
-    """Applies the named blocks (name, kind) in order; returns (x, each sparse block's aux)."""
+    """Applies the named blocks (name, sparse, layer index) in order; returns (x, each sparse
+    block's aux)."""
     auxes = []
-    for name, kind in blocks:
-        sparse, window = _parts(kind)
-        x, aux = block(config, moe if sparse else None, moe_sharding, window=window, name=name)(
+    for name, sparse, layer in blocks:
+        x, aux = block(config, moe if sparse else None, moe_sharding, layer, name=name)(
             x, segment_ids, positions, train)
         if aux is not None:
             auxes.append(aux)
@@ -133,13 +111,15 @@ class _Unit(nn.Module):
     config: ModelConfig
     moe: MoeConfig
     moe_sharding: Any
-    unit: tuple[bool | BlockKind, ...]
+    unit: tuple[bool, ...]
     train: bool
+    first_layer: int = 0  # the block index of the unit's first member in the first repeat
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array
                  ) -> tuple[Array, tuple[Aux, ...]]:
-        members = [(block_name(j), sparse) for j, sparse in enumerate(self.unit)]
+        members = [(block_name(j), sparse, self.first_layer + j)
+                   for j, sparse in enumerate(self.unit)]
         x, auxes = _run_blocks(self.block, members, self.config, self.moe, self.moe_sharding,
                                x, segment_ids, positions, self.train)
         return x, tuple(auxes)
@@ -165,12 +145,12 @@ def apply_blocks(block: type[nn.Module], config: ModelConfig, moe: MoeConfig, mo
     """Runs the blocks of `config` on x [B, L, d], unrolled or scanned, as submodules of the
     calling module (call it from its compact `__call__`). `block(config, moe or None,
     moe_sharding, name=...)` builds one block, called as (x, segment_ids, positions, train) ->
-    (x, aux or None); a windowed block gets `window=` its attention window (`block_kind`).
-    Returns (x, the sparse blocks' aux stacked [M, ...] in block order, {} for a dense
-    model)."""
+    (x, aux or None). Returns (x, the sparse blocks' aux stacked [M, ...] in block order, {} for
+    a dense model)."""
+    sparse = set(config.sparse_layers)
     cls = _remat(block, config.remat_policy, in_scan=config.scan_layers)
     plan = scan_plan(config) if config.scan_layers else ScanPlan(config.num_layers, (), 0)
-    unrolled = [(block_name(i), block_kind(config, i)) for i in range(plan.prefix)]
+    unrolled = [(block_name(i), i in sparse, i) for i in range(plan.prefix)]
     x, auxes = _run_blocks(cls, unrolled, config, moe, moe_sharding, x, segment_ids, positions,
                            train)
     scanned_aux: tuple[Aux, ...] = ()
@@ -178,7 +158,7 @@ def apply_blocks(block: type[nn.Module], config: ModelConfig, moe: MoeConfig, mo
         scan = nn.scan(_Unit, variable_axes={True: 0}, split_rngs={True: True},
                        in_axes=(nn.broadcast, nn.broadcast), length=plan.repeats,
                        metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
-        x, scanned_aux = scan(cls, config, moe, moe_sharding, plan.unit, train,
+        x, scanned_aux = scan(cls, config, moe, moe_sharding, plan.unit, train, plan.prefix,
                               name=SCAN_NAME)(x, segment_ids, positions)
     return x, _stack_aux(auxes, scanned_aux)
 

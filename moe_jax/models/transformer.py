@@ -97,14 +97,14 @@ class DenseFfn(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer block; `moe` set = sparse FFN; `window` its sliding attention
-    window (`ModelConfig.attention_window`; None: the whole context). Returns (x, aux or
-    None)."""
+    """One pre-norm Transformer block; `moe` set = sparse FFN. Returns (x, aux or None).
+    `layer`: the block's index, for its attention (`ModelConfig.attention_kind`; in a scan, the
+    index of the member in the first repeat, whose kind every repeat shares)."""
 
     config: ModelConfig
     moe: MoeConfig | None = None
     moe_sharding: moe_lib.Layout | None = None
-    window: int | None = None
+    layer: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array,
@@ -115,12 +115,16 @@ class Block(nn.Module):
         if c.latent_attention:
             attention = latent_attention.from_config(c, "attention")
         else:
+            kind = c.attention_kind(self.layer)
             attention = Attention(
                 num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
-                causal=c.causal, use_rotary=c.positions == "rotary", rope_base=c.rope_base,
-                qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
-                window=self.window, sinks=c.attention_sinks, out_bias=c.out_bias,
-                yarn=yarn_of(c), dtype=dtype, param_dtype=param_dtype, name="attention")
+                causal=c.causal, use_rotary=kind.rotary, rope_base=c.rope_base,
+                qkv_bias=c.qkv_bias, qk_norm=kind.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
+                rope_interleave=c.rope_interleave, chunk=kind.chunk,
+                temperature=(c.attn_temperature_floor, c.attn_temperature_scale)
+                if kind.temperature else None, window=kind.window, sinks=c.attention_sinks,
+                out_bias=c.out_bias, yarn=yarn_of(c), dtype=dtype, param_dtype=param_dtype,
+                name="attention")
         h = Norm(c.norm, c.norm_eps, param_dtype, name="attention_norm")(x)
         x = x + dropout(attention(h, segment_ids, positions))
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from moe_jax import fields
+from moe_jax.utils import fields
 
 MESH_AXES = ("data", "fsdp", "expert", "model")
 EXPERT_PARALLEL_FORMS = ("gspmd", "explicit")

@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from moe_jax import storage
+from moe_jax.utils import storage
 
 STATE_ITEM = "state"
 HOST_ITEM = "host"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe_jax import fields
+from moe_jax.utils import fields
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")

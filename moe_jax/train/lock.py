@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from moe_jax import storage
+from moe_jax.utils import storage
 
 LOCK_FILE = "writer.lock"
 LEASE_SECONDS = 120.0

@@ -11,7 +11,7 @@ Files in the workdir:
   summary.json         final losses, params, FLOPs per token, tokens/s, wall time (at the end)
   writer.lock          held while a process trains here (`moe_jax.train.lock`)
 
-The workdir may be a gs:// URL (`moe_jax.storage`): the same files, with metrics.jsonl and
+The workdir may be a gs:// URL (`moe_jax.utils.storage`): the same files, with metrics.jsonl and
 alerts.jsonl as series of objects (`storage.JsonLines`) and the lock a Cloud Storage object.
 
 The run is laid out on the mesh of `config.mesh` (`moe_jax.parallel.sharding`; one device by
@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from moe_jax import routing, schema, storage
+from moe_jax import routing, schema
 from moe_jax.analysis import flops
 from moe_jax.train import evaluate, init_from, jitted, lock, monitor, optim, placement, profiles
 from moe_jax.train import inputs as train_input
@@ -60,6 +60,7 @@ from moe_jax.train.metrics import (
     write_json,
 )
 from moe_jax.train.state import TrainState, num_params
+from moe_jax.utils import storage
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"

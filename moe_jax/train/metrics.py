@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax import storage
+from moe_jax.utils import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax import storage
 from moe_jax.train.config import MonitorConfig
 from moe_jax.train.metrics import MetricsWriter, is_logging_process
+from moe_jax.utils import storage
 
 ALERTS_FILE = "alerts.jsonl"
 Record = Mapping[str, Any]

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax import storage
 from moe_jax.config import MoeConfig
 from moe_jax.models.config import ModelConfig
 from moe_jax.train.evaluate import GATE_BINS
 from moe_jax.train.metrics import write_json
+from moe_jax.utils import storage
 
 PROFILES_DIR = "routing_profiles"
 Profile = dict[str, Any]

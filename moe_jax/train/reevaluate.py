@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from moe_jax import schema, storage
+from moe_jax import schema
 from moe_jax.data import pipeline, sources
 from moe_jax.models import Transformer
 from moe_jax.train import evaluate, optim, profiles
@@ -28,6 +28,7 @@ from moe_jax.train import inputs as train_input
 from moe_jax.train.checkpoint import read_weights
 from moe_jax.train.loop import CONFIG_FILE
 from moe_jax.train.state import init_train_state
+from moe_jax.utils import storage
 
 
 def run_experiment(workdir: str, settings: Mapping[str, Any] | None = None) -> schema.Experiment:

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from moe_jax import cli, storage
 from moe_jax.train import profiles
 from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.metrics import write_json
+from moe_jax.utils import cli, storage
 
 Profile = profiles.Profile
 
