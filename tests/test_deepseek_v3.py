@@ -58,7 +58,7 @@ def test_interleaved_rotary_rotates_adjacent_pairs():
     np.testing.assert_allclose(apply_rotary(x, position, 1e4).ravel(),
                                [0, math.cos(0.01), 0, math.sin(0.01)], atol=1e-6)
     yarn = Yarn(factor=4.0, original_max_seq_len=64)
-    np.testing.assert_allclose(apply_rotary(x, position * 0, 1e4, yarn=yarn).ravel(),
+    np.testing.assert_allclose(apply_rotary(x, position * 0, 1e4, scaling=yarn).ravel(),
                                [0, 1.138629, 0, 0], rtol=1e-5)
 
 
