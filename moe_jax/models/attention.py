@@ -131,9 +131,9 @@ class Attention(nn.Module):
     "weightless" over each head's h dims without a scale (Llama 4 normalises after the
     rotation; a rotation keeps the RMS, so the order does not matter).
     `rope_interleave` rotates pairs (2i, 2i + 1) and `rope_scaling` scales the frequencies
-    (`positions.apply_rotary`); `chunk` limits
-    attention to the query's chunk of positions (`same_chunk`); `temperature` (floor_scale,
-    scale) multiplies the queries by `temperature_scale` (Llama 4's NoPE blocks).
+    (`positions.apply_rotary`); `chunk` limits attention to the query's chunk of positions
+    (`same_chunk`); `temperature` (floor_scale, scale) multiplies the queries by
+    `temperature_scale` (Llama 4's NoPE blocks).
     With the `CACHE` collection mutable (decoding, causal only), the keys and values go through
     the cache `CACHE`/{key, value, positions, filled} (see `cached_keys_values`); a call that
     finds no cache creates an empty one of S = L slots (how `decode.init_cache` sizes it).
