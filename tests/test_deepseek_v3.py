@@ -58,7 +58,7 @@ def test_interleaved_rotary_rotates_adjacent_pairs():
     np.testing.assert_allclose(apply_rotary(x, position, 1e4).ravel(),
                                [0, math.cos(0.01), 0, math.sin(0.01)], atol=1e-6)
     yarn = Yarn(factor=4.0, original_max_seq_len=64)
-    np.testing.assert_allclose(apply_rotary(x, position * 0, 1e4, yarn=yarn).ravel(),
+    np.testing.assert_allclose(apply_rotary(x, position * 0, 1e4, scaling=yarn).ravel(),
                                [0, 1.138629, 0, 0], rtol=1e-5)
 
 
@@ -107,7 +107,7 @@ def test_bad_deepseek_settings_are_named():
         MoeConfig(expert_groups=2)
     with pytest.raises(ConfigError, match="top_k=4 exceeds the 2 experts"):
         MoeConfig(router="sigmoid_bias", top_k=4, expert_groups=4, top_expert_groups=1)
-    with pytest.raises(ConfigError, match="rope_scaling='yarn' scales rotary positions"):
+    with pytest.raises(ConfigError, match="rope_scaling='yarn' scales rotary frequencies"):
         ModelConfig(rope_scaling="yarn", positions="learned")
     with pytest.raises(ConfigError, match=r"yarn_mscale_all_dim=0\.8 scales the softmax of "
                        "multi-head latent attention"):

@@ -180,9 +180,34 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path):
                        r"mixtral \(MixtralForCausalLM\), qwen2_moe.*llama"):
         interop.load(directory)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({**hf, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, f)
-    with pytest.raises(interop.UnsupportedModelError, match="rope scaling 'llama3'"):
+        json.dump({**hf, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5}}, f)
+    with pytest.raises(interop.UnsupportedModelError, match=r"rope scaling 'dynamic'.*'llama3'"):
         interop.load(directory)
+
+
+def test_llama3_rope_scaling_of_a_llama_checkpoint_round_trips(tmp_path):
+    """Llama 3.1's rope_scaling (transformers 4.x spelling, original context shrunk to 16 for
+    the fixture's 64 positions) imports to the llama3_* fields and exports as rope_parameters.
+    Checked once against transformers 5.25 (not a fixture): logits within 3.3e-6 of
+    LlamaForCausalLM's."""
+    directory = _copy("llama", tmp_path)
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    with open(path, "w") as f:
+        json.dump({**hf, "rope_parameters": None, "rope_theta": 5e4, "rope_scaling": rope}, f)
+    imported = interop.load(directory)
+    experiment = schema.parse_config(imported.config)
+    assert (experiment.model.rope_scaling, experiment.model.llama3_factor,
+            experiment.model.llama3_original_max_seq_len) == ("llama3", 8.0, 16)
+    written = interop.hf_config.hf_config(experiment, imported.family, imported.hf)
+    assert written["rope_parameters"] == {**rope, "rope_theta": 5e4} and \
+        "rope_scaling" not in written
+    with open(path, "w") as f:
+        json.dump(written, f)
+    assert interop.load(directory).config.to_dict() == imported.config.to_dict()
 
 
 def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):

@@ -1,6 +1,7 @@
 """Llama 4's pieces with hand-made numbers: sigmoid top-k routing, gates on the expert inputs,
 chunked masks (full pass and cache), NoPE temperature tuning, the weightless QK-norm, per-block
-attention kinds and the scan over them; named errors; the published counts; and decoding the
+attention kinds and the scan over them, the "llama3" rotary scaling (hand-made and
+transformers' numbers, import and export); named errors; the published counts; and decoding the
 imported fixture (chunks, NoPE blocks, temperature tuning) equals its full forward pass."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from moe_jax.models import Transformer, decode, stack
 from moe_jax.models.attention import attention_mask, cache_mask, temperature_scale
 from moe_jax.models.config import AttentionKind, ModelConfig
 from moe_jax.models.norms import rms_norm
-from moe_jax.models.positions import apply_rotary
+from moe_jax.models.positions import Llama3Scaling, apply_rotary, rotary_scaling_of
 from moe_jax.utils.fields import ConfigError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama4_text")
@@ -132,6 +133,60 @@ def test_weightless_qk_norm_commutes_with_the_rotation():
     np.testing.assert_allclose(before, after, rtol=1e-5, atol=1e-6)
 
 
+def test_llama3_scaling_divides_low_frequencies_and_keeps_high_ones():
+    """h = 8, base 1e4: frequencies 1, 0.1, 0.01, 0.001 turn t = 150 f / (2 pi) = 23.9, 2.39,
+    0.239, 0.0239 times over an original context of 150; with low 1 and high 4 the first is
+    kept (t > 4), the last two are divided by 8 (t < 1), the second blended."""
+    scaling = Llama3Scaling(factor=8.0, original_max_seq_len=150, low_freq_factor=1.0,
+                            high_freq_factor=4.0)
+    inv_freq = np.asarray([1.0, 0.1, 0.01, 0.001])
+    keep = (150 * 0.1 / (2 * np.pi) - 1) / (4 - 1)  # 0.4624
+    expected = [1.0, keep * 0.1 + (1 - keep) * 0.1 / 8, 0.01 / 8, 0.001 / 8]
+    np.testing.assert_allclose(scaling.inverse_frequencies(8, 1e4), expected, rtol=1e-6)
+    assert 0 < keep < 1 and np.all(np.asarray(expected) <= inv_freq)
+    # equal factors (Llama 4 Scout's 1 and 1): a step at t = 1, nothing blended
+    step = Llama3Scaling(factor=8.0, original_max_seq_len=150, low_freq_factor=1.0,
+                         high_freq_factor=1.0)
+    np.testing.assert_allclose(step.inverse_frequencies(8, 1e4), [1.0, 0.1, 0.01 / 8, 0.001 / 8],
+                               rtol=1e-6)
+    # no temperature: at position 0 the rotation is the identity
+    x = jnp.asarray([0.0, 1.0, 2.0, 3.0]).reshape(1, 1, 1, 4)
+    np.testing.assert_array_equal(apply_rotary(x, jnp.zeros((1, 1), jnp.int32), 1e4,
+                                               scaling=scaling), x)
+    assert rotary_scaling_of(ModelConfig(rope_scaling="llama3", llama3_factor=16.0)) == \
+        Llama3Scaling(16.0, 8192, 1.0, 4.0)  # Llama 3.1's defaults, the given factor
+    assert rotary_scaling_of(ModelConfig()) is None
+
+
+def test_llama3_scaling_matches_transformers():
+    """transformers' `_compute_llama3_parameters` (5.25), computed once with torch for head_dim
+    16 and pasted here: Llama 3.1-like (factor 8, low 1, high 4; original context 150 so that
+    every band is hit at h = 16) and Llama 4 Scout's (factor 16, low = high = 1, 8192)."""
+    llama31 = [1.0, 3.1622776e-01, 5.2963622e-02, 3.9528473e-03, 1.2500000e-03, 3.9528473e-04,
+               1.2500001e-04, 3.9528473e-05]
+    scout = [1.0, 1.9392276e-01, 3.7606031e-02, 7.2926651e-03, 1.4142134e-03, 1.7140512e-05,
+             3.3239348e-06, 6.4458658e-07]
+    np.testing.assert_allclose(Llama3Scaling(8.0, 150, 1.0, 4.0).inverse_frequencies(16, 1e4),
+                               llama31, rtol=3e-7)
+    np.testing.assert_allclose(Llama3Scaling(16.0, 8192, 1.0, 1.0).inverse_frequencies(16, 5e5),
+                               scout, rtol=3e-7)
+
+
+def test_bad_llama3_scaling_is_named():
+    with pytest.raises(ConfigError, match=r"llama3_high_freq_factor=1.0 must be at least "
+                       r"llama3_low_freq_factor=4.0.*swap them"):
+        ModelConfig(rope_scaling="llama3", llama3_low_freq_factor=4.0,
+                    llama3_high_freq_factor=1.0)
+    with pytest.raises(ConfigError, match=r"llama3_factor=0.0 must be"):
+        ModelConfig(rope_scaling="llama3", llama3_factor=0.0)
+    with pytest.raises(ConfigError, match=r"llama3_original_max_seq_len=0 must be"):
+        ModelConfig(rope_scaling="llama3", llama3_original_max_seq_len=0)
+    with pytest.raises(ConfigError, match="'llama3' is implemented for grouped-query attention"):
+        ModelConfig(rope_scaling="llama3", kv_lora_rank=8)
+    with pytest.raises(ConfigError, match="scales rotary frequencies, but positions='learned'"):
+        ModelConfig(rope_scaling="llama3", positions="learned")
+
+
 LLAMA4_LIKE = ModelConfig(num_layers=4, d_model=16, num_heads=2, d_ff=24, moe_every=2,
                           nope_layers=(3,), chunked_layers=(0, 1, 2), attention_chunk=4,
                           qk_norm="weightless", attn_temperature_floor=4.0,
@@ -228,10 +283,49 @@ def _variant(tmp_path, change) -> str:
     return directory
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 0.1,
+               "high_freq_factor": 2.0, "original_max_position_embeddings": 32}
+
+
+def test_llama3_rope_imports_and_exports_as_written(tmp_path):
+    """The fixture with "llama3" scaling (every band hit at h = 8, theta 5e5, original context
+    32). Checked once against transformers 5.25 (not a fixture): logits within 6.2e-6 of
+    Llama4ForCausalLM's, 4e-6 for Scout's step (low = high = 1), where the scaling moves them
+    by 0.4-0.6; transformers reads the exported config.json's rope_parameters back as written."""
+    directory = _variant(tmp_path, lambda hf: hf.update(rope_parameters=LLAMA3_ROPE))
+    imported = interop.load(directory)
+    model = schema.parse_config(imported.config).model
+    assert (model.rope_scaling, model.llama3_factor, model.llama3_low_freq_factor,
+            model.llama3_high_freq_factor, model.llama3_original_max_seq_len) == (
+        "llama3", 8.0, 0.1, 2.0, 32)
+    out = str(tmp_path / "exported")
+    os.makedirs(out)
+    interop.save(out, schema.parse_config(imported.config), imported.variables,
+                 imported.family, imported.hf)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["rope_parameters"] == LLAMA3_ROPE
+    assert interop.load(out).config.to_dict() == imported.config.to_dict()
+    # transformers 4.x's spelling, as Scout's config.json: rope_scaling and a top-level
+    # rope_theta; original_max_position_embeddings defaults to max_position_embeddings
+    scout = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 1.0}
+    directory = _variant(tmp_path, lambda hf: hf.update(rope_parameters=None, rope_theta=5e5,
+                                                        rope_scaling=scout))
+    model = schema.parse_config(interop.load(directory).config).model
+    assert rotary_scaling_of(model) == Llama3Scaling(16.0, 64, 1.0, 1.0)
+
+
 def test_what_llama4_import_and_export_cannot_represent_is_named(tmp_path):
-    with pytest.raises(interop.UnsupportedModelError, match="rope scaling 'llama3'"):
+    with pytest.raises(interop.UnsupportedModelError, match="rope scaling 'yarn'"):
+        interop.load(_variant(tmp_path, lambda hf: hf.update(rope_parameters={
+            "rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0})))
+    with pytest.raises(interop.UnsupportedModelError, match=r"rope_type 'llama3' needs "
+                       r"\['low_freq_factor', 'high_freq_factor'\]"):
         interop.load(_variant(tmp_path, lambda hf: hf.update(rope_parameters={
             "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})))
+    with pytest.raises(ValueError, match=r"config.model.llama3_high_freq_factor=0.05 must be "):
+        interop.load(_variant(tmp_path, lambda hf: hf.update(rope_parameters={
+            **LLAMA3_ROPE, "high_freq_factor": 0.05})))
     with pytest.raises(interop.UnsupportedModelError, match=r"layer_types \['sliding"):
         interop.load(_variant(tmp_path, lambda hf: hf.update(layer_types=[
             "sliding_attention", "full_attention", "full_attention", "chunked_attention"])))

@@ -10,10 +10,11 @@ numerical conventions were checked against transformers' modeling code (5.x): RM
 inside the square root in float32; rotary positions on the half-split layout (rotate_half) with
 `rope_theta`; router softmax in float32, top-k, then (`norm_topk_prob`, always for Mixtral) the
 k gates divided by their sum; SwiGLU experts `down(silu(gate(x)) * up(x))`; no capacity
-(dropless). An option moe_jax has no equivalent for (rope scaling, sliding windows in use,
-clipped qkv, output-projection or MLP biases, other activations) is refused with its key,
-except where a family implements it (DeepSeek-V3's YaRN, `hf_deepseek`; GPT-OSS's YaRN,
-windows, sinks, biases and clamped SwiGLU, `hf_gpt_oss`).
+(dropless). Rope scaling: "llama3" for llama and llama4_text (`hf_keys.llama3_fields`), "yarn"
+for deepseek_v3 and gpt_oss. An option moe_jax has no equivalent for (other rope scalings,
+sliding windows in use, clipped qkv, output-projection or MLP biases, other activations) is
+refused with its key, except where a family implements it (GPT-OSS's windows, sinks, biases
+and clamped SwiGLU, `hf_gpt_oss`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ import ml_collections
 
 from moe_jax import schema
 from moe_jax.interop import hf_deepseek, hf_gpt_oss, hf_llama4
-from moe_jax.interop.hf_keys import UnsupportedModelError, rope_parameters
+from moe_jax.interop.hf_keys import (
+    UnsupportedModelError,
+    llama3_fields,
+    rope_parameters,
+    rope_parameters_of,
+)
 
 ARCHITECTURE_KEYS = ("model_type", "architectures")
 DEFAULT_TRAIN_SEQ_LEN = 2048  # converted configs train on at most this many tokens per row
@@ -100,7 +106,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            "Sec. 2", qk_norm="per_head", qwen_layers=True),
     Family("olmoe", "OlmoeForCausalLM", "Muennighoff et al. 2024, OLMoE",
            width_key="intermediate_size", qk_norm="projection"),
-    Family("llama", "LlamaForCausalLM", "Touvron et al. 2023, LLaMA", sparse=False),
+    Family("llama", "LlamaForCausalLM", "Touvron et al. 2023, LLaMA", sparse=False,
+           rope_types=("llama3",)),
     Family("qwen2", "Qwen2ForCausalLM", "Yang et al. 2024, Qwen2 Technical Report",
            sparse=False, qkv_bias=True),
     Family("deepseek_v3", "DeepseekV3ForCausalLM", "Liu et al. 2024, DeepSeek-V3 Technical "
@@ -110,7 +117,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            configure=hf_deepseek.configure, describe=hf_deepseek.describe),
     Family("llama4_text", "Llama4ForCausalLM", "Meta 2025, Llama 4 model card; transformers' "
            "Llama4TextModel", experts_keys=("num_local_experts",), width_key="intermediate_size",
-           renormalize=False, qk_norm=("weightless", "none"), shared=True,
+           renormalize=False, qk_norm=("weightless", "none"), shared=True, rope_types=("llama3",),
            moe_prefix="feed_forward", dense_prefix="feed_forward", router_name="router",
            fused_experts=True, layers_key="moe_layers", gate_inputs=True, block_attention=True,
            router="sigmoid_top_k", configure=hf_llama4.configure, describe=hf_llama4.describe),
@@ -147,8 +154,7 @@ def _get(hf: dict[str, Any], key: str, where: str, default: Any = dataclasses.MI
 def rope_theta(hf: dict[str, Any], where: str, allowed: tuple[str, ...] = ("default",)
                ) -> float:
     """`rope_theta` (transformers 4.x) or `rope_parameters.rope_theta` (5.x); rope scaling other
-    than `allowed` is refused (moe_jax implements the original RoPE, and YaRN for latent
-    attention)."""
+    than `allowed` (the family's `rope_types`) is refused."""
     params = hf.get("rope_parameters") or {}
     kind = rope_parameters(hf)["rope_type"]
     if kind != "default" and kind not in allowed:
@@ -219,6 +225,7 @@ def experiment_config(hf: dict[str, Any], family: Family,
                       else _get(hf, family.qkv_bias, where, True))))
     if head_dim is not None and head_dim * heads != d_model:
         model.head_dim = head_dim
+    model.update(llama3_fields(hf, where))
     layers = sparse_layers(hf, family, num_layers)
     if layers:
         model.moe_layers = layers
@@ -335,7 +342,7 @@ def hf_config(experiment: Any, family: Family, base: dict[str, Any] | None = Non
         "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads,
         "head_dim": m.head_size, "intermediate_size": m.d_ff, "hidden_act": "silu",
         "rms_norm_eps": m.norm_eps, "max_position_embeddings": m.max_seq_len,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
+        "rope_parameters": rope_parameters_of(m),
         "rope_theta": m.rope_base, "tie_word_embeddings": bool(hf.get("tie_word_embeddings")),
         "dtype": dtype, "torch_dtype": dtype,  # transformers 5.x and 4.x spellings
     })

@@ -1,5 +1,6 @@
 """What every Hugging Face family's config.json reading shares: the error of a config moe_jax
-cannot represent, and the rope settings under their 4.x and 5.x spellings, YaRN's included."""
+cannot represent, the rope settings under their 4.x and 5.x spellings, YaRN's keys, and Llama
+3.1's "llama3" rope scaling (Llama 3.1, Llama 4 Scout) in and out."""
 
 from __future__ import annotations
 
@@ -51,4 +52,39 @@ def yarn_parameters(model: Any) -> dict[str, Any]:
                      if model.yarn_mscale_all_dim or not key.startswith("mscale")})
         if not model.yarn_truncate:
             rope["truncate"] = False
+    return rope
+
+
+# rope_parameters keys of rope_type "llama3" -> ModelConfig fields (`positions.Llama3Scaling`).
+LLAMA3_KEYS = {"factor": "llama3_factor", "low_freq_factor": "llama3_low_freq_factor",
+               "high_freq_factor": "llama3_high_freq_factor",
+               "original_max_position_embeddings": "llama3_original_max_seq_len"}
+
+
+def llama3_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig fields of a config with rope_type "llama3" ({} for other rope types).
+    original_max_position_embeddings defaults to max_position_embeddings, as in transformers'
+    `standardize_rope_params`; the other three keys are required."""
+    rope = rope_parameters(hf)
+    if rope["rope_type"] != "llama3":
+        return {}
+    if rope.get("original_max_position_embeddings") is None:
+        rope["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    missing = [key for key in LLAMA3_KEYS if rope.get(key) is None]
+    if missing:
+        raise UnsupportedModelError(f"{where}: rope_type 'llama3' needs {missing} in "
+                                    "rope_parameters (rope_scaling in transformers 4.x); add "
+                                    "them from the model's original config.json")
+    return {"rope_scaling": "llama3",
+            **{field: (int if key.startswith("original") else float)(rope[key])
+               for key, field in LLAMA3_KEYS.items()}}
+
+
+def rope_parameters_of(model: Any) -> dict[str, Any]:
+    """`rope_parameters` of a ModelConfig without rope scaling or with rope_scaling="llama3"
+    (what `llama3_fields` reads back)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": model.rope_base}
+    if model.rope_scaling == "llama3":
+        rope.update({"rope_type": "llama3",
+                     **{key: getattr(model, field) for key, field in LLAMA3_KEYS.items()}})
     return rope

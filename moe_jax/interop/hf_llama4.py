@@ -14,9 +14,12 @@ input, with one shared expert.
                 experts' and the one shared expert's moe.d_ff; num_local_experts,
                 num_experts_per_tok -> moe (router sigmoid_top_k, gate_inputs)
 
+    rope        rope_type "llama3" (the released Scout's frequencies) -> model.rope_scaling
+                "llama3" and the llama3_* fields (`hf_keys.llama3_fields`, shared with llama)
+
 Missing keys take transformers' defaults (`Llama4TextConfig.__post_init__`). Refused with the
-fix: a `quantization_config`, layer types other than the two above, rope scaling (the released
-Scout's "llama3" frequencies; `hf_config.rope_theta` names it).
+fix: a `quantization_config`, layer types other than the two above, rope types other than
+"default" and "llama3" (`hf_config.rope_theta` names them).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.models.norms import Norm, rms_norm
-from moe_jax.models.positions import Yarn, apply_rotary
+from moe_jax.models.positions import RotaryScaling, apply_rotary
 
 Array = jax.Array
 
@@ -157,12 +157,13 @@ class Attention(nn.Module):
     by the heads), "projection" over the whole projection (scale [H*h] and [K*h]),
     "weightless" over each head's h dims without a scale (Llama 4 normalises after the
     rotation; a rotation keeps the RMS, so the order does not matter).
-    `rope_interleave` rotates pairs (2i, 2i + 1) (`positions.apply_rotary`); `chunk` limits
-    attention to the query's chunk of positions (`same_chunk`); `temperature` (floor_scale,
-    scale) multiplies the queries by `temperature_scale` (Llama 4's NoPE blocks).
+    `rope_interleave` rotates pairs (2i, 2i + 1) and `rope_scaling` scales the frequencies
+    (`positions.apply_rotary`); `chunk` limits attention to the query's chunk of positions
+    (`same_chunk`); `temperature` (floor_scale, scale) multiplies the queries by
+    `temperature_scale` (Llama 4's NoPE blocks).
     GPT-OSS options: `window` (sliding-window attention, `attention_mask`), `sinks` (a learned
     sink logit per head, param "sinks" [H] ("heads",), zeros at init; `softmax_with_sink`),
-    `out_bias` (param "out_bias" [d] ("embed",)), `yarn` (YaRN rotary scaling).
+    `out_bias` (param "out_bias" [d] ("embed",)).
     With the `CACHE` collection mutable (decoding, causal only), the keys and values go through
     the cache `CACHE`/{key, value, positions, filled} (see `cached_keys_values`); a call that
     finds no cache creates an empty one of S = L slots (how `decode.init_cache` sizes it).
@@ -179,12 +180,12 @@ class Attention(nn.Module):
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
     rope_interleave: bool = False
+    rope_scaling: RotaryScaling | None = None
     chunk: int | None = None
     temperature: tuple[float, float] | None = None
     window: int | None = None
     sinks: bool = False
     out_bias: bool = False
-    yarn: Yarn | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -213,10 +214,8 @@ class Attention(nn.Module):
         if self.qk_norm != "none":
             q, k = self.normalize(q, "query_norm"), self.normalize(k, "key_norm")
         if self.use_rotary:
-            q = apply_rotary(q, positions, self.rope_base, yarn=self.yarn,
-                             interleaved=self.rope_interleave)
-            k = apply_rotary(k, positions, self.rope_base, yarn=self.yarn,
-                             interleaved=self.rope_interleave)
+            q, k = (apply_rotary(y, positions, self.rope_base, scaling=self.rope_scaling,
+                                 interleaved=self.rope_interleave) for y in (q, k))
         if self.temperature is not None:
             scale = temperature_scale(positions, *self.temperature)[:, :, None, None]
             q = (q.astype(jnp.float32) * scale).astype(q.dtype)

@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # the outputs of matmuls without batch dimensions (the projections and FFNs, not the attention
 # scores): `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`.
 REMAT_POLICIES = ("none", "full", "save_dots")
-ROPE_SCALINGS = ("none", "yarn")
+ROPE_SCALINGS = ("none", "yarn", "llama3")
 
 
 class AttentionKind(NamedTuple):
@@ -118,7 +118,9 @@ class ModelConfig:
     latent_norm_eps: float = 1e-6
     # Rotary pairs (2i, 2i+1) instead of (i, i + h/2) (`positions.apply_rotary`).
     rope_interleave: bool = False
-    # "yarn": YaRN rotary scaling (`positions.yarn_of`) with the yarn_* fields.
+    # Rotary frequency scaling (`positions.rotary_scaling_of`): "yarn", YaRN with the yarn_*
+    # fields; "llama3", Llama 3.1's with the llama3_* fields (grouped-query attention only;
+    # defaults: Llama 3.1's released values).
     rope_scaling: str = "none"
     yarn_factor: float = 1.0
     yarn_original_max_seq_len: int = 4096
@@ -127,6 +129,10 @@ class ModelConfig:
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 0.0
     yarn_truncate: bool = True
+    llama3_factor: float = 8.0
+    llama3_original_max_seq_len: int = 8192
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
     # Multi-token prediction (DeepSeek-V3 Sec. 2.2, `models.multi_token`): mtp_depth sequential
     # modules, module k predicting token i + 1 + k; their mean cross-entropy is added to the
     # loss times mtp_loss_weight (lambda, eq. 25). 0: none.
@@ -177,6 +183,7 @@ class ModelConfig:
             fields.boolean(self, name)
         self._check_latent_attention()
         self._check_sliding_window()
+        self._check_rope_scaling()
         if self.moe_layers is not None:
             self._check_layers("moe_layers")
         self._check_block_attention()
@@ -234,24 +241,12 @@ class ModelConfig:
             fields.integer(self, name, minimum=1)
         fields.integer(self, "qk_rope_head_dim", minimum=2)
         fields.integer(self, "mtp_depth", minimum=0, fix="0 = no multi-token prediction")
-        fields.integer(self, "yarn_original_max_seq_len", minimum=1)
-        for name in ("latent_norm_eps", "yarn_factor", "yarn_beta_fast", "yarn_beta_slow"):
-            fields.number(self, name, above=0)
-        for name in ("yarn_mscale", "yarn_mscale_all_dim", "mtp_loss_weight"):
-            fields.number(self, name, at_least=0)
-        for name in ("rope_interleave", "yarn_truncate"):
-            fields.boolean(self, name)
-        fields.one_of(self, "rope_scaling", ROPE_SCALINGS)
+        fields.number(self, "latent_norm_eps", above=0)
+        fields.number(self, "mtp_loss_weight", at_least=0)
+        fields.boolean(self, "rope_interleave")
         if self.kv_lora_rank is not None and self.qk_rope_head_dim % 2:
             fields.fail(self, "qk_rope_head_dim", "must be even for rotary positions",
                         "use an even number")
-        if self.rope_scaling != "none" and self.positions != "rotary":
-            fields.fail(self, "rope_scaling", "scales rotary positions",
-                        "set positions='rotary' or rope_scaling='none'")
-        if self.yarn_mscale_all_dim and self.kv_lora_rank is None:
-            fields.fail(self, "yarn_mscale_all_dim", "scales the softmax of multi-head latent "
-                        "attention (DeepSeek-V2/V3) only", "set kv_lora_rank or "
-                        "yarn_mscale_all_dim=0")
         if self.mtp_depth and not self.causal:
             fields.fail(self, "mtp_depth", "predicts later tokens of a causal LM",
                         "set causal=True or mtp_depth=0")
@@ -275,6 +270,34 @@ class ModelConfig:
             fields.fail(self, "sliding_window_layers", "lists windowed blocks but "
                         "sliding_window is None", "set sliding_window or "
                         "sliding_window_layers=None")
+
+    def _check_rope_scaling(self) -> None:
+        fields.one_of(self, "rope_scaling", ROPE_SCALINGS)
+        for name in ("yarn_original_max_seq_len", "llama3_original_max_seq_len"):
+            fields.integer(self, name, minimum=1)
+        for name in ("yarn_factor", "yarn_beta_fast", "yarn_beta_slow", "llama3_factor",
+                     "llama3_low_freq_factor", "llama3_high_freq_factor"):
+            fields.number(self, name, above=0)
+        for name in ("yarn_mscale", "yarn_mscale_all_dim"):
+            fields.number(self, name, at_least=0)
+        fields.boolean(self, "yarn_truncate")
+        if self.llama3_high_freq_factor < self.llama3_low_freq_factor:
+            fields.fail(self, "llama3_high_freq_factor", "must be at least "
+                        f"llama3_low_freq_factor={self.llama3_low_freq_factor} (frequencies "
+                        "turning fewer than low times over the original context are divided "
+                        "by the factor, more than high times kept)", "swap them, or set them "
+                        "equal for a step (Llama 4 Scout: both 1.0)")
+        if self.yarn_mscale_all_dim and self.kv_lora_rank is None:
+            fields.fail(self, "yarn_mscale_all_dim", "scales the softmax of multi-head latent "
+                        "attention (DeepSeek-V2/V3) only", "set kv_lora_rank or "
+                        "yarn_mscale_all_dim=0")
+        if self.rope_scaling == "llama3" and self.kv_lora_rank is not None:
+            fields.fail(self, "rope_scaling", "is implemented for grouped-query attention only",
+                        "set kv_lora_rank=None, or rope_scaling='yarn' for latent attention")
+        if self.rope_scaling != "none" and self.positions != "rotary":
+            fields.fail(self, "rope_scaling", "scales rotary frequencies, but "
+                        f"positions={self.positions!r}", "set positions='rotary' or "
+                        "rope_scaling='none'")
 
     @property
     def latent_attention(self) -> bool:

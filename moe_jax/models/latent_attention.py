@@ -130,7 +130,7 @@ class LatentAttention(nn.Module):
 
     def rotate(self, x: Array, positions: Array) -> Array:
         """Rotary positions (with YaRN, interleaved or not) of [B, L, N, r] queries or keys."""
-        return apply_rotary(x, positions, self.rope_base, yarn=self.yarn,
+        return apply_rotary(x, positions, self.rope_base, scaling=self.yarn,
                             interleaved=self.rope_interleave)
 
     def cached(self, latent: Array, rope_key: Array, segment_ids: Array, positions: Array

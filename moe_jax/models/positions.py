@@ -1,5 +1,5 @@
-"""Token positions: defaults for packed rows, rotary embeddings and their YaRN scaling (pure
-functions).
+"""Token positions: defaults for packed rows, rotary embeddings and their frequency scalings
+(YaRN, Llama 3.1's) (pure functions).
 
 Shape letters: B batch, L sequence length, N heads, h head dimension (rotated part).
 """
@@ -26,6 +26,14 @@ def rotary_inverse_frequencies(dim: int, base: float) -> np.ndarray:
     """[h/2] float32 RoPE frequencies base**(-2i/h) (Su et al. 2021, RoFormer eq. 15)."""
     return (1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(
         np.float32)
+
+
+def blend_frequencies(inv_freq: np.ndarray, factor: float, keep: np.ndarray) -> np.ndarray:
+    """[h/2] float32: each frequency of `inv_freq` [h/2] divided by `factor` (interpolated) where
+    `keep` [h/2] is 0, unchanged (extrapolated) where it is 1, mixed linearly in between: the
+    "NTK-by-parts" blend that YaRN and Llama 3.1 share, with different `keep` ramps."""
+    interpolated = inv_freq / np.float32(factor)
+    return (interpolated * (1 - keep) + inv_freq * keep).astype(np.float32)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -68,9 +76,7 @@ class Yarn:
             high += 0.001
         ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
         keep = (1 - ramp).astype(np.float32)  # 1: extrapolate (original frequency)
-        extrapolated = rotary_inverse_frequencies(dim, base)
-        interpolated = extrapolated / np.float32(self.factor)
-        return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
+        return blend_frequencies(rotary_inverse_frequencies(dim, base), self.factor, keep)
 
     @property
     def attention_factor(self) -> float:
@@ -88,6 +94,40 @@ class Yarn:
         return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama 3.1's rotary scaling (Meta 2024, Llama 3.1 release: `apply_scaling` in
+    meta-llama/llama-models; transformers' `_compute_llama3_parameters`, rope_type "llama3").
+
+    NTK-by-parts with the ramp on the wavelength 2 pi / inv_freq rather than on the dimension:
+    with t = original_max_seq_len / wavelength (the turns over the pre-training context), a
+    frequency is divided by `factor` where t < low_freq_factor, kept where t > high_freq_factor,
+    and blended with keep = (t - low) / (high - low) in between; equal factors make a step (Llama 4
+    Scout: both 1). No attention temperature.
+    """
+
+    factor: float
+    original_max_seq_len: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def inverse_frequencies(self, dim: int, base: float) -> np.ndarray:
+        """[h/2] float32 scaled frequencies (the class docstring), in float32 as transformers."""
+        inv_freq = rotary_inverse_frequencies(dim, base)
+        turns = np.float32(self.original_max_seq_len) / (np.float32(2 * math.pi) / inv_freq)
+        low, high = self.low_freq_factor, self.high_freq_factor
+        keep = np.clip((turns - low) / (high - low), 0, 1) if high > low else turns >= high
+        return blend_frequencies(inv_freq, self.factor, np.asarray(keep, np.float32))
+
+    @property
+    def attention_factor(self) -> float:
+        """Multiplier of the rotated queries and keys: 1 (Llama 3.1 keeps the temperature)."""
+        return 1.0
+
+
+RotaryScaling = Yarn | Llama3Scaling
+
+
 def yarn_of(config: Any) -> Yarn | None:
     """The `Yarn` of a `ModelConfig` with rope_scaling='yarn', else None."""
     if config.rope_scaling != "yarn":
@@ -97,8 +137,17 @@ def yarn_of(config: Any) -> Yarn | None:
                 config.yarn_truncate)
 
 
-def apply_rotary(x: Array, positions: Array, base: float, *, yarn: Yarn | None = None,
-                 interleaved: bool = False) -> Array:
+def rotary_scaling_of(config: Any) -> RotaryScaling | None:
+    """The rotary scaling of a `ModelConfig`: `Yarn` ('yarn'), `Llama3Scaling` ('llama3') or
+    None ('none')."""
+    if config.rope_scaling == "llama3":
+        return Llama3Scaling(config.llama3_factor, config.llama3_original_max_seq_len,
+                             config.llama3_low_freq_factor, config.llama3_high_freq_factor)
+    return yarn_of(config)
+
+
+def apply_rotary(x: Array, positions: Array, base: float, *,
+                 scaling: RotaryScaling | None = None, interleaved: bool = False) -> Array:
     """Rotary position embedding (Su et al. 2021, RoFormer eq. 34).
 
     x: [B, L, N, h] queries or keys (h even); positions: [B, L] int, restarting at 0 in each
@@ -107,11 +156,12 @@ def apply_rotary(x: Array, positions: Array, base: float, *, yarn: Yarn | None =
     interleaved: pairs (2i, 2i + 1) instead (RoFormer's own layout; DeepSeek-V3's
     `rope_interleave`), returned de-interleaved (even dimensions, then odd ones) as
     transformers does; q.k is the same either way, since queries and keys are permuted alike.
-    yarn: YaRN frequencies, and the result times `yarn.attention_factor`.
+    scaling: its frequencies (`Yarn`, `Llama3Scaling`), and the result times its
+    `attention_factor`.
     Computed in float32 and returned in x's dtype.
     """
     dim = x.shape[-1]
-    inv_freq = jnp.asarray(yarn.inverse_frequencies(dim, base) if yarn is not None
+    inv_freq = jnp.asarray(scaling.inverse_frequencies(dim, base) if scaling is not None
                            else rotary_inverse_frequencies(dim, base))  # [h/2]
     angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, h/2]
     sin = jnp.sin(angle)[:, :, None, :]
@@ -122,6 +172,6 @@ def apply_rotary(x: Array, positions: Array, base: float, *, yarn: Yarn | None =
     else:
         x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    if yarn is not None:
-        rotated = rotated * yarn.attention_factor
+    if scaling is not None:
+        rotated = rotated * scaling.attention_factor
     return rotated.astype(x.dtype)

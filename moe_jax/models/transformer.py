@@ -37,7 +37,7 @@ from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig, check_compatible
 from moe_jax.models.multi_token import MTP_LOGITS, MTP_NAME, MultiTokenPrediction
 from moe_jax.models.norms import Norm
-from moe_jax.models.positions import default_positions, yarn_of
+from moe_jax.models.positions import default_positions, rotary_scaling_of
 from moe_jax.models.stack import MOE_NAME, block_name
 
 Array = jax.Array
@@ -120,10 +120,11 @@ class Block(nn.Module):
                 num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
                 causal=c.causal, use_rotary=kind.rotary, rope_base=c.rope_base,
                 qkv_bias=c.qkv_bias, qk_norm=kind.qk_norm, norm=c.norm, norm_eps=c.norm_eps,
-                rope_interleave=c.rope_interleave, chunk=kind.chunk,
+                rope_interleave=c.rope_interleave, rope_scaling=rotary_scaling_of(c),
+                chunk=kind.chunk,
                 temperature=(c.attn_temperature_floor, c.attn_temperature_scale)
                 if kind.temperature else None, window=kind.window, sinks=c.attention_sinks,
-                out_bias=c.out_bias, yarn=yarn_of(c), dtype=dtype, param_dtype=param_dtype,
+                out_bias=c.out_bias, dtype=dtype, param_dtype=param_dtype,
                 name="attention")
         h = Norm(c.norm, c.norm_eps, param_dtype, name="attention_norm")(x)
         x = x + dropout(attention(h, segment_ids, positions))
