@@ -273,8 +273,26 @@ def test_convert_cli_writes_a_run_and_exports_it_back(tmp_path):
         conversion.export_hf(out, back)
     # Sampling text needs the model's own tokenizer, which moe_jax does not ship: refused
     # before anything compiles, saying what to do.
-    with pytest.raises(ValueError, match=r"vocabulary of .* tokenizer .*decode\.generate"):
+    with pytest.raises(ValueError, match=r"vocabulary of .* tokenizer .*--prompt_ids"):
         sample.run(out, ["def "], max_new_tokens=2, sampling=SamplingConfig(), seed=0)
+    # Token ids of the model's own vocabulary decode: greedy continuations equal the argmax of
+    # the full forward pass, token by token.
+    ids = [5, 17, 250]
+    texts = sample.run(out, [], max_new_tokens=3, sampling=SamplingConfig(temperature=0.0),
+                       seed=0, prompt_ids=[",".join(map(str, ids))])
+    continued = [int(t) for t in texts[0].split(",")]
+    assert continued[:3] == ids and len(continued) == 6
+    imported = _imported("qwen2_moe")
+    experiment = schema.parse_config(imported.config)
+    model = Transformer(experiment.model, experiment.moe)
+    variables = {"params": imported.variables["params"], **imported.variables["model_state"]}
+    logits, _ = model.apply(variables, jnp.asarray([continued[:5]]), train=False)
+    np.testing.assert_array_equal(continued[3:], np.argmax(np.asarray(logits)[0, 2:5], -1))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        sample.run(out, [], max_new_tokens=1, sampling=SamplingConfig(), seed=0,
+                   prompt_ids=["1,100000"])
+    with pytest.raises(ValueError, match="comma-separated"):
+        sample.parse_ids("1;2", 300)
 
 
 @pytest.mark.slow
