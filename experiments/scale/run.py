@@ -58,9 +58,15 @@ PUBLISHED = {
                           {"v5p:4x4x4": (16, 4), "v5e:16x16": (64, 4)}),
     "Qwen3-235B-A22B": ("configs/published/qwen3_235b_a22b.py", {"v5p:4x4x8": (16, 8)}),
     # 671B parameters: float32 parameters, gradients and AdamW moments are 16 B each, 10.7 TB;
-    # v5p's 95 GB chips need 113 for that alone, so 256 chips (v5p:8x8x4, 24.3 TB) leave
-    # ~50 GB per chip for activations (remat full, one 4096-token sequence per chip).
-    "DeepSeek-V3": ("configs/published/deepseek_v3.py", {"v5p:8x8x4": (32, 8)}),
+    # v5p's 95 GB chips need 113 for that alone. On 256 chips (v5p:8x8x4, fsdp 32 x expert 8)
+    # the state is 37 GB per chip and the capacity forms compile, but need 82 GB of
+    # temporaries: one 4096-token sequence per chip and 128 MLA heads make each float32 copy
+    # of the attention scores [128, 4096, 4096] 8.6 GB, and the backward pass holds several.
+    # Scores per chip scale with tokens per chip x heads per chip, which only more chips
+    # lower at global batch 256: v5p:8x16x4 (512 chips) with 4-way tensor parallelism (heads,
+    # expert FFN width, vocabulary) halves them (2 sequences x 32 heads per chip) and the
+    # state. (A model axis of 2 does not lay out on 8x8x4, nor on 8x8x8 beside fsdp 32.)
+    "DeepSeek-V3": ("configs/published/deepseek_v3.py", {"v5p:8x16x4": (16, 8, 4)}),
     # Llama 4: 16 B per parameter of training state; Scout's 109B (1.7 TB) on v5p:4x4x4 (64
     # chips, 6.1 TB) leaves ~68 GB per chip, Maverick's 400B (6.4 TB) on v5p:4x4x8 (128
     # chips, 12.2 TB) ~45 GB; expert axis 4 and 8 divide their 16 and 128 experts.
@@ -88,13 +94,15 @@ class Case:
     settings: dict[str, Any]
 
 
-def _published(name: str, config: str, seq: int, meshes: dict[str, tuple[int, int]],
+def _published(name: str, config: str, seq: int, meshes: dict[str, tuple[int, ...]],
                remat: str = "full") -> list[Case]:
-    """On each topology: gspmd as published (dropless), gspmd and explicit with capacity."""
+    """On each topology (mesh: fsdp, expert[, model]): gspmd as published (dropless), gspmd and
+    explicit with capacity."""
     cases = []
-    for topology, (fsdp, expert) in meshes.items():
+    for topology, (fsdp, expert, *model) in meshes.items():
         base = {**COMMON, "train.seq_len": seq, "train.batch_size": 256, "moe.group_size": seq,
-                "model.remat_policy": remat, "mesh.fsdp": fsdp, "mesh.expert": expert}
+                "model.remat_policy": remat, "mesh.fsdp": fsdp, "mesh.expert": expert,
+                **({"mesh.model": model[0]} if model else {})}
         cases.append(Case(f"{name} gspmd", config, topology, base))
         cases.append(Case(f"{name} gspmd cf1.25", config, topology, {**base, **CAPACITY}))
         cases.append(Case(f"{name} explicit", config, topology,

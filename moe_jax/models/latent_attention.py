@@ -64,8 +64,8 @@ class LatentAttention(nn.Module):
     """MLA block: x [B, L, d] -> [B, L, d].
 
     Params (logical axes): query_down [d, q] ("embed", None), query_norm scale [q], query_up
-    [q, H, n + r] (None, "heads", "kv") — or query [d, H, n + r] without q_lora_rank; kv_down
-    [d, c + r] ("embed", None), kv_norm scale [c], kv_up [c, H, n + v] (None, "heads", "kv"),
+    [q, H, n + r] ("latent", "heads", "kv") — or query [d, H, n + r] without q_lora_rank; kv_down
+    [d, c + r] ("embed", None), kv_norm scale [c], kv_up [c, H, n + v] ("latent", "heads", "kv"),
     out [H, v, d] ("heads", "kv", "embed"). Kernels truncated normal with variance 1/fan_in.
     With the `CACHE` collection mutable (decoding), the latents and rotary keys go through the
     cache `CACHE`/{latent [B, S, c], rope_key [B, S, r], positions, filled}
@@ -104,7 +104,7 @@ class LatentAttention(nn.Module):
         latent = Norm("rmsnorm", self.norm_eps, self.param_dtype, axis=None,
                       name="query_norm")(latent)
         return jnp.einsum("blq,qhk->blhk", latent, self.kernel(
-            "query_up", (self.q_lora_rank, self.num_heads, width), (None, "heads", "kv")))
+            "query_up", (self.q_lora_rank, self.num_heads, width), ("latent", "heads", "kv")))
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
@@ -121,7 +121,7 @@ class LatentAttention(nn.Module):
         else:
             mask = attention_mask(segment_ids, causal=self.causal)
         kv_up = self.kernel("kv_up", (c, self.num_heads, n + self.v_head_dim),
-                            (None, "heads", "kv"))
+                            ("latent", "heads", "kv"))
         out = latent_attention(q_nope, q_rope, latent, rope_key, kv_up, mask,
                                softmax_scale(n, self.qk_rope_head_dim, self.yarn))
         out_kernel = self.kernel("out", (self.num_heads, self.v_head_dim, d),

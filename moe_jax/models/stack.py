@@ -148,16 +148,16 @@ def apply_blocks(block: type[nn.Module], config: ModelConfig, moe: MoeConfig, mo
     (x, aux or None). Returns (x, the sparse blocks' aux stacked [M, ...] in block order, {} for
     a dense model)."""
     sparse = set(config.sparse_layers)
-    cls = _remat(block, config.remat_policy, in_scan=config.scan_layers)
     plan = scan_plan(config) if config.scan_layers else ScanPlan(config.num_layers, (), 0)
     unrolled = [(block_name(i), i in sparse, i) for i in range(plan.prefix)]
-    x, auxes = _run_blocks(cls, unrolled, config, moe, moe_sharding, x, segment_ids, positions,
-                           train)
+    x, auxes = _run_blocks(_remat(block, config.remat_policy, in_scan=False), unrolled, config,
+                           moe, moe_sharding, x, segment_ids, positions, train)
     scanned_aux: tuple[Aux, ...] = ()
     if plan.repeats:
         scan = nn.scan(_Unit, variable_axes={True: 0}, split_rngs={True: True},
                        in_axes=(nn.broadcast, nn.broadcast), length=plan.repeats,
                        metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+        cls = _remat(block, config.remat_policy, in_scan=True)
         x, scanned_aux = scan(cls, config, moe, moe_sharding, plan.unit, train, plan.prefix,
                               name=SCAN_NAME)(x, segment_ids, positions)
     return x, _stack_aux(auxes, scanned_aux)
