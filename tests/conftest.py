@@ -26,3 +26,26 @@ def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
     corpus.prepare_embedded_corpus(path, "tiny")
     return path
+
+
+@pytest.fixture
+def imported_run(tmp_path, data_dir):
+    """A function: Hugging Face directory -> (its family, a run directory converted from it
+    whose config reads the tiny embedded corpus, 1 validation batch of 2 x 32 tokens)."""
+    import json
+
+    from moe_jax.interop import conversion
+
+    def convert(source: str) -> tuple[str, str]:
+        out = str(tmp_path / "converted")
+        family = conversion.import_hf(source, out)["family"]
+        path = os.path.join(out, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["data"].update(name="embedded_tiny", data_dir=data_dir, eval_batches=1)
+        config["train"].update(batch_size=2, seq_len=32)
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return family, out
+
+    return convert

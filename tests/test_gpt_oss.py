@@ -324,19 +324,11 @@ def test_published_gpt_oss_counts(name, total, active):
     assert abs(card_active / active - 1) <= 0.02, card_active
 
 
-def test_the_routing_analysis_reads_an_imported_run(tmp_path, data_dir):
+def test_the_routing_analysis_reads_an_imported_run(imported_run):
     from experiments.analyses import routing_stats
-    from moe_jax.interop import conversion
 
-    out = str(tmp_path / "converted")
-    assert conversion.import_hf(FIXTURE, out)["family"] == "gpt_oss"
-    path = os.path.join(out, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["data"].update(name="embedded_tiny", data_dir=data_dir, eval_batches=1)
-    config["train"].update(batch_size=2, seq_len=32)
-    with open(path, "w") as f:
-        json.dump(config, f)
+    family, out = imported_run(FIXTURE)
+    assert family == "gpt_oss"
     analysis = routing_stats.route_batches(out, max_batches=1)
     assert analysis["num_experts"] == 4 and analysis["top_k"] == 2
     assert analysis["layers"] == [0, 1] and analysis["tokens"] > 0

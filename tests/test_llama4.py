@@ -20,7 +20,7 @@ import pytest
 from moe_jax import dispatch, interop, moe, routing, schema
 from moe_jax.analysis import flops
 from moe_jax.config import MoeConfig
-from moe_jax.interop import conversion, hf_llama4, hf_weights
+from moe_jax.interop import hf_llama4, hf_weights
 from moe_jax.models import Transformer, decode, stack
 from moe_jax.models.attention import attention_mask, cache_mask, temperature_scale
 from moe_jax.models.config import AttentionKind, ModelConfig
@@ -369,20 +369,13 @@ def test_decoding_with_chunks_and_nope_blocks_equals_the_full_forward_pass():
     assert [r.choice.expert_index.shape for r in routed] == [(2, 1), (2, 1)]
 
 
-def test_the_routing_analysis_reads_an_imported_run(tmp_path, data_dir):
+def test_the_routing_analysis_reads_an_imported_run(imported_run):
     """`experiments.analyses.routing_stats` routes validation batches through a converted
     Llama 4 run (the sigmoid_top_k router's choices, per MoE block)."""
     from experiments.analyses import routing_stats
 
-    out = str(tmp_path / "converted")
-    assert conversion.import_hf(FIXTURE, out)["family"] == "llama4_text"
-    path = os.path.join(out, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["data"].update(name="embedded_tiny", data_dir=data_dir, eval_batches=1)
-    config["train"].update(seq_len=32, batch_size=2)
-    with open(path, "w") as f:
-        json.dump(config, f)
+    family, out = imported_run(FIXTURE)
+    assert family == "llama4_text"
     analysis = routing_stats.route_batches(out, max_batches=1)
     assert analysis["layers"] == [1, 3] and analysis["num_experts"] == 4
     assert analysis["tokens"] == 64
