@@ -67,11 +67,14 @@ PUBLISHED = {
     # expert FFN width, vocabulary) halves them (2 sequences x 32 heads per chip) and the
     # state. (A model axis of 2 does not lay out on 8x8x4, nor on 8x8x8 beside fsdp 32.)
     "DeepSeek-V3": ("configs/published/deepseek_v3.py", {"v5p:8x16x4": (16, 8, 4)}),
-    # Llama 4: 16 B per parameter of training state; Scout's 109B (1.7 TB) on v5p:4x4x4 (64
-    # chips, 6.1 TB) leaves ~68 GB per chip, Maverick's 400B (6.4 TB) on v5p:4x4x8 (128
-    # chips, 12.2 TB) ~45 GB; expert axis 4 and 8 divide their 16 and 128 experts.
-    "Llama-4-Scout": ("configs/published/llama4_scout.py", {"v5p:4x4x4": (16, 4)}),
-    "Llama-4-Maverick": ("configs/published/llama4_maverick.py", {"v5p:4x4x8": (16, 8)}),
+    # Llama 4: 16 B per parameter of training state (Scout's 109B: 1.7 TB; Maverick's 400B:
+    # 6.4 TB). Sized by the state alone, Scout on v5p:4x4x4 and Maverick on v5p:4x4x8 compile
+    # but do not fit (110 and 111 GB per chip: 4 and 2 sequences of 4096 tokens per chip need
+    # 86 and 68 GB of temporaries). At global batch 256 only more chips lower both: Scout on
+    # 128 chips (v5p:4x4x8, 2 sequences per chip), Maverick on 256 (v5p:8x8x4, fsdp 32, one
+    # sequence per chip); expert axis 8 divides their 16 and 128 experts.
+    "Llama-4-Scout": ("configs/published/llama4_scout.py", {"v5p:4x4x8": (16, 8)}),
+    "Llama-4-Maverick": ("configs/published/llama4_maverick.py", {"v5p:8x8x4": (32, 8)}),
     # 116.8B parameters x 16 B (float32 parameters, gradients, AdamW moments) = 1.87 TB: 20 of
     # v5p's 95 GB chips at least; on 128 (v5p:4x4x8) `moe_jax.analysis.memory` puts 16.5 GB of
     # state per chip, leaving ~78 GB for two 4096-token sequences (remat full; their
