@@ -14,6 +14,7 @@ intermediate dropout of T5's FFN (Switch Sec. 2.4).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -91,18 +92,58 @@ def _biased(y: Array, params: Params, name: str, bias: Array | None = None) -> A
     return y if bias is None else y + bias.astype(y.dtype)
 
 
+Matmul = Callable[[Array, Array], Array]
+
+
 def ffn(params: Params, x: Array, activation: Activation,
-        dropout: Dropout | None = None) -> Array:
+        dropout: Dropout | None = None, matmul: Matmul = jnp.matmul) -> Array:
     """One FFN. params: wi [d, f], wo [f, d] (+ wi_gate [d, f] for gated units; + biases, see
-    the module docstring); x: [..., d]; dropout: on the hidden activations [..., f]."""
+    the module docstring); x: [..., d]; dropout: on the hidden activations [..., f];
+    matmul: computes a [N, i] @ w [i, o] (`expert_ffn` passes `few_rows_matmul`)."""
     dt = x.dtype
 
     def project(a: Array, name: str) -> Array:
-        return _biased(a @ params[name].astype(dt), params, name)
+        return _biased(matmul(a, params[name].astype(dt)), params, name)
 
     pre = project(x, "wi")
     gate_pre = project(x, "wi_gate") if is_gated(activation) else None
     return project(_dropped(_hidden(pre, gate_pre, activation), dropout), "wo")
+
+
+# Rows per expert up to which `expert_ffn` uses `few_rows_matmul` on CPU: above it the plain
+# matmul is faster (experiments/benchmarks/README.md, "E=64 top-1 on CPU").
+FEW_ROWS = 256
+
+
+@jax.custom_vjp
+def _weights_left_matmul(a: Array, w: Array) -> Array:
+    return a @ w
+
+
+def _weights_left_fwd(a: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return a @ w, (a, w)
+
+
+def _weights_left_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    a, w = residuals
+    # The input gradient g @ w^T as (w @ g^T)^T: the weights [i, o] as the left operand,
+    # contracted over their last axis. The barrier keeps XLA from folding the transpose
+    # back into the dot.
+    return jax.lax.optimization_barrier(w @ g.T).T, a.T @ g
+
+
+_weights_left_matmul.defvjp(_weights_left_fwd, _weights_left_bwd)
+
+
+def few_rows_matmul(a: Array, w: Array) -> Array:
+    """a [N, i] @ w [i, o] for an expert with few rows N, the same numbers as `a @ w`.
+
+    On XLA:CPU a batch of experts with ~100 rows each spends much of a matmul repacking each
+    expert's weights for its few rows, most of all in the input gradient; computing that
+    gradient with the weights as the left operand (`_weights_left_bwd`) is faster there.
+    Other platforms get the plain matmul (`jax.lax.platform_dependent`: one branch is lowered).
+    """
+    return jax.lax.platform_dependent(a, w, cpu=_weights_left_matmul, default=jnp.matmul)
 
 
 def expert_ffn(params: Params, x: Array, activation: Activation, *, expert_axis: int = 0,
@@ -113,16 +154,19 @@ def expert_ffn(params: Params, x: Array, activation: Activation, *, expert_axis:
 
     The experts' matmuls always run on [E, rows, d] (E leading, the other dims merged): batching
     over a non-leading axis makes XLA:CPU transpose the [.., f] intermediates, which is slower
-    (experiments/benchmarks/README.md has the measurement).
+    (experiments/benchmarks/README.md has the measurement). With at most `FEW_ROWS` rows per
+    expert they use `few_rows_matmul`.
     """
     leading = jnp.moveaxis(x, expert_axis, 0)
     rows = leading.reshape(leading.shape[0], -1, leading.shape[-1])
+    matmul = few_rows_matmul if rows.shape[1] <= FEW_ROWS else jnp.matmul
     if dropout is None:
-        out = jax.vmap(ffn, in_axes=(0, 0, None))(params, rows, activation)
+        out = jax.vmap(ffn, in_axes=(0, 0, None, None, None))(params, rows, activation, None,
+                                                              matmul)
     else:
         keys = jax.random.split(dropout.rng, rows.shape[0])
-        out = jax.vmap(lambda p, r, k: ffn(p, r, activation, Dropout(dropout.rate, k)))(
-            params, rows, keys)
+        out = jax.vmap(lambda p, r, k: ffn(p, r, activation, Dropout(dropout.rate, k),
+                                           matmul))(params, rows, keys)
     return jnp.moveaxis(out.reshape(leading.shape), 0, expert_axis)
 
 

@@ -115,6 +115,37 @@ def test_one_expert_top1_equals_dense_ffn():
     np.testing.assert_allclose(aux["load_balancing_loss"], 1.0, rtol=1e-6)
 
 
+def test_few_rows_matmul_equals_the_plain_matmul_in_values_and_gradients():
+    a = jax.random.normal(jax.random.key(0), (3, 5, D_MODEL))  # [E, N, i]
+    w = jax.random.normal(jax.random.key(1), (3, D_MODEL, D_FF))  # [E, i, o]
+    g = jax.random.normal(jax.random.key(2), (3, 5, D_FF))
+
+    def loss(matmul):
+        return jax.jit(jax.value_and_grad(
+            lambda a, w: jnp.vdot(jax.vmap(matmul)(a, w), g), argnums=(0, 1)))
+
+    (v0, (da0, dw0)), (v1, (da1, dw1)) = loss(jnp.matmul)(a, w), loss(experts.few_rows_matmul)(a, w)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(da1, da0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [experts.FEW_ROWS, experts.FEW_ROWS + 1])
+def test_expert_ffn_takes_the_few_rows_matmul_up_to_few_rows_on_cpu_only(rows):
+    """`few_rows_matmul`'s input gradient sits behind an optimization barrier on CPU; the
+    program lowered for TPU or GPU has none."""
+    params = experts.init_ffn(jax.random.key(0), 8, 16, "gelu", batch=(2,))
+    x = jnp.ones((2, rows, 8))
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(experts.expert_ffn(p, x, "gelu") ** 2),
+                            argnums=1)).trace(params, x)
+
+    def barrier(platform: str) -> bool:
+        return "optimization_barrier" in grad.lower(lowering_platforms=(platform,)).as_text()
+
+    assert barrier("cpu") == (rows <= experts.FEW_ROWS)
+    assert not barrier("tpu") and not barrier("cuda")
+
+
 def test_expert_choice_matches_loop_reference():
     config = BASE.replace(router="expert_choice", top_k=1, capacity_factor=1.0)
     params = params_for(config)
