@@ -33,7 +33,9 @@ def outputs(nb: nbformat.NotebookNode) -> list[dict]:
 def test_notebook_runs_in_fast_mode(name, data_dir, monkeypatch):
     monkeypatch.setenv(build.FAST_ENV, "1")
     monkeypatch.setenv("MOE_JAX_DATA_DIR", data_dir)  # the kernel inherits the environment
-    executed = build.execute(committed(name))  # raises at the first failing cell
+    # raises at the first failing cell, or at one still running after 5 min (fast-mode cells
+    # take seconds): a lost kernel message fails the test instead of hanging it
+    executed = build.execute(committed(name), timeout=300)
     produced = outputs(executed)
     assert any("mode: fast" in "".join(o.get("text", "")) for o in produced)
     assert any("image/png" in o.get("data", {}) for o in produced), f"{name} drew no figure"
