@@ -87,12 +87,12 @@ def test_tiny_switch_train_step_compiles_for_tpu(name, fsdp, expert, form):
         e["compute_seconds"] + e["memory_seconds"] + e["communication_seconds"])
     assert e["communication_seconds"] == pytest.approx(sum(result.communication_seconds.values()))
     assert set(result.communication_seconds) == set(result.collectives)
-    # Every collective of the fsdp x expert = 2 x 4 mesh runs over 2, 4 or all 8 devices.
+    # Every collective of the fsdp x expert mesh runs over one axis or all devices.
     assert {int(g) for c in result.collectives.values() for g in c["bytes_per_step_by_group"]
-            } <= {1, 2, 4, 8}, result.collectives
+            } <= {1, fsdp, expert, fsdp * expert}, result.collectives
     if form == "explicit":  # 2 exchanges per MoE block forward, 2 backward, 2 MoE blocks
         assert result.collectives["all-to-all"]["per_step"] >= 8, result.collectives
-        assert 4 in result.collectives["all-to-all"]["bytes_per_step_by_group"]  # the experts
+        assert expert in result.collectives["all-to-all"]["bytes_per_step_by_group"]
     # `experts.few_rows_matmul` (taken at 4 rows per expert here) is a conditional on the
     # platform; XLA removes it from the TPU program.
     assert "conditional" not in compiled_step(name, fsdp, expert, form)[1].as_text()

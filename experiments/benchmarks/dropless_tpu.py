@@ -73,9 +73,10 @@ def variant_report(config: ml_collections.ConfigDict, devices: list[Any]) -> dic
     start = time.perf_counter()
     compiled = compile_train_step(config, devices)
     seconds = time.perf_counter() - start
-    mesh = experiment.mesh.shape(len(devices))
+    mesh = dict(zip(sharding.MESH_AXES, experiment.mesh.shape(len(devices)), strict=True))
     shapes = kernels_hlo.expert_weight_shapes(experiment.moe, experiment.model.d_model,
-                                              expert_shards=mesh[1], model_shards=mesh[2])
+                                              expert_shards=mesh["expert"],
+                                              model_shards=mesh["model"])
     facts = kernels_hlo.kernel_facts(compiled.as_text(), shapes)
     memory = compiled.memory_analysis()
     per_chip = {name: int(getattr(memory, f"{name}_size_in_bytes"))

@@ -123,9 +123,10 @@ def _eval(run: Run) -> dict[str, Any]:
 def _routing_group(config: str, overrides: str) -> tuple[int, int, int] | None:
     """(tokens per routing group T, top_k, num_experts) of a run's config (spec and JSON
     overrides), None for a dense model. T is the micro-batch's tokens unless moe.group_size is
-    set (`moe._check_input`)."""
-    experiment = schema.parse_config(schema.override(schema.load_config(config),
-                                                     json.loads(overrides)))
+    set (`moe._check_input`). The init overrides are left out: they name where a run starts
+    (an upcycled run's dense checkpoint is set by the runner, not recorded), not its routing."""
+    settings = {k: v for k, v in json.loads(overrides).items() if not k.startswith("init.")}
+    experiment = schema.parse_config(schema.override(schema.load_config(config), settings))
     if not experiment.model.sparse_layers:
         return None
     train, moe = experiment.train, experiment.moe
