@@ -1,6 +1,8 @@
 """Test-wide setup: 8 simulated CPU devices, set before jax is imported anywhere."""
 
+import json
 import os
+import shutil
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -17,6 +19,28 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
+HF_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+
+
+@pytest.fixture
+def hf_variant(tmp_path):
+    """A function: (family, change=None) -> a copy of tests/fixtures/hf/<family> in tmp_path
+    (replacing an earlier copy of the test), its config.json edited in place by `change(hf)`."""
+    def variant(family: str, change=None) -> str:
+        directory = str(tmp_path / family)
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.copytree(os.path.join(HF_FIXTURES, family), directory)
+        if change is not None:
+            path = os.path.join(directory, "config.json")
+            with open(path) as f:
+                hf = json.load(f)
+            change(hf)
+            with open(path, "w") as f:
+                json.dump(hf, f)
+        return directory
+
+    return variant
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
@@ -32,8 +56,6 @@ def data_dir(tmp_path_factory):
 def imported_run(tmp_path, data_dir):
     """A function: Hugging Face directory -> (its family, a run directory converted from it
     whose config reads the tiny embedded corpus, 1 validation batch of 2 x 32 tokens)."""
-    import json
-
     from moe_jax.interop import conversion
 
     def convert(source: str) -> tuple[str, str]:

@@ -4,10 +4,8 @@ latent-cache model (the imported fixture) equals its full forward pass."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -152,40 +150,25 @@ def test_published_deepseek_v3_counts():
     assert round(count.active_params / 1e9, 2) == 37.55
 
 
-def _variant(tmp_path, change=None, extra_tensors=None) -> str:
-    directory = str(tmp_path / "deepseek_v3")
-    shutil.copytree(FIXTURE, directory)
-    if change:
-        with open(os.path.join(directory, "config.json")) as f:
-            hf = json.load(f)
-        change(hf)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(hf, f)
-    if extra_tensors:
-        save_file(extra_tensors, os.path.join(directory, "mtp.safetensors"),
-                  metadata={"format": "pt"})
-    return directory
-
-
-def test_what_deepseek_v3_import_cannot_represent_is_named(tmp_path):
-    fp8 = _variant(tmp_path, lambda hf: hf.update(quantization_config={
+def test_what_deepseek_v3_import_cannot_represent_is_named(hf_variant):
+    fp8 = hf_variant("deepseek_v3", lambda hf: hf.update(quantization_config={
         "quant_method": "fp8", "weight_block_size": [128, 128]}))
     with pytest.raises(interop.UnsupportedModelError, match=r"'fp8'.*dequantize to bf16 first"):
         interop.load(fp8)
-    shutil.rmtree(fp8)
-    unnormalised = _variant(tmp_path, lambda hf: hf.update(norm_topk_prob=False))
+    unnormalised = hf_variant("deepseek_v3", lambda hf: hf.update(norm_topk_prob=False))
     with pytest.raises(interop.UnsupportedModelError, match="norm_topk_prob=False"):
         interop.load(unnormalised)
-    shutil.rmtree(unnormalised)
-    other_rope = _variant(tmp_path, lambda hf: hf["rope_parameters"].update(rope_type="llama3"))
+    other_rope = hf_variant("deepseek_v3",
+                            lambda hf: hf["rope_parameters"].update(rope_type="llama3"))
     with pytest.raises(interop.UnsupportedModelError, match="rope scaling 'llama3'"):
         interop.load(other_rope)
 
 
-def test_mtp_layers_of_a_checkpoint_are_skipped_and_not_exported(tmp_path, imported, caplog):
+def test_mtp_layers_of_a_checkpoint_are_skipped_and_not_exported(hf_variant, imported, caplog):
     # the released checkpoints hold the MTP module as block num_hidden_layers (here 3)
-    directory = _variant(tmp_path, extra_tensors={
-        "model.layers.3.eh_proj.weight": np.zeros((32, 64), np.float32)})
+    directory = hf_variant("deepseek_v3")
+    save_file({"model.layers.3.eh_proj.weight": np.zeros((32, 64), np.float32)},
+              os.path.join(directory, "mtp.safetensors"), metadata={"format": "pt"})
     again = interop.load(directory)
     assert "multi-token-prediction layers" in caplog.text
     jax.tree.map(np.testing.assert_array_equal, again.variables, imported.variables)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -157,12 +156,6 @@ def test_export_writes_the_original_tensors_and_import_is_the_identity(family, t
     jax.tree.map(np.testing.assert_array_equal, again.variables, imported.variables)
 
 
-def _copy(family: str, tmp_path) -> str:
-    directory = str(tmp_path / family)
-    shutil.copytree(os.path.join(FIXTURES, family), directory)
-    return directory
-
-
 def _rewrite(directory: str, change) -> None:
     tensors = _tensors(directory)
     change(tensors)
@@ -170,8 +163,8 @@ def _rewrite(directory: str, change) -> None:
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_unsupported_architecture_names_what_is_supported(tmp_path):
-    directory = _copy("llama", tmp_path)
+def test_unsupported_architecture_names_what_is_supported(hf_variant):
+    directory = hf_variant("llama")
     with open(os.path.join(directory, "config.json")) as f:
         hf = json.load(f)
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -185,12 +178,12 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path):
         interop.load(directory)
 
 
-def test_llama3_rope_scaling_of_a_llama_checkpoint_round_trips(tmp_path):
+def test_llama3_rope_scaling_of_a_llama_checkpoint_round_trips(hf_variant):
     """Llama 3.1's rope_scaling (transformers 4.x spelling, original context shrunk to 16 for
     the fixture's 64 positions) imports to the llama3_* fields and exports as rope_parameters.
     Checked once against transformers 5.25 (not a fixture): logits within 3.3e-6 of
     LlamaForCausalLM's."""
-    directory = _copy("llama", tmp_path)
+    directory = hf_variant("llama")
     path = os.path.join(directory, "config.json")
     with open(path) as f:
         hf = json.load(f)
@@ -210,8 +203,8 @@ def test_llama3_rope_scaling_of_a_llama_checkpoint_round_trips(tmp_path):
     assert interop.load(directory).config.to_dict() == imported.config.to_dict()
 
 
-def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
-    directory = _copy("llama", tmp_path)
+def test_missing_extra_and_misshaped_tensors_are_named(hf_variant):
+    directory = hf_variant("llama")
 
     def damage(tensors):
         del tensors["model.layers.1.mlp.up_proj.weight"]
@@ -229,8 +222,8 @@ def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
     assert "tensors the config does not use: ['model.layers.2.mlp.up_proj.weight']" in message
 
 
-def test_a_directory_without_safetensors_says_so(tmp_path):
-    directory = _copy("llama", tmp_path)
+def test_a_directory_without_safetensors_says_so(tmp_path, hf_variant):
+    directory = hf_variant("llama")
     os.remove(os.path.join(directory, "model.safetensors"))
     with pytest.raises(interop.CheckpointMismatchError, match=r"holds no \.safetensors"):
         interop.load(directory)

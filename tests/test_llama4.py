@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import flax.linen as nn
 import jax
@@ -270,29 +269,16 @@ def test_published_llama4_counts():
         assert (round(count.total_params / 1e9, 2), round(count.active_params / 1e9, 2)) == ours
 
 
-def _variant(tmp_path, change) -> str:
-    directory = str(tmp_path / "llama4_text")
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    shutil.copytree(FIXTURE, directory)
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-    change(hf)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf, f)
-    return directory
-
-
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 0.1,
                "high_freq_factor": 2.0, "original_max_position_embeddings": 32}
 
 
-def test_llama3_rope_imports_and_exports_as_written(tmp_path):
+def test_llama3_rope_imports_and_exports_as_written(tmp_path, hf_variant):
     """The fixture with "llama3" scaling (every band hit at h = 8, theta 5e5, original context
     32). Checked once against transformers 5.25 (not a fixture): logits within 6.2e-6 of
     Llama4ForCausalLM's, 4e-6 for Scout's step (low = high = 1), where the scaling moves them
     by 0.4-0.6; transformers reads the exported config.json's rope_parameters back as written."""
-    directory = _variant(tmp_path, lambda hf: hf.update(rope_parameters=LLAMA3_ROPE))
+    directory = hf_variant("llama4_text", lambda hf: hf.update(rope_parameters=LLAMA3_ROPE))
     imported = interop.load(directory)
     model = schema.parse_config(imported.config).model
     assert (model.rope_scaling, model.llama3_factor, model.llama3_low_freq_factor,
@@ -309,28 +295,28 @@ def test_llama3_rope_imports_and_exports_as_written(tmp_path):
     # rope_theta; original_max_position_embeddings defaults to max_position_embeddings
     scout = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
              "high_freq_factor": 1.0}
-    directory = _variant(tmp_path, lambda hf: hf.update(rope_parameters=None, rope_theta=5e5,
+    directory = hf_variant("llama4_text", lambda hf: hf.update(rope_parameters=None, rope_theta=5e5,
                                                         rope_scaling=scout))
     model = schema.parse_config(interop.load(directory).config).model
     assert rotary_scaling_of(model) == Llama3Scaling(16.0, 64, 1.0, 1.0)
 
 
-def test_what_llama4_import_and_export_cannot_represent_is_named(tmp_path):
+def test_what_llama4_import_and_export_cannot_represent_is_named(hf_variant):
     with pytest.raises(interop.UnsupportedModelError, match="rope scaling 'yarn'"):
-        interop.load(_variant(tmp_path, lambda hf: hf.update(rope_parameters={
+        interop.load(hf_variant("llama4_text", lambda hf: hf.update(rope_parameters={
             "rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0})))
     with pytest.raises(interop.UnsupportedModelError, match=r"rope_type 'llama3' needs "
                        r"\['low_freq_factor', 'high_freq_factor'\]"):
-        interop.load(_variant(tmp_path, lambda hf: hf.update(rope_parameters={
+        interop.load(hf_variant("llama4_text", lambda hf: hf.update(rope_parameters={
             "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})))
     with pytest.raises(ValueError, match=r"config.model.llama3_high_freq_factor=0.05 must be "):
-        interop.load(_variant(tmp_path, lambda hf: hf.update(rope_parameters={
+        interop.load(hf_variant("llama4_text", lambda hf: hf.update(rope_parameters={
             **LLAMA3_ROPE, "high_freq_factor": 0.05})))
     with pytest.raises(interop.UnsupportedModelError, match=r"layer_types \['sliding"):
-        interop.load(_variant(tmp_path, lambda hf: hf.update(layer_types=[
+        interop.load(hf_variant("llama4_text", lambda hf: hf.update(layer_types=[
             "sliding_attention", "full_attention", "full_attention", "chunked_attention"])))
     with pytest.raises(interop.UnsupportedModelError, match=r"'fbgemm_fp8'.*bf16 checkpoint"):
-        interop.load(_variant(tmp_path, lambda hf: hf.update(
+        interop.load(hf_variant("llama4_text", lambda hf: hf.update(
             quantization_config={"quant_method": "fbgemm_fp8"})))
     experiment = schema.parse_config(interop.load(FIXTURE).config)
 
