@@ -29,6 +29,7 @@ from moe_jax import schema
 from moe_jax.interop import hf_deepseek, hf_gpt_oss, hf_llama4
 from moe_jax.interop.hf_keys import (
     UnsupportedModelError,
+    cannot_write,
     llama3_fields,
     rope_parameters,
     rope_parameters_of,
@@ -272,8 +273,7 @@ def _qk_norms(family: Family) -> tuple[str, ...]:
 
 def _must(condition: bool, family: Family, problem: str) -> None:
     if not condition:
-        raise UnsupportedModelError(f"this model cannot be written as {family.model_type} "
-                                    f"({family.architecture}): {problem}.")
+        raise cannot_write(f"{family.model_type} ({family.architecture})", problem)
 
 
 def check_exportable(experiment: Any, family: Family) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax.interop.hf_keys import UnsupportedModelError, read_yarn, yarn_parameters
+from moe_jax.interop.hf_keys import cannot_write, read_yarn, unsupported, yarn_parameters
 
 # transformers' DeepseekV3RMSNorm default, used for q_a_layernorm and kv_a_layernorm.
 LATENT_NORM_EPS = 1e-6
@@ -33,25 +33,21 @@ LATENT_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_
                "v_head_dim")
 
 
-def _error(where: str, problem: str) -> Exception:
-    return UnsupportedModelError(f"{where}: {problem}")
-
-
 def configure(config: ml_collections.ConfigDict, hf: dict[str, Any], where: str) -> None:
     """Sets the DeepSeek-V3 fields of an experiment config from config.json (after the common
     keys are mapped)."""
     quantization = hf.get("quantization_config")
     if quantization:
-        raise _error(where, f"quantization_config {quantization.get('quant_method', '?')!r} "
+        raise unsupported(where, f"quantization_config {quantization.get('quant_method', '?')!r} "
                      "(the released fp8 weights) is not supported; dequantize to bf16 first "
                      "(e.g. DeepSeek's inference/fp8_cast_bf16.py) and drop quantization_config")
     missing = [key for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                                "v_head_dim") if hf.get(key) is None]
     if missing:
-        raise _error(where, f"has no {missing}, which multi-head latent attention needs")
+        raise unsupported(where, f"has no {missing}, which multi-head latent attention needs")
     top_k = hf["num_experts_per_tok"]
     if not hf.get("norm_topk_prob", True) or top_k == 1:
-        raise _error(where, f"norm_topk_prob={hf.get('norm_topk_prob')} with "
+        raise unsupported(where, f"norm_topk_prob={hf.get('norm_topk_prob')} with "
                      f"num_experts_per_tok={top_k} is not supported (moe_jax's sigmoid_bias "
                      "router normalises the gates of k > 1 experts over the chosen ones, and "
                      "keeps the raw score for k = 1)")
@@ -73,9 +69,8 @@ def describe(experiment: Any) -> dict[str, Any]:
     common ones)."""
     m, e = experiment.model, experiment.moe
     if e.top_k == 1:
-        raise UnsupportedModelError("this model cannot be written as deepseek_v3: its top-1 "
-                                    "sigmoid_bias gates are the raw scores, deepseek_v3's are "
-                                    "normalised to 1; use top_k >= 2.")
+        raise cannot_write("deepseek_v3", "its top-1 sigmoid_bias gates are the raw scores, "
+                           "deepseek_v3's are normalised to 1; use top_k >= 2")
     rope = yarn_parameters(m)
     return {**{key: getattr(m, key) for key in LATENT_KEYS},
             "qk_head_dim": m.qk_nope_head_dim + m.qk_rope_head_dim,

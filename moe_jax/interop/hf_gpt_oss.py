@@ -28,15 +28,11 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax.interop.hf_keys import UnsupportedModelError, read_yarn, yarn_parameters
+from moe_jax.interop.hf_keys import cannot_write, read_yarn, unsupported, yarn_parameters
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # transformers' GptOssConfig defaults of the keys a config.json may leave out.
 DEFAULT_SWIGLU_ALPHA, DEFAULT_SWIGLU_LIMIT = 1.702, 7.0
-
-
-def _error(where: str, problem: str) -> Exception:
-    return UnsupportedModelError(f"{where}: {problem}")
 
 
 def is_mxfp4(hf: dict[str, Any]) -> bool:
@@ -51,8 +47,8 @@ def sliding_layers(hf: dict[str, Any], where: str) -> tuple[int, ...]:
     types = hf.get("layer_types") or [LAYER_TYPES[i % 2] for i in range(num_layers)]
     unknown = sorted(set(types) - set(LAYER_TYPES))
     if unknown or len(types) != num_layers:
-        raise _error(where, f"layer_types {types} must give one of {LAYER_TYPES} for each of the "
-                     f"{num_layers} blocks (unknown: {unknown})")
+        raise unsupported(where, f"layer_types {types} must give one of {LAYER_TYPES} for each "
+                          f"of the {num_layers} blocks (unknown: {unknown})")
     return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
 
 
@@ -61,8 +57,9 @@ def configure(config: ml_collections.ConfigDict, hf: dict[str, Any], where: str)
     are mapped)."""
     quantization = hf.get("quantization_config")
     if quantization and not is_mxfp4(hf):
-        raise _error(where, f"quantization_config {quantization.get('quant_method', '?')!r} is "
-                     "not supported (GPT-OSS's mxfp4 is); dequantize the checkpoint first")
+        method = quantization.get("quant_method", "?")
+        raise unsupported(where, f"quantization_config {method!r} is not supported (GPT-OSS's "
+                          "mxfp4 is); dequantize the checkpoint first")
     model = config.model
     bias = bool(hf.get("attention_bias", True))
     layers = sliding_layers(hf, where)
@@ -80,8 +77,7 @@ def configure(config: ml_collections.ConfigDict, hf: dict[str, Any], where: str)
 
 def _must(condition: bool, problem: str) -> None:
     if not condition:
-        raise UnsupportedModelError(f"this model cannot be written as gpt_oss "
-                                    f"(GptOssForCausalLM): {problem}.")
+        raise cannot_write("gpt_oss (GptOssForCausalLM)", problem)
 
 
 def describe(experiment: Any) -> dict[str, Any]:

@@ -11,6 +11,17 @@ class UnsupportedModelError(ValueError):
     """A Hugging Face config moe_jax cannot represent exactly."""
 
 
+def unsupported(where: str, problem: str) -> UnsupportedModelError:
+    """The error of the config.json at `where` that moe_jax cannot read: "where: problem"."""
+    return UnsupportedModelError(f"{where}: {problem}")
+
+
+def cannot_write(family: str, problem: str) -> UnsupportedModelError:
+    """The error of an export to `family` (its model_type, maybe with its architecture) that
+    cannot represent the model."""
+    return UnsupportedModelError(f"this model cannot be written as {family}: {problem}.")
+
+
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     """The rope settings: `rope_parameters` (transformers 5.x) over `rope_scaling` (4.x), with
     "rope_type" filled in ("type" in old configs, "default" when absent)."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax.interop.hf_keys import UnsupportedModelError
+from moe_jax.interop.hf_keys import cannot_write, unsupported
 
 CHUNKED, FULL = "chunked_attention", "full_attention"
 # transformers' Llama4TextConfig defaults.
@@ -64,8 +64,8 @@ def configure(config: ml_collections.ConfigDict, hf: dict[str, Any], where: str)
     are mapped)."""
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
-        raise UnsupportedModelError(f"{where}: quantization_config {method!r} is not supported; "
-                                    "use the bf16 checkpoint or dequantize it first")
+        raise unsupported(where, f"quantization_config {method!r} is not supported; use the "
+                          "bf16 checkpoint or dequantize it first")
     model = config.model
     num_layers = model.num_layers
     rotary = rotary_flags(hf, num_layers)
@@ -73,12 +73,12 @@ def configure(config: ml_collections.ConfigDict, hf: dict[str, Any], where: str)
     types = hf.get("layer_types") or [CHUNKED if flag and chunk is not None else FULL
                                       for flag in rotary]
     if len(rotary) != num_layers or len(types) != num_layers:
-        raise UnsupportedModelError(f"{where}: no_rope_layers and layer_types must have "
-                                    f"num_hidden_layers={num_layers} entries")
+        raise unsupported(where, "no_rope_layers and layer_types must have "
+                          f"num_hidden_layers={num_layers} entries")
     unknown = sorted(set(types) - {CHUNKED, FULL})
     if unknown:
-        raise UnsupportedModelError(f"{where}: layer_types {unknown} are not supported (only "
-                                    f"{CHUNKED!r} and {FULL!r})")
+        raise unsupported(where, f"layer_types {unknown} are not supported (only {CHUNKED!r} "
+                          f"and {FULL!r})")
     nope = tuple(i for i, flag in enumerate(rotary) if not flag)
     chunked = tuple(i for i, kind in enumerate(types) if kind == CHUNKED)
     tuned = bool(_get(hf, "attn_temperature_tuning")) and bool(nope)
@@ -101,16 +101,13 @@ def describe(experiment: Any) -> dict[str, Any]:
     """The Llama 4 keys of config.json for an experiment (`hf_config.hf_config` adds the
     common ones)."""
     m, e = experiment.model, experiment.moe
-
-    def refuse(problem: str) -> UnsupportedModelError:
-        return UnsupportedModelError(f"this model cannot be written as llama4_text: {problem}.")
-
     if not m.rope_interleave:
-        raise refuse("its rotary pairs are interleaved (2i, 2i + 1); set "
-                     "model.rope_interleave=True")
+        raise cannot_write("llama4_text", "its rotary pairs are interleaved (2i, 2i + 1); set "
+                           "model.rope_interleave=True")
     if m.sparse_layers and (e.num_shared_experts != 1 or e.shared_expert_gate):
-        raise refuse("its MoE blocks have exactly one ungated shared expert as wide as an "
-                     "expert (moe.num_shared_experts=1, moe.shared_expert_gate=False)")
+        raise cannot_write("llama4_text", "its MoE blocks have exactly one ungated shared expert "
+                           "as wide as an expert (moe.num_shared_experts=1, "
+                           "moe.shared_expert_gate=False)")
     layers = range(m.num_layers)
     tuned = m.attn_temperature_floor is not None
     return {"no_rope_layers": [int(i not in m.nope_layers) for i in layers],
