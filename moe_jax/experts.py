@@ -86,9 +86,9 @@ def _hidden(pre: Array, gate_pre: Array | None, activation: Activation) -> Array
     raise ValueError(f"unknown activation {activation!r}; use 'relu', 'gelu' or 'swiglu'.")
 
 
-def _biased(y: Array, params: Params, name: str, bias: Array | None = None) -> Array:
-    """y plus the bias of matmul `name` (`bias`, or params[name + "_bias"]) when there is one."""
-    bias = params.get(f"{name}_bias") if bias is None else bias
+def _biased(y: Array, params: Params, name: str) -> Array:
+    """y plus the bias of matmul `name` (params[name + "_bias"]) when there is one."""
+    bias = params.get(f"{name}_bias")
     return y if bias is None else y + bias.astype(y.dtype)
 
 
@@ -198,7 +198,7 @@ def grouped_ffn(params: Params, x: Array, group_sizes: Array, activation: Activa
         if bias is None:
             return y
         rows = jnp.take(bias, expert, axis=0, mode="fill", fill_value=0)  # E -> zeros
-        return _biased(y, params, name, rows)
+        return y + rows.astype(y.dtype)
 
     pre = dot(x, "wi")
     gate_pre = dot(x, "wi_gate") if is_gated(activation) else None

@@ -96,14 +96,6 @@ def _ffn_matrices(activation: str) -> int:
     return 3 if activation in ("swiglu", "clamped_swiglu") else 2
 
 
-def _expert_params(moe: MoeConfig, d: int) -> int:
-    """One expert's parameters: its matrices, and with `expert_bias` a bias per matrix
-    (wi and wi_gate: f each, wo: d)."""
-    matrices = _ffn_matrices(moe.activation)
-    bias = (matrices - 1) * moe.d_ff + d if moe.expert_bias else 0
-    return matrices * d * moe.d_ff + bias
-
-
 def _expert_slots_per_token(moe: MoeConfig, tokens_per_group: int,
                             train: bool) -> tuple[float, float]:
     """(computed, useful) routed-expert rows per token.
@@ -150,13 +142,15 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
         attn_params = attn_matmul_params + latent_attention.norm_params(model)
         score_flops = latent_attention.score_flops_per_token(model, seq_len)
     dense_ffn_params = _ffn_matrices(model.activation) * d * model.d_ff
-    expert_params = _expert_params(moe, d)
+    expert_matrix_params = _ffn_matrices(moe.activation) * d * moe.d_ff
+    # a routed expert's biases (`expert_bias`): wi and wi_gate f each, wo d
+    expert_bias = (_ffn_matrices(moe.activation) - 1) * moe.d_ff + d if moe.expert_bias else 0
+    expert_params = expert_matrix_params + expert_bias
     router_cols = moe.num_experts * (moe.slots_per_expert if moe.router == "soft" else 1)
     shared_gate = d if moe.shared_expert_gate else 0  # Qwen2-MoE's [d, 1] output gate
     router_bias = router_cols if moe.router_bias else 0
     moe_params = (d * router_cols + router_bias + moe.num_experts * expert_params
-                  + moe.num_shared_experts * _ffn_matrices(moe.activation) * d * moe.d_ff
-                  + shared_gate)
+                  + moe.num_shared_experts * expert_matrix_params + shared_gate)
     computed, useful = _expert_slots_per_token(moe, t, train)
     active_experts = moe.num_experts if moe.router == "soft" else useful
 
@@ -175,7 +169,7 @@ def count_model(model: ModelConfig, moe: MoeConfig, *, seq_len: int | None = Non
         mtp = model.mtp_depth * (3 * norm_params + 2 * d * d + block)
         total, active = total + mtp, active + mtp - model.mtp_depth * unused
 
-    expert_flops = 2 * _ffn_matrices(moe.activation) * d * moe.d_ff  # one expert row
+    expert_flops = 2 * expert_matrix_params  # one expert row
     if moe.router == "soft":
         dispatch = 4 * router_cols * d
     elif moe.dispatch == "einsum":

@@ -65,9 +65,8 @@ def scan_plan(config: ModelConfig) -> ScanPlan:
     (`ModelConfig.attention_kind`: NoPE, chunked). When no unit repeats (sparse blocks without
     a regular tail), every block is unrolled: ScanPlan(num_layers, (), 0)."""
     sparse = set(config.sparse_layers)
-    flags = [i in sparse for i in range(config.num_layers)]
-    kinds = [(i in sparse, config.attention_kind(i)) for i in range(config.num_layers)]
-    n = len(flags)
+    n = config.num_layers
+    kinds = [(i in sparse, config.attention_kind(i)) for i in range(n)]
     best: tuple[tuple[int, int], int, int] | None = None
     for s in range(n):
         for p in range(1, n - s + 1):
@@ -78,7 +77,7 @@ def scan_plan(config: ModelConfig) -> ScanPlan:
     _, s, p = best
     if s + p == n:
         return ScanPlan(n, (), 0)
-    return ScanPlan(s, tuple(flags[s:s + p]), (n - s) // p)
+    return ScanPlan(s, tuple(i in sparse for i in range(s, s + p)), (n - s) // p)
 
 
 def _remat(block: type[nn.Module], policy: str, *, in_scan: bool) -> type[nn.Module]:
